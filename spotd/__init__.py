@@ -1,0 +1,3 @@
+"""spotd: a Spot-lifecycle daemon for Kubernetes on AWS."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,34 @@
+"""Building the lightkube client: kubeconfig file when given, in-cluster credentials otherwise."""
+
+from __future__ import annotations
+
+import httpx2 as httpx
+from lightkube import AsyncClient, KubeConfig
+from lightkube.core.exceptions import ConfigError
+
+FIELD_MANAGER = "spotd"
+
+
+class KubeConfigError(ValueError):
+    """No usable credentials; a start-up error naming the file."""
+
+
+def load_config(kubeconfig: str | None) -> KubeConfig:
+    try:
+        if kubeconfig:
+            return KubeConfig.from_file(kubeconfig)
+        return KubeConfig.from_service_account()
+    except (ConfigError, OSError, ValueError, KeyError) as exc:
+        where = kubeconfig or "in-cluster service account"
+        raise KubeConfigError(f"cannot load Kubernetes credentials from {where}: {exc}") from None
+
+
+def make_client(kubeconfig: str | None, timeout: float = 10.0) -> AsyncClient:
+    """One AsyncClient per process; lightkube keeps a connection pool behind it."""
+    config = load_config(kubeconfig)
+    return AsyncClient(
+        config=config,
+        field_manager=FIELD_MANAGER,
+        timeout=httpx.Timeout(timeout, read=None),
+        trust_env=False,
+    )
