@@ -31,7 +31,8 @@ def _drop_secrets(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMa
 
 
 def configure(level: str = "info", stream: Any = None) -> None:
-    logging.basicConfig(format="%(message)s", stream=stream or sys.stderr, level=level.upper())
+    # Libraries log through the stdlib; their debug chatter (httpcore) is not ours to print.
+    logging.basicConfig(format="%(message)s", stream=stream or sys.stderr, level=logging.WARNING)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

@@ -6,11 +6,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
-NOTICES = Counter(
-    "spotd_notices", "Notices acted on, by kind and source.", ["kind", "source"], registry=REGISTRY
-)
+NOTICES = Counter("spotd_notices", "Notices acted on, by kind and source.", ["kind", "source"], registry=REGISTRY)
 NOTICES_MALFORMED = Counter(
-    "spotd_notices_malformed", "Notice payloads that could not be read and were skipped.", ["source"],
+    "spotd_notices_malformed",
+    "Notice payloads that could not be read and were skipped.",
+    ["source"],
     registry=REGISTRY,
 )
 IMDS_REQUESTS = Counter(
@@ -46,13 +46,16 @@ EVICTIONS = Counter(
     registry=REGISTRY,
 )
 PODS_LEFT = Gauge(
-    "spotd_drain_pods_left", "Pods still on the node when the last drain reached its deadline.",
+    "spotd_drain_pods_left",
+    "Pods still on the node when the last drain reached its deadline.",
     registry=REGISTRY,
 )
 NOTICE_ACTIVE = Gauge(
     "spotd_notice_active", "1 while a notice of this kind is being acted on.", ["kind"], registry=REGISTRY
 )
 LOOP_ERRORS = Counter(
-    "spotd_loop_errors", "Unexpected errors caught in a loop, which then carried on.", ["loop"],
+    "spotd_loop_errors",
+    "Unexpected errors caught in a loop, which then carried on.",
+    ["loop"],
     registry=REGISTRY,
 )

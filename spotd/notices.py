@@ -112,7 +112,7 @@ def _load_json(body: str, what: str) -> Any:
     try:
         return json.loads(body)
     except ValueError as exc:
-        raise MalformedNotice(f"{what} is not JSON: {exc.msg}") from None
+        raise MalformedNotice(f"{what} is not JSON: {exc}") from None
 
 
 def parse_instance_action(body: str, now: datetime, source: str = "imds") -> Notice:
@@ -121,7 +121,7 @@ def parse_instance_action(body: str, now: datetime, source: str = "imds") -> Not
     if not isinstance(data, dict):
         raise MalformedNotice("instance-action is not a JSON object")
     action = data.get("action")
-    if action not in SPOT_ACTIONS:
+    if not isinstance(action, str) or action not in SPOT_ACTIONS:  # a list or dict is unhashable
         raise MalformedNotice(f"instance-action has unknown action {action!r}")
     try:
         deadline = parse_iso_time(data.get("time", ""))
@@ -183,9 +183,7 @@ def parse_scheduled_events(body: str, now: datetime, source: str = "imds") -> li
     return notices
 
 
-def parse_target_lifecycle_state(
-    body: str, now: datetime, window: timedelta, source: str = "imds"
-) -> Notice | None:
+def parse_target_lifecycle_state(body: str, now: datetime, window: timedelta, source: str = "imds") -> Notice | None:
     """autoscaling/target-lifecycle-state: plain text 'InService', 'Terminated', ...
 
     Only 'Terminated' is a notice; the ASG gives no time, so the deadline is now + window (the lifecycle
@@ -197,3 +195,28 @@ def parse_target_lifecycle_state(
     if state != "Terminated":
         return None
     return Notice(NoticeKind.ASG_TERMINATION, source, now, now + window, action="terminate")
+
+
+def parse_simulation_annotation(text: str, now: datetime) -> Notice:
+    """The `spotd.io/simulate-reclaim` node annotation written by `spotd simulate-reclaim`.
+
+    {"kind": "spot-itn", "deadline": "2026-11-25T10:02:00Z", "notice_at": "2026-11-25T10:00:00Z"}
+    The agent treats it exactly as an IMDS notice, with source "simulation".
+    """
+    data = _load_json(text, "simulate-reclaim annotation")
+    if not isinstance(data, dict):
+        raise MalformedNotice("simulate-reclaim annotation is not a JSON object")
+    try:
+        kind = NoticeKind(data.get("kind", ""))
+    except ValueError:
+        raise MalformedNotice(f"simulate-reclaim annotation has unknown kind {data.get('kind')!r}") from None
+    try:
+        deadline = parse_iso_time(data["deadline"]) if data.get("deadline") else None
+        seen_at = parse_iso_time(data["notice_at"]) if data.get("notice_at") else now
+    except ValueError as exc:
+        raise MalformedNotice(f"simulate-reclaim annotation: {exc}") from None
+    if deadline is None and kind != NoticeKind.REBALANCE:
+        raise MalformedNotice(f"simulate-reclaim annotation for {kind} has no deadline")
+    action = str(data.get("action", "terminate" if kind in (NoticeKind.SPOT_ITN, NoticeKind.ASG_TERMINATION) else ""))
+    event_id = str(data.get("event_id", "")) or (f"simulated-{format_time(seen_at)}" if deadline is None else "")
+    return Notice(kind, "simulation", seen_at, deadline, action=action, event_id=event_id)

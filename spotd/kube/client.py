@@ -24,11 +24,11 @@ def load_config(kubeconfig: str | None) -> KubeConfig:
 
 
 def make_client(kubeconfig: str | None, timeout: float = 10.0) -> AsyncClient:
-    """One AsyncClient per process; lightkube keeps a connection pool behind it."""
+    """One AsyncClient per process; lightkube keeps a connection pool behind it (watches lift the read timeout)."""
     config = load_config(kubeconfig)
     return AsyncClient(
         config=config,
         field_manager=FIELD_MANAGER,
-        timeout=httpx.Timeout(timeout, read=None),
+        timeout=httpx.Timeout(timeout),
         trust_env=False,
     )

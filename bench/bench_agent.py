@@ -1,0 +1,202 @@
+"""Agent speed and footprint, printed as figures (run on demand, never asserted in tests).
+
+    .venv/bin/python bench/bench_agent.py [--samples 50] [--pods 110] [--idle 30]
+
+1. notice seen -> node tainted and cordoned: p50/p99 over --samples IMDS Spot interruption notices
+   (goal: p99 under poll interval + 250 ms);
+2. drain of a node with --pods pods (5 DaemonSet, the rest evictable, instant termination) by the agent,
+   side by side with `kubectl drain` on the same fake API server in the same run (goal: 10x faster);
+3. agent resident memory and idle CPU at a 1 s poll (goal: under 50 MB and 0.5 % of one core).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from spotd.sim.imds import FakeImds
+from spotd.sim.kubeapi import FakeApiServer
+from tests.agent_harness import AgentProcess, eventually, node_obj, pod_obj
+
+NODE = "bench-node"
+
+
+def populate(api: FakeApiServer, node: str, pods: int) -> None:
+    api.create(node_obj(node))
+    for i in range(5):
+        api.create(pod_obj(f"ds-{node}-{i}", node, owner="DaemonSet", labels={"app": f"ds{i}"}))
+    for i in range(pods - 5):
+        api.create(pod_obj(f"web-{node}-{i}", node, labels={"app": "web"}, grace=0))
+
+
+def pods_on(api: FakeApiServer, node: str) -> int:
+    return sum(
+        1 for p in api.list("Pod") if p["spec"].get("nodeName") == node and not p["metadata"].get("deletionTimestamp")
+    )
+
+
+def tainted_and_cordoned(api: FakeApiServer, node: str) -> bool:
+    n = api.get("Node", node) or {}
+    taints = (n.get("spec") or {}).get("taints") or []
+    return bool((n.get("spec") or {}).get("unschedulable")) and any(t["key"] == "spotd.io/interruption" for t in taints)
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def notice_latency(tmp: Path, samples: int, poll: float) -> list[float]:
+    """Each sample: a fresh agent on a fresh node, a notice at a random point of its poll cycle."""
+    latencies = []
+    api = FakeApiServer(termination_scale=0.0)
+    await api.start()
+    kubeconfig = str(api.write_kubeconfig(tmp / "kubeconfig"))
+    try:
+        for i in range(samples):
+            node = f"lat-{i}"
+            api.create(node_obj(node))
+            async with FakeImds() as imds:
+                agent = AgentProcess(
+                    tmp, kubeconfig, imds.url, node, "--log-level", "warning", "--poll-interval", f"{poll}s"
+                ).start()
+                try:
+                    await agent.ready()
+                    await asyncio.sleep((i % 10) / 10 * poll)  # spread notices over the poll cycle
+                    start = time.monotonic()
+                    imds.set_instance_action("terminate", datetime.now(UTC) + timedelta(minutes=2))
+                    while not tainted_and_cordoned(api, node):  # noqa: ASYNC110 - a tight timing probe
+                        await asyncio.sleep(0.002)
+                    latencies.append(time.monotonic() - start)
+                finally:
+                    agent.stop()
+    finally:
+        await api.stop()
+    return latencies
+
+
+async def drain_side_by_side(tmp: Path, pods: int) -> tuple[float, float, float]:
+    """(agent drain seconds, agent notice-to-empty seconds, kubectl drain seconds) on one fake API server."""
+    api = FakeApiServer(termination_scale=0.0)
+    await api.start()
+    kubeconfig = str(api.write_kubeconfig(tmp / "kubeconfig-drain"))
+    try:
+        populate(api, "agent-node", pods)
+        populate(api, "kubectl-node", pods)
+        async with FakeImds() as imds:
+            agent = AgentProcess(tmp, kubeconfig, imds.url, "agent-node", "--log-level", "info").start()
+            try:
+                await agent.ready()
+                start = time.monotonic()
+                imds.set_instance_action("terminate", datetime.now(UTC) + timedelta(minutes=2))
+                await eventually(lambda: pods_on(api, "agent-node") == 5, timeout=120, interval=0.005)
+                notice_to_empty = time.monotonic() - start
+                finished = await eventually(lambda: agent.events("drain_finished"), timeout=10)
+                agent_drain = float(finished[-1]["seconds"])
+            finally:
+                agent.stop()
+        kubectl = shutil.which("kubectl")
+        if kubectl is None:
+            return agent_drain, notice_to_empty, float("nan")
+        start = time.monotonic()
+        proc = await asyncio.create_subprocess_exec(
+            kubectl,
+            "--kubeconfig",
+            kubeconfig,
+            "drain",
+            "kubectl-node",
+            "--ignore-daemonsets",
+            "--delete-emptydir-data",
+            "--timeout=300s",
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _, err = await proc.communicate()
+        kubectl_seconds = time.monotonic() - start
+        if proc.returncode != 0:
+            print(f"kubectl drain failed: {err.decode()[-500:]}", file=sys.stderr)
+        return agent_drain, notice_to_empty, kubectl_seconds
+    finally:
+        await api.stop()
+
+
+async def footprint(tmp: Path, idle: float) -> tuple[float, float]:
+    api = FakeApiServer(termination_scale=0.0)
+    await api.start()
+    kubeconfig = str(api.write_kubeconfig(tmp / "kubeconfig-idle"))
+    try:
+        api.create(node_obj("idle-node"))
+        async with FakeImds() as imds:
+            agent = AgentProcess(
+                tmp, kubeconfig, imds.url, "idle-node", "--log-level", "info", "--poll-interval", "1s"
+            ).start()
+            try:
+                await agent.ready()
+                await asyncio.sleep(5)  # past start-up
+                assert agent.proc is not None
+                pid = agent.proc.pid
+                cpu0, t0 = cpu_seconds(pid), time.monotonic()
+                await asyncio.sleep(idle)
+                cpu = (cpu_seconds(pid) - cpu0) / (time.monotonic() - t0) * 100
+                return rss_mb(pid), cpu
+            finally:
+                agent.stop()
+    finally:
+        await api.stop()
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--samples", type=int, default=50)
+    parser.add_argument("--poll-interval", type=float, default=1.0)
+    parser.add_argument("--pods", type=int, default=110)
+    parser.add_argument("--idle", type=float, default=30.0)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmpdir:
+        tmp = Path(tmpdir)
+        print(
+            f"spotd agent bench  python {sys.version.split()[0]}  {os.cpu_count()} cores  {datetime.now(UTC):%Y-%m-%d}"
+        )
+        lat = await notice_latency(tmp, args.samples, args.poll_interval)
+        print(
+            f"notice -> tainted+cordoned ({len(lat)} notices, poll {args.poll_interval:g}s): "
+            f"p50 {statistics.median(lat) * 1000:.0f} ms  p99 {pct(lat, 0.99) * 1000:.0f} ms  "
+            f"max {max(lat) * 1000:.0f} ms  (goal p99 < {args.poll_interval * 1000 + 250:.0f} ms)"
+        )
+        ours, notice_to_empty, kubectl = await drain_side_by_side(tmp, args.pods)
+        print(
+            f"drain {args.pods} pods ({args.pods - 5} evictable): spotd {ours:.3f} s "
+            f"(notice to empty {notice_to_empty:.3f} s)  kubectl drain {kubectl:.3f} s  "
+            f"-> {kubectl / ours:.1f}x faster (goal 10x)"
+        )
+        rss, cpu = await footprint(tmp, args.idle)
+        print(
+            f"agent idle at 1 s poll: RSS {rss:.1f} MB (goal < 50)  CPU {cpu:.2f} % of one core over "
+            f"{args.idle:g} s (goal < 0.5)"
+        )
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,5 @@
+import sys
+
+from spotd.cli import main
+
+sys.exit(main())

@@ -1,0 +1,69 @@
+"""Kubernetes Events on Nodes, recorded in the background so that no step waits for them."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from typing import Any
+
+from lightkube import AsyncClient
+from lightkube.core.exceptions import ApiError
+from lightkube.models.core_v1 import EventSource, ObjectReference
+from lightkube.models.meta_v1 import ObjectMeta
+from lightkube.resources.core_v1 import Event
+
+from spotd.metrics import LOOP_ERRORS
+
+_MAX_PENDING = 200
+
+
+class EventRecorder:
+    """record() returns at once; the create runs as a task. Failures are logged, never raised."""
+
+    def __init__(self, client: AsyncClient, component: str, host: str, log: Any, dry_run: bool = False) -> None:
+        self._client = client
+        self._component = component
+        self._host = host
+        self._log = log
+        self._dry_run = dry_run
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def record(self, node: str, reason: str, message: str, type: str = "Normal", node_uid: str = "") -> None:
+        if self._dry_run:
+            self._log.info("would_record_event", node=node, reason=reason, message=message)
+            return
+        if len(self._tasks) >= _MAX_PENDING:
+            self._log.warning("event_dropped", node=node, reason=reason)
+            return
+        task = asyncio.get_running_loop().create_task(self._create(node, reason, message, type, node_uid))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _create(self, node: str, reason: str, message: str, type: str, node_uid: str) -> None:
+        now = datetime.now(UTC)
+        event = Event(
+            metadata=ObjectMeta(generateName=f"{node}.", namespace="default"),
+            involvedObject=ObjectReference(kind="Node", name=node, uid=node_uid or None, apiVersion="v1"),
+            reason=reason,
+            message=message[:1024],
+            type=type,
+            source=EventSource(component=self._component, host=self._host),
+            reportingComponent=self._component,
+            reportingInstance=self._host,
+            firstTimestamp=now,
+            lastTimestamp=now,
+            count=1,
+        )
+        try:
+            await self._client.create(event)
+        except (ApiError, OSError) as exc:
+            LOOP_ERRORS.labels("events").inc()
+            self._log.warning("event_failed", node=node, reason=reason, error=str(exc))
+        except Exception as exc:  # an Event is never worth crashing a drain
+            LOOP_ERRORS.labels("events").inc()
+            self._log.warning("event_failed", node=node, reason=reason, error=repr(exc))
+
+    async def flush(self, timeout: float = 2.0) -> None:
+        """Give pending Events a moment on shutdown."""
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=timeout)

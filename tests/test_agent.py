@@ -1,0 +1,360 @@
+"""The real agent, as a subprocess, against the fake API server and the fake IMDS: notice to drained node."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from spotd.sim.imds import FakeImds
+from spotd.sim.kubeapi import FakeApiServer
+from tests.agent_harness import AgentProcess, eventually, node_obj, pdb_obj, pod_obj
+
+NODE = "ip-10-0-1-10.ec2.internal"
+TAINT = "spotd.io/interruption"
+
+
+@pytest.fixture
+async def api() -> AsyncIterator[FakeApiServer]:
+    server = FakeApiServer(termination_scale=0.0)
+    await server.start()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+async def imds() -> AsyncIterator[FakeImds]:
+    fake = FakeImds()
+    await fake.start()
+    yield fake
+    await fake.stop()
+
+
+@pytest.fixture
+def kubeconfig(api: FakeApiServer, tmp_path: Path) -> str:
+    return str(api.write_kubeconfig(tmp_path / "kubeconfig"))
+
+
+@pytest.fixture
+def agents(tmp_path: Path) -> Iterator[list[AgentProcess]]:
+    started: list[AgentProcess] = []
+    yield started
+    for agent in started:
+        agent.stop(signal.SIGKILL)
+
+
+def run_agent(agents: list[AgentProcess], tmp: Path, kubeconfig: str, imds: FakeImds, *extra: str) -> AgentProcess:
+    agent = AgentProcess(tmp, kubeconfig, imds.url, NODE, *extra).start()
+    agents.append(agent)
+    return agent
+
+
+def node(api: FakeApiServer) -> dict[str, Any]:
+    found = api.get("Node", NODE)
+    assert found is not None
+    return found
+
+
+def our_taint(api: FakeApiServer) -> dict[str, Any] | None:
+    taints = node(api).get("spec", {}).get("taints") or []
+    return next((t for t in taints if t["key"] == TAINT), None)
+
+
+def pods_on_node(api: FakeApiServer) -> list[str]:
+    return sorted(p["metadata"]["name"] for p in api.list("Pod") if p["spec"].get("nodeName") == NODE)
+
+
+def node_events(api: FakeApiServer) -> list[str]:
+    return [e["reason"] for e in api.list("Event") if e.get("involvedObject", {}).get("name") == NODE]
+
+
+def populate(api: FakeApiServer, web: int = 10) -> None:
+    api.create(node_obj(NODE))
+    for i in range(web):
+        api.create(pod_obj(f"web-{i}", NODE))
+    api.create(pod_obj("logs-agent", NODE, owner="DaemonSet", labels={"app": "logs"}))
+    api.create(pod_obj("job-done", NODE, owner="Job", phase="Succeeded", labels={"app": "job"}))
+    api.create(
+        pod_obj(
+            "kube-proxy-x",
+            NODE,
+            owner=None,
+            labels={"app": "proxy"},
+            annotations={"kubernetes.io/config.mirror": "abc"},
+        )
+    )
+
+
+def soon(seconds: float) -> datetime:
+    return datetime.now(UTC) + timedelta(seconds=seconds)
+
+
+async def test_spot_itn_taints_cordons_labels_and_drains(api, imds, kubeconfig, agents, tmp_path) -> None:
+    populate(api)
+    agent = run_agent(agents, tmp_path, kubeconfig, imds)
+    await agent.ready()
+    assert agent.http("/healthz")[0] == 200
+    imds.set_instance_action("terminate", soon(120))
+
+    await eventually(lambda: our_taint(api), timeout=10)
+    n = node(api)
+    assert our_taint(api) == {"key": TAINT, "value": "spot-itn", "effect": "NoSchedule"}
+    assert n["spec"]["unschedulable"] is True
+    assert n["metadata"]["labels"]["node.kubernetes.io/exclude-from-external-load-balancers"] == "true"
+    notice = json.loads(n["metadata"]["annotations"]["spotd.io/notice"])
+    assert notice["kind"] == "spot-itn" and notice["source"] == "imds" and notice["action"] == "terminate"
+
+    # DaemonSet and mirror pods stay; the completed pod is deleted; the rest are evicted.
+    await eventually(lambda: pods_on_node(api) == ["kube-proxy-x", "logs-agent"], timeout=15)
+    await eventually(lambda: "DrainComplete" in node_events(api), timeout=5)
+    reasons = node_events(api)
+    for reason in ("SpotInterruptionNotice", "NodeTainted", "NodeCordoned", "DrainStarted", "DrainComplete"):
+        assert reason in reasons
+    assert agent.metric("spotd_notices_total", kind="spot-itn", source="imds") == 1
+    assert agent.metric("spotd_evictions_total", outcome="evicted") == 10
+    assert agent.metric("spotd_evictions_total", outcome="deleted") == 1
+    assert agent.metric("spotd_drains_total", outcome="complete") == 1
+    assert (agent.metric("spotd_imds_last_success_timestamp_seconds") or 0) > 0
+    finished = agent.events("drain_finished")[-1]
+    assert finished["outcome"] == "complete" and finished["node"] == NODE and finished["notice"].startswith("spot-itn/")
+    # Drained through the Eviction API, followed by a watch rather than per-pod polling.
+    evictions = [r for r in api.requests if r[1].endswith("/eviction")]
+    assert len(evictions) >= 10
+    pod_gets = [r for r in api.requests if r[0] == "GET" and "/pods/web-" in r[1]]
+    assert pod_gets == []
+
+
+async def test_rebalance_only_prefers_no_schedule(api, imds, kubeconfig, agents, tmp_path) -> None:
+    populate(api, web=2)
+    agent = run_agent(agents, tmp_path, kubeconfig, imds)
+    await agent.ready()
+    imds.set_rebalance(datetime.now(UTC))
+    await eventually(lambda: our_taint(api), timeout=10)
+    assert our_taint(api) == {"key": TAINT, "value": "rebalance", "effect": "PreferNoSchedule"}
+    assert not node(api)["spec"].get("unschedulable")
+    assert len(pods_on_node(api)) == 5
+    # and an interruption after it escalates
+    imds.set_instance_action("terminate", soon(120))
+    await eventually(lambda: (our_taint(api) or {}).get("effect") == "NoSchedule", timeout=10)
+    await eventually(lambda: node(api)["spec"].get("unschedulable"), timeout=5)
+    await eventually(lambda: pods_on_node(api) == ["kube-proxy-x", "logs-agent"], timeout=15)
+
+
+def maintenance_event(state: str, not_before: datetime) -> dict[str, Any]:
+    fmt = "%d %b %Y %H:%M:%S GMT"
+    return {
+        "NotBefore": not_before.strftime(fmt),
+        "NotAfter": (not_before + timedelta(hours=2)).strftime(fmt),
+        "Code": "system-reboot",
+        "Description": "scheduled reboot",
+        "EventId": "instance-event-0d59937288b749b32",
+        "State": state,
+    }
+
+
+async def test_scheduled_maintenance_drains_at_lead_time_and_uncordons_when_completed(
+    api, imds, kubeconfig, agents, tmp_path
+) -> None:
+    populate(api, web=3)
+    agent = run_agent(agents, tmp_path, kubeconfig, imds, "--maintenance-lead-time", "15m")
+    await agent.ready()
+    # Far in the future: nothing happens yet.
+    imds.set_scheduled_events([maintenance_event("active", datetime.now(UTC) + timedelta(hours=3))])
+    await eventually(lambda: agent.events("notice_scheduled"), timeout=10)
+    assert not node(api)["spec"].get("unschedulable")
+    assert len(pods_on_node(api)) == 6
+    # Within the lead time: cordon and drain, no taint by default.
+    imds.set_scheduled_events([maintenance_event("active", datetime.now(UTC) + timedelta(minutes=10))])
+    await eventually(lambda: node(api)["spec"].get("unschedulable"), timeout=10)
+    await eventually(lambda: pods_on_node(api) == ["kube-proxy-x", "logs-agent"], timeout=15)
+    assert our_taint(api) is None
+    # Completed: the node is uncordoned and our annotations go.
+    imds.set_scheduled_events([maintenance_event("completed", datetime.now(UTC) - timedelta(minutes=1))])
+    await eventually(lambda: not node(api)["spec"].get("unschedulable"), timeout=10)
+    assert "spotd.io/notice" not in (node(api)["metadata"].get("annotations") or {})
+    assert "NoticeReleased" in node_events(api)
+
+
+async def test_asg_termination(api, imds, kubeconfig, agents, tmp_path) -> None:
+    populate(api, web=3)
+    agent = run_agent(agents, tmp_path, kubeconfig, imds)
+    await agent.ready()
+    imds.set_lifecycle_state("Terminated")
+    await eventually(lambda: (our_taint(api) or {}).get("value") == "asg-termination", timeout=10)
+    await eventually(lambda: pods_on_node(api) == ["kube-proxy-x", "logs-agent"], timeout=15)
+    assert agent.metric("spotd_notices_total", kind="asg-termination", source="imds") == 1
+
+
+async def test_pdb_refusal_retried_then_forced_at_the_deadline(api, imds, kubeconfig, agents, tmp_path) -> None:
+    populate(api, web=2)
+    api.create(pdb_obj("web", min_available=2))
+    agent = run_agent(agents, tmp_path, kubeconfig, imds, "--safety-margin", "3s")
+    await agent.ready()
+    imds.set_instance_action("terminate", soon(7))
+    await eventually(lambda: agent.events("eviction_refused"), timeout=10)
+    assert pods_on_node(api)[:2] == ["kube-proxy-x", "logs-agent"] or "web-0" in pods_on_node(api)
+    # refused evictions are retried quickly (well under kubectl's 5 s)
+    await eventually(lambda: (agent.metric("spotd_evictions_total", outcome="pdb_blocked") or 0) >= 6, timeout=5)
+    # at deadline - margin the node dies anyway: the pods are deleted and it is said loudly
+    await eventually(lambda: "web-0" not in pods_on_node(api), timeout=10)
+    assert "PodsForceDeleted" in node_events(api) or agent.events("deadline_force_delete")
+    assert agent.metric("spotd_evictions_total", outcome="forced") == 2
+
+
+async def test_pdb_refusal_left_at_the_deadline_is_named(api, imds, kubeconfig, agents, tmp_path) -> None:
+    populate(api, web=2)
+    api.create(pdb_obj("web", min_available=2))
+    agent = run_agent(agents, tmp_path, kubeconfig, imds, "--safety-margin", "2s", "--deadline-action", "leave")
+    await agent.ready()
+    imds.set_instance_action("terminate", soon(4))
+    await eventually(lambda: "DrainIncomplete" in node_events(api), timeout=15)
+    event = next(e for e in api.list("Event") if e["reason"] == "DrainIncomplete")
+    assert "default/web-0" in event["message"] and "default/web-1" in event["message"]
+    assert agent.metric("spotd_drain_pods_left") == 2
+    assert agent.metric("spotd_drains_total", outcome="incomplete") == 1
+    assert "web-0" in pods_on_node(api)
+
+
+async def test_restart_mid_drain_resumes_from_the_node_annotation(api, imds, kubeconfig, agents, tmp_path) -> None:
+    populate(api, web=3)
+    api.create(pdb_obj("web", min_available=3))  # nothing can be evicted yet
+    first = run_agent(agents, tmp_path, kubeconfig, imds)
+    await first.ready()
+    imds.set_instance_action("terminate", soon(90))
+    await eventually(lambda: first.events("eviction_refused"), timeout=10)
+    first.stop(signal.SIGKILL)
+    assert json.loads(node(api)["metadata"]["annotations"]["spotd.io/notice"])["kind"] == "spot-itn"
+    # IMDS stops answering: the restarted agent must still resume from what the node says.
+    imds.fail_next(None, status=503, times=10_000)
+    second = run_agent(agents, tmp_path, kubeconfig, imds)
+    await second.ready()
+    await eventually(lambda: second.events("notice_resumed"), timeout=10)
+    api.delete("PodDisruptionBudget", "web", "default")
+    await eventually(lambda: pods_on_node(api) == ["kube-proxy-x", "logs-agent"], timeout=15)
+
+
+async def test_imds_errors_and_token_expiry_never_miss_a_notice(api, imds, kubeconfig, agents, tmp_path) -> None:
+    populate(api, web=1)
+    imds.token_max_ttl = 2  # tokens die quickly: the agent must fetch new ones
+    agent = run_agent(agents, tmp_path, kubeconfig, imds)
+    await agent.ready()
+    imds.fail_next("spot/instance-action", status=503, times=3)
+    imds.fail_next("events/recommendations/rebalance", status=429, times=2)
+    imds.set_instance_action("terminate", soon(120))
+    await eventually(lambda: our_taint(api), timeout=10)
+    imds.expire_tokens()
+    await eventually(
+        lambda: (agent.metric("spotd_imds_requests_total", path="api/token", outcome="ok") or 0) >= 2, timeout=10
+    )
+    assert (agent.metric("spotd_imds_requests_total", path="spot/instance-action", outcome="error") or 0) >= 1
+    assert agent.proc is not None and agent.proc.poll() is None
+
+
+async def test_malformed_notice_is_logged_counted_and_skipped(api, imds, kubeconfig, agents, tmp_path) -> None:
+    populate(api, web=1)
+    agent = run_agent(agents, tmp_path, kubeconfig, imds)
+    await agent.ready()
+    imds.set_raw("spot/instance-action", '{"action": "explode", "time": "soon"}')
+    await eventually(lambda: agent.metric("spotd_notices_malformed_total", source="imds"), timeout=10)
+    assert our_taint(api) is None
+    assert agent.metric("spotd_notices_total", kind="spot-itn", source="imds") is None
+    malformed = agent.events("notice_malformed")
+    assert len(malformed) == 1 and "explode" in malformed[0]["error"]  # logged once, not every poll
+    imds.set_raw("spot/instance-action", None)
+    imds.set_instance_action("terminate", soon(120))
+    await eventually(lambda: our_taint(api), timeout=10)
+    assert agent.proc is not None and agent.proc.poll() is None
+
+
+async def test_api_conflict_throttling_and_errors_are_retried(api, imds, kubeconfig, agents, tmp_path) -> None:
+    populate(api, web=3)
+    agent = run_agent(agents, tmp_path, kubeconfig, imds)
+    await agent.ready()
+    api.inject_fault("PATCH", r"/api/v1/nodes/", 409, times=1)
+    api.inject_fault("POST", r"/pods/web-0/eviction", 500, times=2)
+    api.inject_fault("POST", r"/pods/web-1/eviction", 429, times=2, retry_after=1)
+    imds.set_instance_action("terminate", soon(120))
+    await eventually(lambda: our_taint(api), timeout=10)
+    await eventually(lambda: pods_on_node(api) == ["kube-proxy-x", "logs-agent"], timeout=15)
+    assert (agent.metric("spotd_node_actions_total", action="notice", outcome="conflict") or 0) >= 1
+
+
+async def test_dry_run_changes_nothing(api, imds, kubeconfig, agents, tmp_path) -> None:
+    populate(api, web=2)
+    before = json.dumps(node(api), sort_keys=True)
+    agent = run_agent(agents, tmp_path, kubeconfig, imds, "--dry-run")
+    await agent.ready()
+    imds.set_instance_action("terminate", soon(120))
+    await eventually(lambda: agent.events("would_drain_pod"), timeout=10)
+    assert agent.events("would_patch_node")
+    assert json.dumps(node(api), sort_keys=True) == before
+    assert len(pods_on_node(api)) == 5
+    assert node_events(api) == []
+
+
+async def test_simulation_annotation_is_a_notice_and_withdrawing_it_releases(
+    api, imds, kubeconfig, agents, tmp_path
+) -> None:
+    populate(api, web=2)
+    api.create(pdb_obj("web", min_available=2))  # hold the drain so the withdrawal happens mid-drain
+    agent = run_agent(agents, tmp_path, kubeconfig, imds)
+    await agent.ready()
+    n = node(api)
+    n["metadata"].setdefault("annotations", {})["spotd.io/simulate-reclaim"] = json.dumps(
+        {"kind": "spot-itn", "deadline": soon(60).strftime("%Y-%m-%dT%H:%M:%SZ")}
+    )
+    api.update(n)
+    await eventually(lambda: our_taint(api), timeout=10)
+    assert json.loads(node(api)["metadata"]["annotations"]["spotd.io/notice"])["source"] == "simulation"
+    assert agent.metric("spotd_notices_total", kind="spot-itn", source="simulation") == 1
+    n = node(api)
+    del n["metadata"]["annotations"]["spotd.io/simulate-reclaim"]
+    api.update(n)
+    await eventually(lambda: our_taint(api) is None and not node(api)["spec"].get("unschedulable"), timeout=10)
+    assert "NoticeReleased" in node_events(api)
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "expected"),
+    [
+        (["--poll-interval", "abc"], {}, "--poll-interval: 'abc' is not a duration"),
+        (["--poll-interval", "0"], {}, "must be greater than zero"),
+        ([], {"SPOTD_POLL_INTERVAL": "2x"}, "SPOTD_POLL_INTERVAL (--poll-interval): '2x' is not a duration"),
+        (["--deadline-action", "explode"], {}, "--deadline-action"),
+        (["--on-spot-itn", "taint,nuke"], {}, "--on-spot-itn: 'nuke' is not a step"),
+        (["--listen", "nowhere"], {}, "--listen"),
+        (["--imds-endpoint", "169.254.169.254"], {}, "--imds-endpoint: '169.254.169.254' is not an http(s) URL"),
+    ],
+)
+def test_bad_configuration_fails_at_start_with_one_line(args: list[str], env: dict[str, str], expected: str) -> None:
+    import os
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "spotd", "agent", "--node-name", "n1", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, **env},
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert expected in lines[0]
+
+
+def test_help_lists_every_command() -> None:
+    out = subprocess.run([sys.executable, "-m", "spotd", "--help"], capture_output=True, text=True, timeout=30).stdout
+    for command in ("agent", "controller", "simulate-reclaim", "version"):
+        assert command in out
+
+
+def test_agent_never_imports_boto3() -> None:
+    code = "import sys, spotd.agent; assert 'boto3' not in sys.modules and 'botocore' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=30)
