@@ -1,0 +1,190 @@
+"""Spot capacity per pool: a pure state machine fed by capacity signals (no I/O, no clock).
+
+States of a pool (what `PoolBook.state` returns, and the verdict's reason says why):
+  available    no ICE ever seen; or a Spot launch after the last ICE and no ICE for the cooldown since.
+  recovering   a Spot launch after the last ICE, but the last ICE is younger than the cooldown.
+  unavailable  an ICE and no Spot launch (or successful probe) since.
+
+Signals are applied by their own time, not by arrival: `last_ice` and `last_launch` only move forward, so
+the order in which SQS, the activities and the nodes deliver the same history does not change the state.
+An ICE names one pool, which may hold a "*" (unknown type or zone): it then covers every pool it
+contains. A Spot launch counts for its own pool and for every recorded pool that contains it.
+
+PoolBook is immutable: `record`, `record_all` and `record_probe_result` return a new book.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from types import MappingProxyType
+
+from spotd.capacity.signals import CapacitySignal, CapacityType, Pool, SignalKind
+from spotd.parsing import format_time
+
+AVAILABLE = "available"
+RECOVERING = "recovering"
+UNAVAILABLE = "unavailable"
+
+# The probe back-off doubles after every probe whose pods landed on on-demand again, up to this.
+PROBE_BACKOFF_CAP = timedelta(hours=24)
+
+
+@dataclass(frozen=True)
+class PoolVerdict:
+    available: bool
+    reason: str
+    state: str = AVAILABLE
+
+
+@dataclass(frozen=True)
+class PoolRecord:
+    """What the book remembers of one pool."""
+
+    last_ice: datetime | None = None
+    ice_reason: str = ""
+    ice_count: int = 0
+    last_launch: datetime | None = None  # latest Spot launch (or successful probe), any time
+    launch_source: str = ""
+    asgs: frozenset[str] = frozenset()
+    last_probe: datetime | None = None
+    probe_failures: int = 0
+
+    @property
+    def launched_since_ice(self) -> bool:
+        return self.last_ice is None or (self.last_launch is not None and self.last_launch > self.last_ice)
+
+    def verdict(self, pool: Pool, now: datetime, cooldown: timedelta) -> PoolVerdict:
+        if self.last_ice is None:
+            return PoolVerdict(True, "no ICE seen", AVAILABLE)
+        ice = f"ICE {self.ice_reason} in {pool} at {format_time(self.last_ice)}"
+        if not self.launched_since_ice:
+            return PoolVerdict(False, f"{ice}, no Spot launch since", UNAVAILABLE)
+        assert self.last_launch is not None
+        launched = f"Spot launched ({self.launch_source}) at {format_time(self.last_launch)}"
+        quiet_until = self.last_ice + cooldown
+        if now < quiet_until:
+            return PoolVerdict(False, f"{ice}; {launched}; cooldown until {format_time(quiet_until)}", RECOVERING)
+        return PoolVerdict(True, f"{launched} after {ice}, no ICE since", AVAILABLE)
+
+    def last_signal(self) -> datetime | None:
+        times = [t for t in (self.last_ice, self.last_launch, self.last_probe) if t is not None]
+        return max(times) if times else None
+
+
+_SEVERITY = {UNAVAILABLE: 0, RECOVERING: 1, AVAILABLE: 2}
+
+
+class PoolBook:
+    """Spot capacity per pool. Immutable: every change returns a new book; share it freely."""
+
+    __slots__ = ("_records",)
+
+    def __init__(self, records: dict[Pool, PoolRecord] | None = None) -> None:
+        self._records = MappingProxyType(dict(records or {}))
+
+    def __repr__(self) -> str:
+        return f"PoolBook({len(self._records)} pools)"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, PoolBook) and dict(self._records) == dict(other._records)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def record(self, signal: CapacitySignal) -> PoolBook:
+        """The book with one more signal applied. ICE of any capacity type counts; only Spot launches
+        count as return (a launch of unknown or on-demand capacity changes nothing)."""
+        records = dict(self._records)
+        if signal.kind == SignalKind.ICE:
+            rec = records.get(signal.pool, PoolRecord())
+            # Launches recorded before this (wider) pool was first named still count for it.
+            for pool, other in self._records.items():
+                if other.last_launch is not None and pool != signal.pool and signal.pool.contains(pool):
+                    rec = _launched(rec, other.last_launch, other.launch_source, "")
+            newer = rec.last_ice is None or signal.at >= rec.last_ice
+            records[signal.pool] = replace(
+                rec,
+                last_ice=signal.at if newer else rec.last_ice,
+                ice_reason=signal.reason if newer else rec.ice_reason,
+                ice_count=rec.ice_count + 1,
+                asgs=rec.asgs | {signal.asg} if signal.asg else rec.asgs,
+            )
+        elif signal.kind == SignalKind.LAUNCHED and signal.capacity_type == CapacityType.SPOT:
+            records.setdefault(signal.pool, PoolRecord())
+            for pool, rec in records.items():
+                if pool.contains(signal.pool):
+                    records[pool] = _launched(rec, signal.at, signal.source, signal.asg)
+        else:
+            return self
+        return PoolBook(records)
+
+    def record_all(self, signals: Iterable[CapacitySignal]) -> PoolBook:
+        book = self
+        for signal in signals:
+            book = book.record(signal)
+        return book
+
+    def pools(self) -> list[Pool]:
+        """Every pool a signal has named, sorted."""
+        return sorted(self._records)
+
+    def get(self, pool: Pool) -> PoolRecord | None:
+        return self._records.get(pool)
+
+    def spot_available(self, pool: Pool, now: datetime, cooldown: timedelta) -> PoolVerdict:
+        """Is Spot back in this pool? The worst verdict of the pool and every recorded pool containing it
+        (an ICE on '*/us-east-1a' holds m5.large/us-east-1a back too)."""
+        worst: PoolVerdict | None = None
+        for recorded, rec in self._records.items():
+            if recorded.contains(pool):
+                verdict = rec.verdict(recorded, now, cooldown)
+                if worst is None or _SEVERITY[verdict.state] < _SEVERITY[worst.state]:
+                    worst = verdict
+        return worst or PoolVerdict(True, "no ICE seen", AVAILABLE)
+
+    def state(self, pool: Pool, now: datetime, cooldown: timedelta) -> str:
+        """'available' | 'recovering' | 'unavailable', as spot_available decides."""
+        return self.spot_available(pool, now, cooldown).state
+
+    # --- the active probe ------------------------------------------------------------------------
+
+    def probe_due(self, pool: Pool, now: datetime, quiet_period: timedelta, cap: timedelta = PROBE_BACKOFF_CAP) -> bool:
+        """True when this recorded pool is unavailable and has been quiet (no ICE, launch or probe) for
+        quiet_period, doubled for every probe that failed since the last ICE, at most cap."""
+        rec = self._records.get(pool)
+        if rec is None or rec.launched_since_ice:
+            return False
+        last = rec.last_signal()
+        assert last is not None
+        wait = min(quiet_period * (2 ** min(rec.probe_failures, 32)), max(cap, quiet_period))
+        return now - last >= wait
+
+    def pools_to_probe(self, now: datetime, quiet_period: timedelta) -> list[Pool]:
+        return [pool for pool in self.pools() if self.probe_due(pool, now, quiet_period)]
+
+    def record_probe_result(self, pool: Pool, now: datetime, landed_on_spot: bool) -> PoolBook:
+        """A probe ended: pods on Spot counts as a Spot launch in the pool at now (source "probe");
+        pods on on-demand again doubles the wait before the next probe."""
+        records = dict(self._records)
+        rec = records.get(pool, PoolRecord())
+        if landed_on_spot:
+            rec = _launched(rec, now, "probe", "")
+        else:
+            rec = replace(rec, probe_failures=rec.probe_failures + 1)
+        records[pool] = replace(rec, last_probe=now)
+        return PoolBook(records)
+
+
+def _launched(rec: PoolRecord, at: datetime, source: str, asg: str) -> PoolRecord:
+    if rec.last_launch is not None and at <= rec.last_launch:
+        return rec
+    # A launch after the last ICE ends the probing: the next ICE starts the back-off afresh.
+    failures = 0 if rec.last_ice is None or at > rec.last_ice else rec.probe_failures
+    return replace(
+        rec,
+        last_launch=at,
+        launch_source=source,
+        probe_failures=failures,
+        asgs=rec.asgs | {asg} if asg else rec.asgs,
+    )
