@@ -16,6 +16,7 @@ import asyncio
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -32,6 +33,21 @@ NODE = "bench-node"
 
 
 def populate(api: FakeApiServer, node: str, pods: int) -> None:
+    if api.get("DaemonSet", "daemonset-1", "default") is None:  # kubectl drain looks the owner up
+        api.create(
+            {
+                "apiVersion": "apps/v1",
+                "kind": "DaemonSet",
+                "metadata": {"name": "daemonset-1", "namespace": "default"},
+                "spec": {
+                    "selector": {"matchLabels": {"app": "ds"}},
+                    "template": {
+                        "metadata": {"labels": {"app": "ds"}},
+                        "spec": {"containers": [{"name": "c", "image": "x"}]},
+                    },
+                },
+            }
+        )
     api.create(node_obj(node))
     for i in range(5):
         api.create(pod_obj(f"ds-{node}-{i}", node, owner="DaemonSet", labels={"app": f"ds{i}"}))
@@ -140,6 +156,22 @@ async def drain_side_by_side(tmp: Path, pods: int) -> tuple[float, float, float]
         return agent_drain, notice_to_empty, kubectl_seconds
     finally:
         await api.stop()
+
+
+def production_python() -> str:
+    """The agent as the image installs it (spotd without the test tools), in .bench/venv."""
+    root = Path(__file__).resolve().parent.parent
+    venv = root / ".bench" / "venv"
+    python = venv / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run(
+        [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", str(root)],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    return str(python)
 
 
 async def footprint(tmp: Path, idle: float) -> tuple[float, float]:

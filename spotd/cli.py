@@ -10,7 +10,7 @@ import argparse
 import asyncio
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from spotd import __version__
@@ -73,7 +73,7 @@ def apply_env_defaults(parser: argparse.ArgumentParser, environ: dict[str, str] 
         converted = []
         for value in values:
             try:
-                converted.append(action.type(value) if callable(action.type) else value)  # type: ignore[misc]
+                converted.append(action.type(value) if callable(action.type) else value)
             except (argparse.ArgumentTypeError, ValueError) as exc:
                 parser.error(f"{name} ({action.option_strings[-1]}): {exc}")
             if action.choices is not None and converted[-1] not in action.choices:
@@ -83,41 +83,37 @@ def apply_env_defaults(parser: argparse.ArgumentParser, environ: dict[str, str] 
         action.required = False
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from spotd.alerts import add_alert_arguments
+COMMANDS = {
+    "agent": "per-node agent: act on Spot interruption and other notices (DaemonSet)",
+    "controller": "move on-demand fallback back to Spot once capacity returns (Deployment)",
+    "simulate-reclaim": "rehearse a reclaim on a cluster, or on an embedded simulated one",
+    "version": "print the version",
+}
 
-    agent, controller, simulate = (_program(name) for name in ("agent", "controller", "simulate-reclaim"))
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The full parser, or with `only` the flags of that one command (so the agent never imports the
+    controller's modules: it runs on every node and every megabyte counts)."""
+    from spotd.alerts import add_alert_arguments
 
     parser = OneLineParser(prog="spotd", description="Spot-lifecycle daemon for Kubernetes on AWS.")
     parser.add_argument("--version", action="version", version=f"spotd {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
-    commands: list[tuple[str, str, Callable[[argparse.ArgumentParser], None]]] = [
-        ("agent", "per-node agent: act on Spot interruption and other notices (DaemonSet)", agent.add_arguments),
-        (
-            "controller",
-            "move on-demand fallback back to Spot once capacity returns (Deployment)",
-            controller.add_arguments,
-        ),
-        (
-            "simulate-reclaim",
-            "rehearse a reclaim on a cluster, or on an embedded simulated one",
-            simulate.add_arguments,
-        ),
-        ("version", "print the version", lambda p: None),
-    ]
-    for name, help_text, add in commands:
+    for name, help_text in COMMANDS.items():
         command = sub.add_parser(name, help=help_text, description=help_text)
-        add(command)
+        if name == "version" or (only is not None and only != name):
+            continue
+        _program(name).add_arguments(command)
         if name in ("agent", "controller"):
             add_alert_arguments(command)
-        if name != "version":
-            command.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+        command.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
         apply_env_defaults(command)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(only=next((a for a in argv if a in COMMANDS), None))
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
