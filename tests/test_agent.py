@@ -358,3 +358,53 @@ def test_help_lists_every_command() -> None:
 def test_agent_never_imports_boto3() -> None:
     code = "import sys, spotd.agent; assert 'boto3' not in sys.modules and 'botocore' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=30)
+
+
+async def test_agent_pushes_interruption_and_incomplete_drain_alerts_to_alertmanager(
+    api, imds, kubeconfig, agents, tmp_path
+) -> None:
+    from tests.alertmanager import AlertmanagerSet, require_tool
+
+    binary = require_tool("alertmanager")
+    populate(api, web=2)
+    api.create(pdb_obj("web", min_available=2))
+    with AlertmanagerSet(binary, n=1) as am:
+        agent = run_agent(
+            agents,
+            tmp_path,
+            kubeconfig,
+            imds,
+            "--alertmanager-url",
+            am.urls[0],
+            "--cluster-name",
+            "prod-eu",
+            "--safety-margin",
+            "2s",
+            "--deadline-action",
+            "leave",
+        )
+        await agent.ready()
+        imds.set_instance_action("terminate", soon(4))
+        alerts = await eventually(lambda: am.members[0].alerts(alertname="SpotInterruptionNotice"), timeout=10)
+        labels = alerts[0]["labels"]
+        assert labels["node"] == NODE and labels["cluster"] == "prod-eu" and labels["kind"] == "spot-itn"
+        assert labels["zone"] == "us-east-1a" and labels["instance_type"] == "m5.large"
+        assert labels["instance_id"].startswith("i-")
+        critical = await eventually(lambda: am.members[0].alerts(alertname="NodeDrainIncomplete"), timeout=15)
+        assert critical[0]["labels"]["severity"] == "critical"
+        assert "default/web-0" in critical[0]["annotations"]["description"]
+
+
+async def test_dead_alertmanager_does_not_slow_the_drain(api, imds, kubeconfig, agents, tmp_path) -> None:
+    from tests.agent_harness import free_port
+
+    populate(api, web=20)
+    dead = f"http://127.0.0.1:{free_port()}"
+    agent = run_agent(agents, tmp_path, kubeconfig, imds, "--alertmanager-url", dead)
+    await agent.ready()
+    imds.set_instance_action("terminate", soon(120))
+    await eventually(lambda: pods_on_node(api) == ["kube-proxy-x", "logs-agent"], timeout=15)
+    finished = (await eventually(lambda: agent.events("drain_finished"), timeout=5))[-1]
+    assert finished["outcome"] == "complete"
+    assert (agent.metric("spotd_alerts_sent_total", outcome="error") or 0) >= 1  # it did try, and failed
+    assert agent.stop() == 0  # SIGTERM: a clean exit
