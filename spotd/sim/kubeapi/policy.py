@@ -1,0 +1,319 @@
+"""What the disruption controller, the kubelet and the eviction subresource do for pods: PDB status kept
+current, graceful deletion that ends when the pod really stops, and evictions that respect budgets."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from typing import Any
+
+from . import errors
+from .codec import now_rfc3339
+from .selectors import Selector, from_label_selector_object, labels_match
+from .store import Change, Key, Obj, Store
+
+STOP_SECONDS_ANNOTATION = "sim.spotd.io/stop-seconds"
+DEFAULT_GRACE_SECONDS = 30
+_SCALED_KINDS = ("ReplicaSet", "Deployment", "StatefulSet", "ReplicationController")
+
+
+def is_terminating(pod: Obj) -> bool:
+    return bool(pod["metadata"].get("deletionTimestamp"))
+
+
+def is_healthy(pod: Obj) -> bool:
+    """The disruption controller's notion: Ready condition True and not being deleted."""
+    if is_terminating(pod):
+        return False
+    conditions = pod.get("status", {}).get("conditions") or []
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+
+
+def _selector(pdb: Obj) -> Selector | None:
+    try:
+        return from_label_selector_object(pdb.get("spec", {}).get("selector"))
+    except errors.ApiError:
+        return None
+
+
+def _scaled(value: Any, total: int) -> int:
+    """intstr int or "N%" of total, rounded up (GetScaledValueFromIntOrPercent with roundUp=true)."""
+    if isinstance(value, str) and value.endswith("%"):
+        return math.ceil(int(value[:-1]) * total / 100)
+    return int(value)
+
+
+def _controller_of(pod: Obj) -> tuple[str, str] | None:
+    for ref in pod["metadata"].get("ownerReferences") or []:
+        if ref.get("controller"):
+            return ref.get("kind", ""), ref.get("name", "")
+    return None
+
+
+class Disruption:
+    """Keeps every PodDisruptionBudget's status current and carries out pod deletions and evictions."""
+
+    def __init__(self, store: Store, termination_scale: float = 1.0) -> None:
+        self.store = store
+        self.termination_scale = termination_scale
+        self._dirty: set[Key] = set()
+        self._flush_scheduled = False
+        self._timers: dict[Key, tuple[float, str, asyncio.TimerHandle]] = {}
+        store.hooks.append(self._on_change)
+
+    # ---- PodDisruptionBudget status -------------------------------------------------------------------
+
+    def _on_change(self, ch: Change) -> None:
+        if ch.kind == "Pod":
+            for pdb in self.store.iter_objects("PodDisruptionBudget", ch.namespace):
+                sel = _selector(pdb)
+                if sel is None:
+                    continue
+                for pod in (ch.obj, ch.old):
+                    if pod is not None and labels_match(sel, pod["metadata"].get("labels")):
+                        self._dirty.add((ch.namespace, pdb["metadata"]["name"]))
+                        break
+        elif ch.kind == "PodDisruptionBudget":
+            if ch.type == "ADDED" or (ch.old is not None and ch.old.get("spec") != ch.obj.get("spec")):
+                self._dirty.add((ch.namespace, ch.obj["metadata"]["name"]))
+        elif ch.kind in _SCALED_KINDS:
+            for pdb in self.store.iter_objects("PodDisruptionBudget", ch.namespace):
+                self._dirty.add((ch.namespace, pdb["metadata"]["name"]))
+        else:
+            return
+        if self._dirty and not self._flush_scheduled:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return  # no loop: flushed lazily on the next PDB read
+            self._flush_scheduled = True
+            loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Recompute the status of every PDB touched since the last flush (coalesces bursts of pod writes)."""
+        self._flush_scheduled = False
+        dirty, self._dirty = self._dirty, set()
+        for ns, name in sorted(dirty):
+            pdb = self.store.get("PodDisruptionBudget", ns, name)
+            if pdb is None:
+                continue
+            status = self.compute_status(pdb)
+            if status != pdb.get("status"):
+                self.store.update({**pdb, "status": status}, check_version=False)
+
+    def compute_status(self, pdb: Obj) -> dict[str, Any]:
+        """currentHealthy, desiredHealthy, expectedPods and disruptionsAllowed as the disruption controller
+        computes them; a pod without a scalable controller counts as one expected pod (the real
+        controller reports an error instead)."""
+        ns, spec = pdb["metadata"]["namespace"], pdb.get("spec", {})
+        sel = _selector(pdb)
+        pods = (
+            []
+            if sel is None
+            else [p for p in self.store.iter_objects("Pod", ns) if labels_match(sel, p["metadata"].get("labels"))]
+        )
+        healthy = sum(1 for p in pods if is_healthy(p))
+        if spec.get("maxUnavailable") is not None:
+            expected = self._expected_scale(ns, pods)
+            desired = max(0, expected - _scaled(spec["maxUnavailable"], expected))
+        elif spec.get("minAvailable") is not None:
+            min_available = spec["minAvailable"]
+            if isinstance(min_available, str) and min_available.endswith("%"):
+                expected = self._expected_scale(ns, pods)
+                desired = _scaled(min_available, expected)
+            else:
+                expected, desired = len(pods), int(min_available)
+        else:
+            expected, desired = len(pods), 0
+        allowed = max(0, healthy - desired)
+        generation = pdb["metadata"].get("generation", 1)
+        old_conditions = {c.get("type"): c for c in pdb.get("status", {}).get("conditions") or []}
+        state = "True" if allowed > 0 else "False"
+        old = old_conditions.get("DisruptionAllowed", {})
+        condition = {
+            "type": "DisruptionAllowed",
+            "status": state,
+            "reason": "SufficientPods" if allowed > 0 else "InsufficientPods",
+            "message": "",
+            "observedGeneration": generation,
+            "lastTransitionTime": old.get("lastTransitionTime") if old.get("status") == state else now_rfc3339(),
+        }
+        return {
+            "observedGeneration": generation,
+            "disruptionsAllowed": allowed,
+            "currentHealthy": healthy,
+            "desiredHealthy": desired,
+            "expectedPods": expected,
+            "conditions": [condition],
+        }
+
+    def _expected_scale(self, ns: str, pods: list[Obj]) -> int:
+        controllers: dict[tuple[str, str], int] = {}
+        loose = 0
+        for pod in pods:
+            ref = _controller_of(pod)
+            scale = self._scale_of(ns, ref) if ref else None
+            if ref is None or scale is None:
+                loose += 1
+            else:
+                controllers[ref] = scale
+        return loose + sum(controllers.values())
+
+    def _scale_of(self, ns: str, ref: tuple[str, str]) -> int | None:
+        kind, name = ref
+        if kind not in _SCALED_KINDS:
+            return None
+        owner = self.store.get(kind, ns, name)
+        if owner is None:
+            return None
+        if kind == "ReplicaSet":  # a Deployment's ReplicaSet scales with the Deployment
+            parent = _controller_of(owner)
+            if parent and parent[0] == "Deployment":
+                scale = self._scale_of(ns, parent)
+                if scale is not None:
+                    return scale
+        return int(owner.get("spec", {}).get("replicas", 1))
+
+    def matching_pdbs(self, pod: Obj) -> list[Obj]:
+        labels = pod["metadata"].get("labels")
+        ns = pod["metadata"]["namespace"]
+        found = []
+        for pdb in self.store.iter_objects("PodDisruptionBudget", ns):
+            sel = _selector(pdb)
+            if sel is not None and labels_match(sel, labels):
+                found.append(pdb)
+        return found
+
+    # ---- graceful deletion ----------------------------------------------------------------------------
+
+    def delete_pod(self, ns: str, name: str, grace: int | None, dry_run: bool = False) -> Obj:
+        """DELETE of a pod: at once when unscheduled, finished or grace 0; otherwise mark it terminating
+        (deletionTimestamp) and remove it when it really stops: min(grace, stop-seconds annotation) scaled
+        by termination_scale. A second delete with a shorter grace shortens the wait."""
+        pod = self.store.get("Pod", ns, name)
+        if pod is None:
+            raise errors.not_found("", "pods", name)
+        if grace is None:
+            grace = int(pod.get("spec", {}).get("terminationGracePeriodSeconds", DEFAULT_GRACE_SECONDS))
+        grace = max(0, int(grace))
+        phase = pod.get("status", {}).get("phase")
+        if not pod.get("spec", {}).get("nodeName") or phase in ("Succeeded", "Failed") or grace == 0:
+            if dry_run:
+                return pod
+            self._cancel_timer((ns, name))
+            return self.store.remove("Pod", ns, name)
+        meta = pod["metadata"]
+        if is_terminating(pod) and grace >= int(meta.get("deletionGracePeriodSeconds", grace)):
+            return pod  # a longer grace never extends a deletion in progress
+        if dry_run:
+            return pod
+        new_meta = {**meta, "deletionTimestamp": now_rfc3339(grace), "deletionGracePeriodSeconds": grace}
+        updated = self.store.update({**pod, "metadata": new_meta}, check_version=False, set_deletion=True)
+        stop = meta.get("annotations", {}).get(STOP_SECONDS_ANNOTATION)
+        try:
+            runs_for = min(grace, float(stop)) if stop is not None else grace
+        except ValueError:
+            runs_for = grace
+        self._schedule_removal((ns, name), meta["uid"], runs_for * self.termination_scale)
+        return updated
+
+    def _schedule_removal(self, key: Key, uid: str, delay: float) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._finish(key, uid)
+            return
+        deadline = time.monotonic() + max(0.0, delay)
+        current = self._timers.get(key)
+        if current is not None:
+            if current[0] <= deadline:
+                return
+            current[2].cancel()
+        handle = loop.call_later(max(0.0, deadline - time.monotonic()), self._finish, key, uid)
+        self._timers[key] = (deadline, uid, handle)
+
+    def _finish(self, key: Key, uid: str) -> None:
+        self._timers.pop(key, None)
+        pod = self.store.get("Pod", *key)
+        if pod is not None and pod["metadata"]["uid"] == uid and is_terminating(pod):
+            self.store.remove("Pod", *key)
+
+    def _cancel_timer(self, key: Key) -> None:
+        current = self._timers.pop(key, None)
+        if current is not None:
+            current[2].cancel()
+
+    def cancel_all(self) -> None:
+        for _, _, handle in self._timers.values():
+            handle.cancel()
+        self._timers.clear()
+
+    # ---- eviction -------------------------------------------------------------------------------------
+
+    def evict(self, ns: str, name: str, eviction: Obj, dry_run: bool = False) -> None:
+        """POST pods/{name}/eviction: 429 when the pod's budget allows no disruption, 500 when several
+        budgets select the pod, otherwise a graceful delete honouring deleteOptions.gracePeriodSeconds."""
+        pod = self.store.get("Pod", ns, name)
+        if pod is None:
+            raise errors.not_found("", "pods", name)
+        body_name = eviction.get("metadata", {}).get("name")
+        if body_name and body_name != name:
+            raise errors.bad_request(f"name in URL does not match name in Eviction object: {body_name} != {name}")
+        options = eviction.get("deleteOptions") or {}
+        check_preconditions(pod, options, "pods")
+        grace = options.get("gracePeriodSeconds")
+        phase = pod.get("status", {}).get("phase")
+        if not (is_terminating(pod) or phase in ("Succeeded", "Failed", "Pending")):
+            self.flush()
+            self._check_budget(pod)
+        self.delete_pod(ns, name, grace, dry_run=dry_run)
+
+    def _check_budget(self, pod: Obj) -> None:
+        pdbs = self.matching_pdbs(pod)
+        if len(pdbs) > 1:
+            raise errors.ApiError(
+                500, "This pod has more than one PodDisruptionBudget, which the eviction subresource does not support."
+            )
+        if not pdbs:
+            return
+        pdb = pdbs[0]
+        status = pdb.get("status") or self.compute_status(pdb)
+        healthy, desired = status.get("currentHealthy", 0), status.get("desiredHealthy", 0)
+        policy = pdb.get("spec", {}).get("unhealthyPodEvictionPolicy") or "IfHealthyBudget"
+        if not is_healthy(pod) and (policy == "AlwaysAllow" or (healthy >= desired and desired > 0)):
+            return
+        if status.get("observedGeneration", 0) < pdb["metadata"].get("generation", 1):
+            raise _too_many(pdb, "observedGeneration less than generation")
+        allowed = status.get("disruptionsAllowed", 0)
+        if allowed < 0:
+            raise errors.ApiError(403, "pdb disruptions allowed is negative")
+        if allowed == 0:
+            name = pdb["metadata"]["name"]
+            raise _too_many(
+                pdb, f"The disruption budget {name} needs {desired} healthy pods and has {healthy} currently"
+            )
+
+
+def _too_many(pdb: Obj, cause: str) -> errors.ApiError:
+    return errors.ApiError(
+        429,
+        "Cannot evict pod as it would violate the pod's disruption budget.",
+        details={"causes": [{"reason": "DisruptionBudget", "message": cause}]},
+    )
+
+
+def check_preconditions(obj: Obj, options: dict[str, Any], plural: str, group: str = "") -> None:
+    """DeleteOptions.preconditions: uid and resourceVersion must match, else 409 Conflict."""
+    pre = options.get("preconditions") or {}
+    meta = obj["metadata"]
+    for field in ("uid", "resourceVersion"):
+        wanted = pre.get(field)
+        if wanted and wanted != meta.get(field):
+            raise errors.conflict(
+                group,
+                plural,
+                meta["name"],
+                f"Precondition failed: {field.upper() if field == 'uid' else 'ResourceVersion'} in precondition: "
+                f"{wanted}, {field.upper() if field == 'uid' else 'ResourceVersion'} in object meta: {meta.get(field)}",
+            )
