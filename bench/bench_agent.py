@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from spotd.sim.imds import FakeImds
 from spotd.sim.kubeapi import FakeApiServer
-from tests.agent_harness import AgentProcess, eventually, node_obj, pod_obj
+from tests.agent_harness import AgentProcess, eventually, free_port, node_obj, pod_obj
 
 NODE = "bench-node"
 
@@ -113,48 +113,74 @@ async def notice_latency(tmp: Path, samples: int, poll: float) -> list[float]:
     return latencies
 
 
-async def drain_side_by_side(tmp: Path, pods: int) -> tuple[float, float, float]:
-    """(agent drain seconds, agent notice-to-empty seconds, kubectl drain seconds) on one fake API server."""
+async def agent_drain(api: FakeApiServer, tmp: Path, kubeconfig: str, node: str, *extra: str) -> tuple[float, float]:
+    """(agent drain seconds, notice-to-empty seconds) for one node."""
+    async with FakeImds() as imds:
+        agent = AgentProcess(tmp, kubeconfig, imds.url, node, "--log-level", "info", *extra).start()
+        try:
+            await agent.ready()
+            start = time.monotonic()
+            imds.set_instance_action("terminate", datetime.now(UTC) + timedelta(minutes=2))
+            await eventually(lambda: pods_on(api, node) == 5, timeout=120, interval=0.005)
+            notice_to_empty = time.monotonic() - start
+            finished = await eventually(lambda: agent.events("drain_finished"), timeout=10)
+            return float(finished[-1]["seconds"]), notice_to_empty
+        finally:
+            agent.stop()
+
+
+async def black_hole() -> tuple[asyncio.Server, str]:
+    """An Alertmanager that accepts connections and never answers."""
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # until the client gives up
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+
+async def drain_side_by_side(tmp: Path, pods: int) -> dict[str, tuple[float, float]]:
+    """Drains of identical nodes on one fake API server: the agent (without Alertmanager, with a dead one,
+    with a black-holed one) and kubectl drain. Values: (drain seconds, notice-to-empty seconds)."""
     api = FakeApiServer(termination_scale=0.0)
     await api.start()
     kubeconfig = str(api.write_kubeconfig(tmp / "kubeconfig-drain"))
+    hole, hole_url = await black_hole()
+    results: dict[str, tuple[float, float]] = {}
     try:
-        populate(api, "agent-node", pods)
-        populate(api, "kubectl-node", pods)
-        async with FakeImds() as imds:
-            agent = AgentProcess(tmp, kubeconfig, imds.url, "agent-node", "--log-level", "info").start()
-            try:
-                await agent.ready()
-                start = time.monotonic()
-                imds.set_instance_action("terminate", datetime.now(UTC) + timedelta(minutes=2))
-                await eventually(lambda: pods_on(api, "agent-node") == 5, timeout=120, interval=0.005)
-                notice_to_empty = time.monotonic() - start
-                finished = await eventually(lambda: agent.events("drain_finished"), timeout=10)
-                agent_drain = float(finished[-1]["seconds"])
-            finally:
-                agent.stop()
-        kubectl = shutil.which("kubectl")
-        if kubectl is None:
-            return agent_drain, notice_to_empty, float("nan")
-        start = time.monotonic()
-        proc = await asyncio.create_subprocess_exec(
-            kubectl,
-            "--kubeconfig",
-            kubeconfig,
-            "drain",
-            "kubectl-node",
-            "--ignore-daemonsets",
-            "--delete-emptydir-data",
-            "--timeout=300s",
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
+        for name in ("agent", "agent-dead-am", "agent-blackhole-am", "kubectl"):
+            populate(api, name, pods)
+        results["spotd"] = await agent_drain(api, tmp, kubeconfig, "agent")
+        dead = f"http://127.0.0.1:{free_port()}"
+        results["spotd, Alertmanager dead"] = await agent_drain(
+            api, tmp, kubeconfig, "agent-dead-am", "--alertmanager-url", dead
         )
-        _, err = await proc.communicate()
-        kubectl_seconds = time.monotonic() - start
-        if proc.returncode != 0:
-            print(f"kubectl drain failed: {err.decode()[-500:]}", file=sys.stderr)
-        return agent_drain, notice_to_empty, kubectl_seconds
+        results["spotd, Alertmanager black hole"] = await agent_drain(
+            api, tmp, kubeconfig, "agent-blackhole-am", "--alertmanager-url", hole_url
+        )
+        kubectl = shutil.which("kubectl")
+        if kubectl is not None:
+            start = time.monotonic()
+            proc = await asyncio.create_subprocess_exec(
+                kubectl,
+                "--kubeconfig",
+                kubeconfig,
+                "drain",
+                "kubectl",
+                "--ignore-daemonsets",
+                "--delete-emptydir-data",
+                "--timeout=300s",
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            _, err = await proc.communicate()
+            seconds = time.monotonic() - start
+            if proc.returncode != 0:
+                print(f"kubectl drain failed: {err.decode()[-500:]}", file=sys.stderr)
+            results["kubectl drain"] = (seconds, seconds)
+        return results
     finally:
+        hole.close()
         await api.stop()
 
 

@@ -141,6 +141,13 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
     )
 
 
+def newer(a: NodeView, b: NodeView) -> bool:
+    """Whether a is a later version of the node than b (a watch may trail the view our own patch returned)."""
+    if a.resource_version.isdigit() and b.resource_version.isdigit():
+        return int(a.resource_version) > int(b.resource_version)
+    return a.resource_version != b.resource_version
+
+
 class Agent:
     def __init__(
         self, config: AgentConfig, client: AsyncClient, session: aiohttp.ClientSession, alerter: Alerter
@@ -238,7 +245,7 @@ class Agent:
             if event == "DELETED":
                 continue
             view = NodeView.from_node(node)
-            if self.responder.view is None or view.resource_version != self.responder.view.resource_version:
+            if self.responder.view is None or newer(view, self.responder.view):
                 self.responder.view = view
             before = self.simulation_text
             self.read_simulation(view)

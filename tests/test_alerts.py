@@ -536,12 +536,15 @@ async def test_two_member_cluster_gets_every_alert_even_with_one_dead() -> None:
 # -- the documented Alertmanager route ---------------------------------------------------------------------
 
 
-def test_documented_route_is_valid_and_pages_only_critical(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("document", "heading"), [("docs/alerts.md", "## Alertmanager route"), ("README.md", "### Alerts")]
+)
+def test_documented_route_is_valid_and_pages_only_critical(tmp_path: Path, document: str, heading: str) -> None:
     amtool = require_tool("amtool")
-    docs = (Path(__file__).resolve().parent.parent / "docs" / "alerts.md").read_text()
-    section = docs[docs.index("## Alertmanager route") :]
+    docs = (Path(__file__).resolve().parent.parent / document).read_text()
+    section = docs[docs.index(heading) :]
     match = re.search(r"```yaml\n(.*?)```", section, re.DOTALL)
-    assert match, "docs/alerts.md lost its Alertmanager route example"
+    assert match, f"{document} lost its Alertmanager route example"
     cfg = tmp_path / "alertmanager.yml"
     cfg.write_text(match.group(1))
     check = subprocess.run([amtool, "check-config", str(cfg)], capture_output=True, text=True, timeout=30)

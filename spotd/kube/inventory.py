@@ -18,8 +18,10 @@ import httpx2 as httpx
 import msgspec
 
 from spotd import log as spotd_log
+from spotd.capacity.signals import instance_id_from_provider_id
 from spotd.controller_metrics import INVENTORY_EVENTS, INVENTORY_RELISTS
 from spotd.kube.lease import http_of
+from spotd.metrics import LOOP_ERRORS
 from spotd.ondemand import (
     DRAIN_ANNOTATION,
     INSTANCE_TYPE_LABELS,
@@ -63,6 +65,7 @@ class _Condition(msgspec.Struct):
     type: str = ""
     status: str = ""
     reason: str | None = None
+    message: str | None = None
 
 
 class _Volume(msgspec.Struct):
@@ -128,6 +131,11 @@ POD_MIRROR = 16
 POD_UNSCHEDULABLE = 32
 POD_TERMINAL = 64
 POD_SAFE_TO_EVICT = 128
+POD_TERMINATING = 256
+
+# What the scheduler writes when no node has room (as opposed to a selector nothing matches, which no
+# amount of capacity fixes and must not hold the controller back forever).
+_CAPACITY_MESSAGES = ("Insufficient", "Too many pods")
 
 
 class PodRecord:
@@ -174,11 +182,15 @@ def pod_record(pod: _Pod) -> PodRecord:
     phase = status.phase or "Pending"
     if phase in ("Succeeded", "Failed"):
         flags |= POD_TERMINAL
+    if meta.deletionTimestamp:
+        flags |= POD_TERMINATING
     node = spec.nodeName or ""
     if not node and phase == "Pending":
         for cond in status.conditions or ():
             if cond.type == "PodScheduled" and cond.status == "False" and cond.reason == "Unschedulable":
-                flags |= POD_UNSCHEDULABLE
+                message = cond.message or ""
+                if not message or any(m in message for m in _CAPACITY_MESSAGES):
+                    flags |= POD_UNSCHEDULABLE
     return PodRecord(
         intern(meta.namespace),
         meta.name,
@@ -197,7 +209,7 @@ def _time(text: str | None) -> datetime:
         return _EPOCH
 
 
-def node_info(node: _Node, capacity_label: str | None = None, instance_id: str = "") -> NodeInfo:
+def node_info(node: _Node, capacity_label: str | None = None) -> NodeInfo:
     meta = node.metadata
     labels = meta.labels or {}
     annotations = meta.annotations or {}
@@ -211,7 +223,7 @@ def node_info(node: _Node, capacity_label: str | None = None, instance_id: str =
         ready=ready,
         unschedulable=bool(node.spec.unschedulable),
         drain_annotation=annotations.get(DRAIN_ANNOTATION, ""),
-        instance_id=instance_id,
+        instance_id=instance_id_from_provider_id(node.spec.providerID or "") or "",
     )
 
 
@@ -231,7 +243,7 @@ def summarize(pods: Iterable[PodRecord]) -> NodePods:
     local: list[str] = []
     for pod in pods:
         flags = pod.flags
-        if flags & (POD_DAEMONSET | POD_MIRROR | POD_TERMINAL):
+        if flags & (POD_DAEMONSET | POD_MIRROR | POD_TERMINAL | POD_TERMINATING):
             continue
         evictable += 1
         if flags & POD_NOT_SAFE_TO_EVICT:
@@ -399,6 +411,11 @@ class Inventory:
                 version = ""
             except (httpx.HTTPError, Malformed, OSError) as exc:
                 _log.warning("watch_error", kind=kind, error=repr(exc))
+                await asyncio.sleep(self._retry_delay)
+            except Exception as exc:  # a bug in one event must not end the inventory: relist and carry on
+                LOOP_ERRORS.labels(f"inventory_{kind}").inc()
+                _log.exception("watch_failed", kind=kind, error=repr(exc))
+                version = ""
                 await asyncio.sleep(self._retry_delay)
 
     async def _relist(self, kind: str, path: str) -> str:

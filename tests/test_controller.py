@@ -1,0 +1,623 @@
+"""End to end: the real `spotd controller` process(es) against the fake API server and moto (SQS, ASG, EC2).
+
+Covers: only the lease holder acts and a standby takes over after kill -9; an ICE from SQS keeps the
+on-demand nodes of its pool; a new Spot node plus the cooldown lets the oldest on-demand node go, with
+its PDB honoured; malformed and unknown SQS messages are counted and deleted; SIGTERM mid-drain
+uncordons; a restart after kill -9 mid-drain recovers the node; --dry-run changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+
+from spotd.parsing import format_time
+from spotd.sim.kubeapi import FakeApiServer
+from tests.agent_harness import AgentProcess, eventually, free_port, pdb_obj, pod_obj
+from tests.moto_server import aws, moto_endpoint  # noqa: F401  (pytest fixtures)
+
+OLD = timedelta(hours=5)
+LEASE = {"duration": 3.0, "retry": 0.3}
+
+
+def node_obj(name: str, capacity: str, itype: str = "m5.large", zone: str = "us-east-1a") -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {
+            "name": name,
+            "labels": {
+                "kubernetes.io/hostname": name,
+                "node.kubernetes.io/instance-type": itype,
+                "topology.kubernetes.io/zone": zone,
+                "karpenter.sh/capacity-type": capacity,
+            },
+        },
+        "spec": {"providerID": f"aws:///{zone}/i-{abs(hash(name)) % 16**17:017x}"},
+        "status": {"conditions": [{"type": "Ready", "status": "True"}]},
+    }
+
+
+def add_node(api: FakeApiServer, name: str, capacity: str, age: timedelta = timedelta(0), **kw: str) -> None:
+    """The API server stamps creationTimestamp itself: reach into its store to age the node."""
+    api.create(node_obj(name, capacity, **kw))
+    if age:
+        stored = api.store.get("Node", "", name)
+        stored["metadata"]["creationTimestamp"] = format_time(datetime.now(UTC) - age)[:19] + "Z"
+
+
+def add_pods(api: FakeApiServer, node: str, count: int, app: str = "web", **kw: Any) -> None:
+    for i in range(count):
+        pod = pod_obj(f"{app}-{node}-{i}", node, labels={"app": app}, grace=1, **kw)
+        pod["metadata"]["ownerReferences"][0]["name"] = f"{app}-rs"
+        api.create(pod)
+
+
+async def replicaset(api: FakeApiServer, spot_node: str) -> None:
+    """Stand-in for the ReplicaSet controller and the scheduler: a deleted pod comes back on the Spot node."""
+    count = 0
+    async for kind, obj in api.subscribe():
+        if kind != "DELETED" or obj.get("kind") != "Pod" or obj["spec"].get("nodeName") == spot_node:
+            continue
+        count += 1
+        app = obj["metadata"].get("labels", {}).get("app", "web")
+        pod = pod_obj(f"{app}-r{count}", spot_node, labels={"app": app}, grace=1)
+        pod["metadata"]["ownerReferences"] = obj["metadata"].get("ownerReferences")
+        api.create(pod)
+
+
+def ice_message(itype: str, zone: str, at: datetime) -> str:
+    when = format_time(at)
+    return json.dumps(
+        {
+            "version": "0",
+            "id": f"ice-{itype}-{zone}",
+            "detail-type": "EC2 Instance Launch Unsuccessful",
+            "source": "aws.autoscaling",
+            "time": when,
+            "region": "us-east-1",
+            "detail": {
+                "StatusCode": "Failed",
+                "AutoScalingGroupName": "eks-spot",
+                "ActivityId": f"act-{itype}-{zone}",
+                "Details": {"Availability Zone": zone},
+                "StatusMessage": (
+                    f"We currently do not have sufficient {itype} capacity in the Availability Zone you requested "
+                    f"({zone}). Our system will be working on provisioning additional capacity. Launching EC2 "
+                    "instance failed."
+                ),
+                "StartTime": when,
+                "EndTime": when,
+            },
+        }
+    )
+
+
+# Until every subcommand of spotd.cli imports, run the controller the way cli.main does.
+_LAUNCHER = """
+import argparse, asyncio, sys
+from spotd import controller
+from spotd.alerts import add_alert_arguments
+p = argparse.ArgumentParser()
+controller.add_arguments(p)
+add_alert_arguments(p)
+p.add_argument("--log-level", default="info")
+sys.exit(asyncio.run(controller.run(controller.config_from_args(p.parse_args()))))
+"""
+
+
+def controller_command() -> list[str]:
+    try:
+        import spotd.cli
+
+        spotd.cli.build_parser()
+    except ImportError:
+        return [sys.executable, "-c", _LAUNCHER]
+    return [sys.executable, "-m", "spotd", "controller"]
+
+
+class ControllerProcess(AgentProcess):
+    """`python -m spotd controller` with short timings, logs to a file."""
+
+    def __init__(self, tmp: Path, kubeconfig: str, identity: str, *extra: str, queue_url: str = "") -> None:
+        self.port = free_port()
+        self.identity = identity
+        self.log_path = tmp / f"controller-{identity}-{self.port}.log"
+        self.args = [
+            *controller_command(),
+            "--kubeconfig", kubeconfig,
+            "--listen", f"127.0.0.1:{self.port}",
+            "--lease-namespace", "kube-system",
+            "--min-on-demand-age", "1h",
+            "--ice-cooldown", "8s",
+            "--lease-duration", f"{LEASE['duration']}s",
+            "--lease-renew-deadline", "2s",
+            "--lease-renew-period", "0.5s",
+            "--lease-retry-period", f"{LEASE['retry']}s",
+            "--interval", "0.3s",
+            "--sqs-wait", "1s",
+            "--activities-interval", "2s",
+            "--drain-timeout", "40s",
+            "--probe-quiet-period", "0",
+            "--log-level", "info",
+            *(["--sqs-queue-url", queue_url] if queue_url else []),
+            *extra,
+        ]  # fmt: skip
+        self.env = {**os.environ, "POD_NAME": identity}
+        self.proc = None
+
+    def leading(self) -> bool:
+        return self.metric("spotd_leader", identity=self.identity) == 1.0
+
+    def drains(self, outcome: str) -> float:
+        return self.metric("spotd_controller_drains_total", outcome=outcome) or 0.0
+
+
+@pytest.fixture
+async def api(tmp_path: Path) -> AsyncIterator[FakeApiServer]:
+    server = FakeApiServer(host="127.0.0.1", port=0, termination_scale=0.2)
+    await server.start()
+    server.write_kubeconfig(tmp_path / "kubeconfig")
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+def procs() -> Iterator[list[ControllerProcess]]:
+    started: list[ControllerProcess] = []
+    yield started
+    for p in started:
+        p.stop(signal.SIGKILL, timeout=5)
+
+
+@pytest.fixture
+def queue(aws: str) -> Any:  # noqa: F811
+    sqs = boto3.client("sqs")
+    url = sqs.create_queue(QueueName="spotd-events")["QueueUrl"]
+    return sqs, url
+
+
+def start(
+    procs: list[ControllerProcess], tmp: Path, identity: str, *extra: str, queue_url: str = ""
+) -> ControllerProcess:
+    p = ControllerProcess(tmp, str(tmp / "kubeconfig"), identity, *extra, queue_url=queue_url).start()
+    procs.append(p)  # type: ignore[arg-type]
+    return p  # type: ignore[return-value]
+
+
+def node(api: FakeApiServer, name: str) -> dict[str, Any]:
+    found = api.get("Node", name)
+    assert found is not None
+    return found
+
+
+def pods_on(api: FakeApiServer, name: str) -> list[str]:
+    return [p["metadata"]["name"] for p in api.list("Pod") if p["spec"].get("nodeName") == name]
+
+
+def events_for(api: FakeApiServer, name: str) -> list[str]:
+    return [e.get("reason", "") for e in api.list("Event") if e.get("involvedObject", {}).get("name") == name]
+
+
+@contextlib.asynccontextmanager
+async def running(coro: Any) -> AsyncIterator[None]:
+    task = asyncio.create_task(coro)
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("aws")
+async def test_only_the_leader_acts_and_the_standby_takes_over(
+    api: FakeApiServer,
+    tmp_path: Path,
+    procs: list[ControllerProcess],
+) -> None:
+    add_node(api, "spot-1", "spot")
+    add_node(api, "od-1", "on-demand", OLD + timedelta(hours=1))
+    add_node(api, "od-2", "on-demand", OLD)
+    add_pods(api, "od-1", 2)
+    add_pods(api, "od-2", 2)
+    async with running(replicaset(api, "spot-1")):
+        a = start(procs, tmp_path, "ctl-a", "--max-drains-per-hour", "1")
+        await eventually(a.leading, timeout=20)
+        b = start(procs, tmp_path, "ctl-b", "--max-drains-per-hour", "1")
+        await b.ready(timeout=20)
+        # A drains the oldest, then its hourly budget holds the second.
+        await eventually(lambda: a.drains("complete") == 1, timeout=30)
+        assert pods_on(api, "od-1") == [] and len(pods_on(api, "od-2")) == 2
+        assert node(api, "od-1")["spec"].get("unschedulable") is True
+        assert "spotd.io/drained" in node(api, "od-1")["metadata"]["annotations"]
+        assert "SpotdDrainStarted" in events_for(api, "od-1")
+        assert not b.leading() and b.events("drain_starting") == []
+        assert b.metric("spotd_controller_drains_total", outcome="complete") == 0.0
+
+        a.stop(signal.SIGKILL)
+        killed = asyncio.get_running_loop().time()
+        await eventually(b.leading, timeout=10, interval=0.05)
+        took = asyncio.get_running_loop().time() - killed
+        assert took <= LEASE["duration"] + 2 * LEASE["retry"] + 1.0  # + one metrics scrape
+        await eventually(lambda: b.drains("complete") == 1, timeout=30)
+        assert pods_on(api, "od-2") == []
+        assert [e["node"] for e in b.events("drain_starting")] == ["od-2"]
+        assert [e["node"] for e in a.events("drain_starting")] == ["od-1"]
+
+
+@pytest.mark.slow
+async def test_ice_keeps_its_pool_and_a_spot_launch_plus_cooldown_drains_the_oldest(
+    api: FakeApiServer, tmp_path: Path, queue: Any, procs: list[ControllerProcess]
+) -> None:
+    sqs, url = queue
+    now = datetime.now(UTC)
+    add_node(api, "od-c5", "on-demand", OLD + timedelta(hours=2), itype="c5.large", zone="us-east-1b")  # oldest
+    add_node(api, "od-old", "on-demand", OLD)
+    add_node(api, "od-young", "on-demand")
+    add_pods(api, "od-c5", 2, app="batch")
+    add_pods(api, "od-old", 3)
+    add_pods(api, "od-young", 1)
+    api.create(pdb_obj("web", min_available=2, app="web"))  # 3 web pods: one at a time
+    sqs.send_message(QueueUrl=url, MessageBody=ice_message("m5.large", "us-east-1a", now - timedelta(seconds=5)))
+    sqs.send_message(QueueUrl=url, MessageBody=ice_message("c5.large", "us-east-1b", now - timedelta(seconds=5)))
+    sqs.send_message(QueueUrl=url, MessageBody="this is not json")
+    sqs.send_message(QueueUrl=url, MessageBody=json.dumps({"detail-type": "EC2 Instance Terminate Successful",
+                                                           "source": "aws.autoscaling", "detail": {}}))  # fmt: skip
+    c = start(procs, tmp_path, "ctl", queue_url=url)
+    await eventually(lambda: c.events("sources_ready"), timeout=20)
+    await eventually(lambda: c.metric("spotd_sqs_messages_total", outcome="malformed") == 1.0, timeout=10)
+    assert c.metric("spotd_sqs_messages_total", outcome="ignored") == 1.0
+    assert c.metric("spotd_ice_signals_total", pool="m5.large/us-east-1a", source="sqs") == 1.0
+    attrs = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["ApproximateNumberOfMessages"])
+    assert attrs["Attributes"]["ApproximateNumberOfMessages"] == "0"
+    await asyncio.sleep(2.0)
+    assert c.events("drain_starting") == []
+    kept = {e["node"]: e["reason"] for e in c.events("node_kept")}
+    assert kept["od-c5"].startswith("no Spot capacity: ICE") and kept["od-old"].startswith("no Spot capacity: ICE")
+    assert kept["od-young"].startswith("younger than")
+
+    async with running(replicaset(api, "spot-new")):
+        add_node(api, "spot-new", "spot")  # a Spot node of m5.large/us-east-1a joins: LAUNCHED (source node)
+        await eventually(lambda: c.drains("complete") == 1, timeout=40)
+    assert [e["node"] for e in c.events("drain_starting")] == ["od-old"]
+    assert pods_on(api, "od-old") == [] and len(pods_on(api, "od-c5")) == 2 and len(pods_on(api, "od-young")) == 1
+    assert node(api, "od-c5")["spec"].get("unschedulable") in (None, False)
+    assert c.events("eviction_refused"), "the PDB should have refused some evictions"
+    assert not [r for r in api.requests if r.method == "DELETE" and "/pods/" in r.path]  # evictions only
+    await eventually(lambda: set(events_for(api, "od-old")) >= {"SpotdDrainStarted", "SpotdDrainComplete"})
+    assert c.metric("spotd_nodes", capacity_type="on-demand") == 3.0
+    assert c.metric("spotd_pool_spot_available", pool="c5.large/us-east-1b") == 0.0
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("aws")
+async def test_sigterm_mid_drain_uncordons_and_a_restart_after_kill_recovers(
+    api: FakeApiServer,
+    tmp_path: Path,
+    procs: list[ControllerProcess],
+) -> None:
+    add_node(api, "od-old", "on-demand", OLD)
+    add_pods(api, "od-old", 2)
+    api.create(pdb_obj("web", min_available=2, app="web"))  # nothing may go: the drain hangs
+    c = start(procs, tmp_path, "ctl-1")
+    await eventually(lambda: node(api, "od-old")["spec"].get("unschedulable"), timeout=20)
+    assert "spotd.io/draining" in node(api, "od-old")["metadata"]["annotations"]
+    assert await asyncio.to_thread(c.stop, signal.SIGTERM) == 0
+    uncordoned = node(api, "od-old")
+    assert not uncordoned["spec"].get("unschedulable")
+    assert "spotd.io/draining" not in (uncordoned["metadata"].get("annotations") or {})
+    assert len(pods_on(api, "od-old")) == 2
+
+    c2 = start(procs, tmp_path, "ctl-2")
+    await eventually(lambda: c2.events("drain_starting"), timeout=20)
+    c2.stop(signal.SIGKILL)  # no chance to clean up: the marker stays
+    assert node(api, "od-old")["spec"].get("unschedulable") is True
+
+    api.delete("PodDisruptionBudget", "web", "default")
+    async with running(replicaset(api, "spot-1")):
+        add_node(api, "spot-1", "spot")
+        c3 = start(procs, tmp_path, "ctl-3")
+        await eventually(lambda: c3.events("drain_abandoned"), timeout=20)
+        await eventually(lambda: c3.drains("complete") == 1, timeout=30)
+    assert pods_on(api, "od-old") == []
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("aws")
+async def test_dry_run_changes_nothing(
+    api: FakeApiServer,
+    tmp_path: Path,
+    procs: list[ControllerProcess],
+) -> None:
+    add_node(api, "od-old", "on-demand", OLD)
+    add_pods(api, "od-old", 2)
+    c = start(procs, tmp_path, "ctl", "--dry-run")
+    await eventually(lambda: c.events("would_drain"), timeout=20)
+    await asyncio.sleep(1.0)
+    assert not node(api, "od-old")["spec"].get("unschedulable")
+    assert len(pods_on(api, "od-old")) == 2
+    assert not [r for r in api.requests if r.method in ("POST", "PATCH", "PUT", "DELETE") and "/leases" not in r.path]
+
+
+def test_bad_flag_values_fail_at_start(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [*controller_command(), "--min-on-demand-age", "abc"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 2
+    assert "--min-on-demand-age" in out.stderr and "'abc' is not a duration" in out.stderr
+
+
+@pytest.mark.slow
+async def test_new_ice_during_a_drain_stops_it_and_a_drain_timeout_gives_up(
+    api: FakeApiServer, tmp_path: Path, queue: Any, procs: list[ControllerProcess]
+) -> None:
+    sqs, url = queue
+    add_node(api, "od-old", "on-demand", OLD)
+    add_pods(api, "od-old", 2)
+    api.create(pdb_obj("web", min_available=2, app="web"))  # the drain cannot finish
+    c = start(procs, tmp_path, "ctl", queue_url=url)
+    await eventually(lambda: c.events("drain_starting"), timeout=20)
+    sqs.send_message(QueueUrl=url, MessageBody=ice_message("m5.xlarge", "us-east-1a", datetime.now(UTC)))
+    await eventually(lambda: c.drains("aborted_ice") == 1, timeout=15)
+    await eventually(lambda: not node(api, "od-old")["spec"].get("unschedulable"), timeout=5)
+    await eventually(lambda: "SpotdDrainStopped" in events_for(api, "od-old"))
+    assert len(pods_on(api, "od-old")) == 2
+    await asyncio.to_thread(c.stop, signal.SIGTERM)
+
+    t = start(procs, tmp_path, "ctl-t", "--drain-timeout", "2s", "--ice-cooldown", "0s")
+    await eventually(lambda: t.drains("timeout") >= 1, timeout=30)
+    await eventually(lambda: not node(api, "od-old")["spec"].get("unschedulable"), timeout=5)
+    assert len(pods_on(api, "od-old")) == 2  # PDB honoured to the letter: nothing forced
+
+
+def test_config_from_flags_env_and_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+
+    from spotd import controller
+
+    monkeypatch.setenv("SPOTD_MAX_CONCURRENT_DRAINS", "3")
+    monkeypatch.setenv("SPOTD_DRY_RUN", "true")
+    monkeypatch.setenv("POD_NAME", "pod-x")
+    parser = argparse.ArgumentParser()
+    controller.add_arguments(parser)
+    config = controller.config_from_args(
+        parser.parse_args(["--min-on-demand-age", "3h", "--max-concurrent-drains", "2"])
+    )
+    assert config.min_on_demand_age == 3 * 3600 and config.max_concurrent_drains == 2  # the flag wins
+    assert config.dry_run and config.identity == "pod-x" and config.ice_cooldown == 900
+    assert config.asg_tags == (("k8s.io/cluster-autoscaler/enabled", "true"),)
+    for argv, message in [
+        (["--min-on-demand-age", "abc"], "--min-on-demand-age: 'abc' is not a duration"),
+        (["--ice-cooldown=-5m"], "--ice-cooldown"),
+        (["--max-drains-per-hour", "0"], "--max-drains-per-hour: 0 is below 1"),
+        (["--listen", "nope"], "--listen"),
+        (["--lease-duration", "5s", "--lease-renew-deadline", "10s"], "lease timings"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            controller.config_from_args(parser.parse_args(argv))
+
+
+# --- the active probe, in process (the pool book is reachable) -------------------------------------------
+
+
+async def run_in_process(api: FakeApiServer, tmp_path: Path, **overrides: Any) -> tuple[Any, asyncio.Task[Any]]:
+    from spotd.controller import Controller, ControllerConfig
+    from spotd.kube.client import make_client
+
+    settings: dict[str, Any] = {
+        "kubeconfig": str(tmp_path / "kubeconfig"),
+        "identity": "probe-test",
+        "min_on_demand_age": 3600.0,
+        "ice_cooldown": 60.0,
+        "interval": 0.2,
+        "lease_duration": 3.0,
+        "lease_renew_deadline": 2.0,
+        "lease_renew_period": 0.5,
+        "lease_retry_period": 0.3,
+        "probe_quiet_period": 1.0,
+        "probe_settle": 5.0,
+        "drain_timeout": 20.0,
+        **overrides,
+    }
+    ctl = Controller(ControllerConfig(**settings), make_client(settings["kubeconfig"]))
+
+    async def main() -> None:
+        async with asyncio.TaskGroup() as group:
+            group.create_task(ctl.elector.run())
+            group.create_task(ctl.inventory.run())
+            group.create_task(ctl.leadership())
+
+    return ctl, asyncio.create_task(main())
+
+
+async def stop_in_process(ctl: Any, task: asyncio.Task[Any]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    await ctl.client.close()
+
+
+@pytest.mark.parametrize(("landing", "on_spot"), [("spot-other", True), ("od-other", False)])
+async def test_active_probe_drains_one_node_and_reads_where_its_pods_land(
+    api: FakeApiServer, tmp_path: Path, landing: str, on_spot: bool
+) -> None:
+    from spotd.capacity import CapacitySignal, Pool, SignalKind
+
+    add_node(api, "od-a", "on-demand", OLD + timedelta(hours=1))
+    add_node(api, "od-b", "on-demand", OLD)
+    add_node(api, "spot-other", "spot", itype="r5.large", zone="us-east-1c")  # another pool: no LAUNCHED here
+    add_node(api, "od-other", "on-demand", itype="r5.large", zone="us-east-1c")
+    add_pods(api, "od-a", 2)
+    add_pods(api, "od-b", 2)
+    pool = Pool("m5.large", "us-east-1a")
+    ctl, task = await run_in_process(api, tmp_path, max_concurrent_drains=2)
+    try:
+        ice = CapacitySignal(pool, SignalKind.ICE, "sqs", datetime.now(UTC) - timedelta(seconds=30), "capacity")
+        ctl.on_signals([ice])
+        async with running(replicaset(api, landing)):
+            await eventually(lambda: ctl.book.get(pool) and ctl.book.get(pool).last_probe, timeout=30)
+        record = ctl.book.get(pool)
+        assert pods_on(api, "od-a") == []  # the oldest was the probe
+        if on_spot:
+            assert record.launch_source == "probe" and record.probe_failures == 0
+            # Spot is back for the pool (after the cooldown); here the cooldown is long, so nothing else yet.
+        else:
+            assert record.probe_failures == 1 and record.last_launch is None
+        assert len(pods_on(api, "od-b")) == 2  # a single node per probe, even with two drains allowed
+    finally:
+        await stop_in_process(ctl, task)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("aws")
+async def test_a_leader_that_loses_its_lease_stops_at_once_and_leaves_the_node_marked(
+    api: FakeApiServer, tmp_path: Path, procs: list[ControllerProcess]
+) -> None:
+    add_node(api, "od-old", "on-demand", OLD)
+    add_pods(api, "od-old", 2)
+    api.create(pdb_obj("web", min_available=2, app="web"))  # the drain hangs
+    c = start(procs, tmp_path, "ctl")
+    await eventually(lambda: c.events("drain_starting"), timeout=20)
+    lease = api.get("Lease", "spotd-controller", "kube-system")
+    assert lease is not None
+    lease["spec"]["holderIdentity"] = "intruder"
+    lease["spec"]["renewTime"] = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    lease["spec"]["leaseDurationSeconds"] = 60
+    api.update(lease)
+    await eventually(lambda: c.events("drain_interrupted"), timeout=5)
+    assert c.events("drain_interrupted")[0]["leading"] is False
+    assert c.metric("spotd_leader", identity="ctl") == 0.0
+    marked = node(api, "od-old")
+    assert marked["spec"].get("unschedulable") is True  # not ours to touch any more: the next leader recovers it
+    assert "spotd.io/draining" in marked["metadata"]["annotations"]
+
+
+# --- one decision pass, in process, no I/O ---------------------------------------------------------------
+
+
+class RecordingAlerter:
+    def __init__(self) -> None:
+        self.fired: list[Any] = []
+        self.resolved: list[tuple[str, dict[str, str]]] = []
+
+    def fire(self, alert: Any) -> None:
+        self.fired.append(alert)
+
+    def resolve(self, alertname: str, labels: dict[str, str]) -> None:
+        self.resolved.append((alertname, dict(labels)))
+
+
+def test_decision_pass_signals_verdicts_metrics_and_alerts(tmp_path: Path) -> None:
+    from spotd.capacity import CapacitySignal, Pool, SignalKind
+    from spotd.controller import Controller, ControllerConfig
+    from spotd.kube.client import make_client
+
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(
+        json.dumps(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "c", "cluster": {"server": "http://127.0.0.1:9"}}],
+                "users": [{"name": "u", "user": {"token": "t"}}],
+                "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
+                "current-context": "x",
+            }
+        )
+    )
+    now = datetime.now(UTC)
+    alerter = RecordingAlerter()
+    ctl = Controller(
+        ControllerConfig(kubeconfig=str(kubeconfig), identity="unit", probe_quiet_period=0),
+        make_client(str(kubeconfig)),
+        alerter=alerter,  # type: ignore[arg-type]
+        clock=lambda: now,
+    )
+
+    def put(name: str, capacity: str, age: timedelta, itype: str = "m5.large", zone: str = "us-east-1a") -> None:
+        obj = node_obj(name, capacity, itype, zone)
+        obj["metadata"]["creationTimestamp"] = format_time(now - age)
+        if capacity == "unlabelled":
+            del obj["metadata"]["labels"]["karpenter.sh/capacity-type"]
+            obj["spec"]["providerID"] = "aws:///us-east-1a/i-0123456789abcdef0"
+        ctl.inventory.apply_node("ADDED", json.dumps(obj).encode())
+
+    put("od-a", "on-demand", timedelta(hours=5))
+    put("od-b", "on-demand", timedelta(hours=4), itype="c5.large", zone="us-east-1b")
+    put("spot-early", "spot", timedelta(hours=3))
+    put("mystery", "unlabelled", timedelta(hours=9))
+    ctl.lifecycles["i-0123456789abcdef0"] = "on-demand"  # what EC2 said
+    ice = CapacitySignal(Pool("m5.large", "us-east-1a"), SignalKind.ICE, "sqs", now - timedelta(hours=1), "capacity")
+    ice_b = CapacitySignal(Pool("c5.large", "us-east-1b"), SignalKind.ICE, "sqs", now - timedelta(hours=1), "capacity")
+    ctl.on_signals([ice, ice_b])
+
+    verdicts = {v.node: v for v in ctl.decision_pass(now)}
+    # the Spot node predates the ICE: no return; the unlabelled node is on-demand by EC2 and the oldest
+    assert set(verdicts) == {"od-a", "od-b", "mystery"}
+    assert not any(v.drain for v in verdicts.values())
+    names = sorted(a.labels["alertname"] for a in alerter.fired)
+    assert names.count("SpotCapacityUnavailable") == 2 and names.count("OnDemandFallbackActive") == 2
+
+    put("spot-late", "spot", timedelta(minutes=30))  # a Spot launch after the ICE, cooldown (15m) over
+    verdicts = {v.node: v for v in ctl.decision_pass(now)}
+    assert verdicts["mystery"].drain and "Spot available" in verdicts["mystery"].reason
+    assert not verdicts["od-a"].drain and "max-concurrent-drains" in verdicts["od-a"].reason
+    assert not verdicts["od-b"].drain and verdicts["od-b"].reason.startswith("no Spot capacity")
+    assert ("SpotCapacityUnavailable", {"pool": "m5.large/us-east-1a"}) in alerter.resolved
+    assert ("OnDemandFallbackActive", {"pool": "m5.large/us-east-1a"}) in alerter.resolved
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("aws")
+async def test_unlabelled_node_typed_by_ec2_is_drained_and_terminated_through_its_asg(
+    api: FakeApiServer, tmp_path: Path, procs: list[ControllerProcess]
+) -> None:
+    ec2, autoscaling = boto3.client("ec2"), boto3.client("autoscaling")
+    image = ec2.describe_images()["Images"][0]["ImageId"]
+    ec2.create_launch_template(
+        LaunchTemplateName="od-lt", LaunchTemplateData={"ImageId": image, "InstanceType": "m5.large"}
+    )
+    autoscaling.create_auto_scaling_group(
+        AutoScalingGroupName="workers-od",
+        MinSize=0,
+        MaxSize=5,
+        DesiredCapacity=2,
+        AvailabilityZones=["us-east-1a"],
+        LaunchTemplate={"LaunchTemplateName": "od-lt"},
+        Tags=[{"Key": "k8s.io/cluster-autoscaler/enabled", "Value": "true", "PropagateAtLaunch": False}],
+    )
+    group = autoscaling.describe_auto_scaling_groups(AutoScalingGroupNames=["workers-od"])["AutoScalingGroups"][0]
+    victim = group["Instances"][0]["InstanceId"]
+    obj = node_obj("od-unlabelled", "on-demand")
+    del obj["metadata"]["labels"]["karpenter.sh/capacity-type"]
+    obj["spec"]["providerID"] = f"aws:///us-east-1a/{victim}"
+    api.create(obj)
+    api.store.get("Node", "", "od-unlabelled")["metadata"]["creationTimestamp"] = "2020-01-01T00:00:00Z"
+    add_node(api, "spot-1", "spot")
+    add_pods(api, "od-unlabelled", 2)
+    async with running(replicaset(api, "spot-1")):
+        c = start(procs, tmp_path, "ctl", "--terminate-drained")
+        await eventually(lambda: c.drains("complete") == 1, timeout=30)
+        await eventually(lambda: c.events("node_terminated"), timeout=10)
+    assert c.metric("spotd_nodes", capacity_type="on-demand") == 1.0
+    group = autoscaling.describe_auto_scaling_groups(AutoScalingGroupNames=["workers-od"])["AutoScalingGroups"][0]
+    assert group["DesiredCapacity"] == 1
+    assert victim not in [i["InstanceId"] for i in group["Instances"]]
+    await eventually(lambda: "SpotdNodeTerminated" in events_for(api, "od-unlabelled"))

@@ -1,0 +1,166 @@
+"""Leader election against the fake API server: one leader, fast hand-over, stepping down at once."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from spotd.kube.client import make_client
+from spotd.kube.lease import LeaderElector, LeaseConfig, micro_time
+
+kubeapi = pytest.importorskip("spotd.sim.kubeapi")
+
+NS = "kube-system"
+FAST = {"lease_duration": 2.0, "renew_deadline": 1.0, "renew_period": 0.3, "retry_period": 0.2}
+
+
+@pytest.fixture
+async def api(tmp_path: Path) -> AsyncIterator[Any]:
+    server = kubeapi.FakeApiServer(host="127.0.0.1", port=0)
+    await server.start()
+    server.write_kubeconfig(str(tmp_path / "kubeconfig"))
+    server.kubeconfig_path = str(tmp_path / "kubeconfig")
+    yield server
+    await server.stop()
+
+
+class Candidate:
+    def __init__(self, api: Any, identity: str, **timings: float) -> None:
+        self.client = make_client(api.kubeconfig_path)
+        self.elector = LeaderElector(self.client, LeaseConfig("spotd", NS, identity, **(timings or FAST)))
+        self.task: asyncio.Task[None] | None = None
+
+    def start(self) -> Candidate:
+        self.task = asyncio.create_task(self.elector.run())
+        return self
+
+    async def stop(self, release: bool = True) -> None:
+        if not release:
+
+            async def no_release() -> None:
+                return None
+
+            self.elector.release = no_release  # type: ignore[method-assign]  # a crash releases nothing
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+        await self.client.close()
+
+    @property
+    def leading(self) -> bool:
+        return self.elector.is_leader.is_set()
+
+
+async def wait_for(predicate: Any, timeout: float) -> float:
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > timeout:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.02)
+    return time.monotonic() - start
+
+
+def holder(api: Any) -> str | None:
+    lease = api.get("Lease", "spotd", NS)
+    return (lease or {}).get("spec", {}).get("holderIdentity")
+
+
+async def test_single_candidate_creates_and_renews(api: Any) -> None:
+    a = Candidate(api, "a").start()
+    try:
+        await wait_for(lambda: a.leading, 2)
+        assert holder(api) == "a"
+        first = api.get("Lease", "spotd", NS)["spec"]["renewTime"]
+        await asyncio.sleep(0.5)
+        assert api.get("Lease", "spotd", NS)["spec"]["renewTime"] != first
+    finally:
+        await a.stop()
+    assert holder(api) is None  # released on shutdown
+
+
+async def test_two_candidates_one_leader_and_graceful_handover(api: Any) -> None:
+    a = Candidate(api, "a").start()
+    await wait_for(lambda: a.leading, 2)
+    b = Candidate(api, "b").start()
+    try:
+        await asyncio.sleep(1.0)
+        assert a.leading and not b.leading
+        await a.stop()
+        took = await wait_for(lambda: b.leading, 2)
+        assert took < 1.0  # a released lease is taken at the next retry, not after its duration
+        assert holder(api) == "b"
+        lease = api.get("Lease", "spotd", NS)
+        assert lease["spec"]["leaseTransitions"] >= 1
+    finally:
+        await b.stop()
+
+
+async def test_standby_takes_over_within_the_lease_duration_when_the_leader_dies(api: Any) -> None:
+    a = Candidate(api, "a").start()
+    await wait_for(lambda: a.leading, 2)
+    b = Candidate(api, "b").start()
+    try:
+        await asyncio.sleep(0.6)
+        assert not b.leading
+        await a.stop(release=False)
+        took = await wait_for(lambda: b.leading, 4)
+        assert took <= FAST["lease_duration"] + FAST["retry_period"] + 0.3
+    finally:
+        await b.stop()
+
+
+async def test_leader_that_cannot_renew_steps_down_by_its_deadline(api: Any) -> None:
+    a = Candidate(api, "a").start()
+    try:
+        await wait_for(lambda: a.leading, 2)
+        api.inject_fault("PUT", r"/leases/spotd$", 500, times=1000)
+        api.inject_fault("GET", r"/leases/spotd$", 500, times=1000)
+        took = await wait_for(lambda: not a.leading, 3)
+        assert took <= FAST["renew_deadline"] + 0.2
+    finally:
+        await a.stop()
+
+
+async def test_leader_that_finds_another_holder_stops_at_once(api: Any) -> None:
+    changes: list[bool] = []
+    a = Candidate(api, "a")
+    a.elector._on_change = changes.append
+    a.start()
+    try:
+        await wait_for(lambda: a.leading, 2)
+        lease = api.get("Lease", "spotd", NS)
+        lease["spec"]["holderIdentity"] = "intruder"
+        lease["spec"]["renewTime"] = micro_time(datetime.now(UTC))
+        api.update(lease)
+        await wait_for(lambda: not a.leading, 1.0)
+        assert changes == [True, False]
+    finally:
+        await a.stop()
+    assert holder(api) == "intruder"  # not ours to release
+
+
+async def test_conflicting_writers_never_both_lead(api: Any) -> None:
+    candidates = [Candidate(api, f"c{i}").start() for i in range(4)]
+    try:
+        for _ in range(30):
+            await asyncio.sleep(0.05)
+            assert sum(c.leading for c in candidates) <= 1
+        await wait_for(lambda: sum(c.leading for c in candidates) == 1, 2)
+    finally:
+        for c in candidates:
+            await c.stop()
+
+
+def test_lease_config_validation() -> None:
+    with pytest.raises(ValueError, match="identity"):
+        LeaseConfig("x", "ns", "")
+    with pytest.raises(ValueError, match="renew period"):
+        LeaseConfig("x", "ns", "a", lease_duration=5, renew_deadline=6, renew_period=1)

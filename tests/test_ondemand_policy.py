@@ -1,0 +1,189 @@
+"""The drain policy, table by table: which on-demand node is drained, and the reason given for each."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from spotd.ondemand import (
+    ON_DEMAND,
+    SPOT,
+    DrainPolicy,
+    NodeInfo,
+    NodePods,
+    SpotAnswer,
+    capacity_type_from_labels,
+    choose_drains,
+    normalize_capacity_type,
+)
+
+NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+POLICY = DrainPolicy(min_on_demand_age=7200, max_concurrent_drains=1, max_drains_per_hour=4)
+AVAILABLE = SpotAnswer(True, "no ICE seen")
+
+
+def node(name: str, hours: float, ctype: str | None = ON_DEMAND, **kw: object) -> NodeInfo:
+    return NodeInfo(
+        name=name,
+        capacity_type=ctype,
+        created=NOW - timedelta(hours=hours),
+        instance_type="m5.large",
+        zone="eu-west-1a",
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def always(answer: SpotAnswer = AVAILABLE):  # type: ignore[no-untyped-def]
+    return lambda _n: answer
+
+
+@pytest.mark.parametrize(
+    ("labels", "extra", "expected"),
+    [
+        ({"eks.amazonaws.com/capacityType": "SPOT"}, None, SPOT),
+        ({"eks.amazonaws.com/capacityType": "ON_DEMAND"}, None, ON_DEMAND),
+        ({"karpenter.sh/capacity-type": "spot"}, None, SPOT),
+        ({"karpenter.sh/capacity-type": "on-demand"}, None, ON_DEMAND),
+        ({"node.kubernetes.io/lifecycle": "normal"}, None, ON_DEMAND),
+        ({"node.kubernetes.io/lifecycle": "Ec2Spot"}, None, SPOT),
+        ({"lifecycle": "Ec2Spot"}, "lifecycle", SPOT),
+        ({"lifecycle": "OnDemand", "karpenter.sh/capacity-type": "spot"}, "lifecycle", ON_DEMAND),
+        ({"karpenter.sh/capacity-type": "weird"}, None, None),
+        ({}, None, None),
+        ({"kubernetes.io/hostname": "x"}, "lifecycle", None),
+    ],
+)
+def test_capacity_type_from_labels(labels: dict[str, str], extra: str | None, expected: str | None) -> None:
+    assert capacity_type_from_labels(labels, extra) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("SPOT", SPOT), ("on_demand", ON_DEMAND), ("On-Demand", ON_DEMAND), ("", None), (None, None), ("x", None)],
+)
+def test_normalize_capacity_type(value: str | None, expected: str | None) -> None:
+    assert normalize_capacity_type(value) == expected
+
+
+def test_oldest_old_enough_on_demand_node_is_the_one_drained() -> None:
+    nodes = [
+        node("young", 1),
+        node("old", 5),
+        node("older", 9),
+        node("spot-old", 20, SPOT),
+        node("unknown", 20, None),
+    ]
+    verdicts = choose_drains(nodes, {}, 0, always(), NOW, POLICY)
+    assert [(v.node, v.drain) for v in verdicts] == [("older", True), ("old", False), ("young", False)]
+    assert "Spot available" in verdicts[0].reason
+    assert "max-concurrent-drains" in verdicts[1].reason
+    assert "younger than --min-on-demand-age" in verdicts[2].reason
+
+
+@pytest.mark.parametrize(
+    ("name", "kw", "pods", "policy", "reason"),
+    [
+        ("annotated", {"drain_annotation": "false"}, NodePods(), POLICY, "spotd.io/drain=false"),
+        ("annotated-upper", {"drain_annotation": "False"}, NodePods(), POLICY, "spotd.io/drain=false"),
+        ("cordoned", {"unschedulable": True}, NodePods(), POLICY, "cordoned (unschedulable)"),
+        ("notready", {"ready": False}, NodePods(), POLICY, "not Ready"),
+        ("safe", {}, NodePods(3, not_safe_to_evict=("ns/db-0",)), POLICY, "safe-to-evict=false"),
+        ("bare", {}, NodePods(3, unreplicated=("ns/bare",)), POLICY, "no controller"),
+        ("local", {}, NodePods(3, local_storage=("ns/cache",)), POLICY, "local storage"),
+    ],
+)
+def test_blocked_nodes(name: str, kw: dict[str, object], pods: NodePods, policy: DrainPolicy, reason: str) -> None:
+    verdicts = choose_drains([node(name, 5, **kw)], {name: pods}, 0, always(), NOW, policy)
+    assert len(verdicts) == 1
+    assert not verdicts[0].drain
+    assert reason in verdicts[0].reason
+
+
+@pytest.mark.parametrize(
+    ("pods", "policy"),
+    [
+        (NodePods(3, unreplicated=("ns/bare",)), DrainPolicy(min_on_demand_age=7200, evict_unreplicated=True)),
+        (NodePods(3, local_storage=("ns/c",)), DrainPolicy(min_on_demand_age=7200, evict_local_storage=True)),
+        (NodePods(3), POLICY),
+        (NodePods(0), POLICY),
+    ],
+)
+def test_flags_allow_unreplicated_and_local_storage(pods: NodePods, policy: DrainPolicy) -> None:
+    verdicts = choose_drains([node("n", 5)], {"n": pods}, 0, always(), NOW, policy)
+    assert verdicts[0].drain
+
+
+def test_a_blocked_oldest_node_passes_the_turn_to_the_next() -> None:
+    nodes = [node("oldest", 9, drain_annotation="false"), node("next", 5)]
+    verdicts = choose_drains(nodes, {}, 0, always(), NOW, POLICY)
+    assert [(v.node, v.drain) for v in verdicts] == [("oldest", False), ("next", True)]
+
+
+def test_no_drain_without_spot_capacity_for_the_pool() -> None:
+    def spot_for(n: NodeInfo) -> SpotAnswer:
+        if n.zone == "eu-west-1a":
+            return SpotAnswer(False, "ICE 3m ago (sqs), cooldown 15m")
+        return AVAILABLE
+
+    nodes = [node("a-old", 9), NodeInfo("b", ON_DEMAND, NOW - timedelta(hours=3), "m5.large", "eu-west-1b")]
+    verdicts = choose_drains(nodes, {}, 0, spot_for, NOW, POLICY)
+    assert [(v.node, v.drain) for v in verdicts] == [("a-old", False), ("b", True)]
+    assert verdicts[0].reason == "no Spot capacity: ICE 3m ago (sqs), cooldown 15m"
+
+
+def test_never_while_pods_are_pending_for_lack_of_capacity() -> None:
+    verdicts = choose_drains([node("n", 5)], {}, 2, always(), NOW, POLICY)
+    assert not verdicts[0].drain
+    assert "2 pods Pending" in verdicts[0].reason
+
+
+@pytest.mark.parametrize(
+    ("in_flight", "history", "policy", "drained"),
+    [
+        ((), (), POLICY, ["a"]),
+        (("x",), (), POLICY, []),
+        (("x",), (), DrainPolicy(min_on_demand_age=7200, max_concurrent_drains=2), ["a"]),
+        ((), (), DrainPolicy(min_on_demand_age=7200, max_concurrent_drains=3), ["a", "b", "c"]),
+        ((), [NOW - timedelta(minutes=m) for m in (5, 10, 20, 30)], POLICY, []),
+        ((), [NOW - timedelta(minutes=m) for m in (5, 10, 20, 61)], POLICY, ["a"]),
+        (
+            (),
+            [NOW - timedelta(minutes=5)],
+            DrainPolicy(min_on_demand_age=7200, max_concurrent_drains=3, max_drains_per_hour=2),
+            ["a"],
+        ),
+    ],
+)
+def test_concurrency_and_hourly_budget(
+    in_flight: tuple[str, ...], history: list[datetime], policy: DrainPolicy, drained: list[str]
+) -> None:
+    nodes = [node("c", 3), node("a", 9), node("b", 5)]
+    verdicts = choose_drains(nodes, {}, 0, always(), NOW, policy, in_flight, history)
+    assert [v.node for v in verdicts if v.drain] == drained
+
+
+def test_node_in_flight_is_reported_as_such() -> None:
+    verdicts = choose_drains([node("a", 9)], {}, 0, always(), NOW, POLICY, in_flight={"a"})
+    assert verdicts[0].reason == "drain in progress"
+    assert not verdicts[0].drain
+
+
+def test_probe_drains_a_single_node_when_due() -> None:
+    answer = SpotAnswer(False, "no Spot launch for 2h since the last ICE", probe_due=True)
+    policy = DrainPolicy(min_on_demand_age=7200, max_concurrent_drains=3)
+    verdicts = choose_drains([node("a", 9), node("b", 8), node("c", 7)], {}, 0, always(answer), NOW, policy)
+    assert [(v.node, v.drain, v.probe) for v in verdicts] == [
+        ("a", True, True),
+        ("b", False, False),
+        ("c", False, False),
+    ]
+    assert verdicts[0].reason.startswith("probe: ")
+    assert verdicts[1].reason.startswith("no Spot capacity: ")
+
+
+def test_probe_still_respects_pending_pods_and_blockers() -> None:
+    answer = SpotAnswer(False, "quiet", probe_due=True)
+    assert not choose_drains([node("a", 9)], {}, 1, always(answer), NOW, POLICY)[0].drain
+    blocked = choose_drains([node("a", 9, drain_annotation="false")], {}, 0, always(answer), NOW, POLICY)
+    assert not blocked[0].drain
