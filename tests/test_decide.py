@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -205,5 +206,5 @@ def test_eviction_grace(grace: int, left: float | None, margin: float, expected:
 def test_retry_delay_starts_well_under_a_second_and_grows_to_a_cap() -> None:
     delays = [retry_delay(i) for i in range(12)]
     assert delays[0] < 0.5
-    assert all(b >= a for a, b in zip(delays, delays[1:], strict=False))
+    assert all(b >= a for a, b in itertools.pairwise(delays))
     assert max(delays) == 2.0
