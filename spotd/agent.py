@@ -20,7 +20,7 @@ from lightkube.resources.core_v1 import Node
 from lightkube.types import OnErrorAction, OnErrorResult
 
 from spotd import log as spotd_log
-from spotd.alerts import AlertConfig, Alerter, alert_config_from_args
+from spotd.alerts import AlertConfig, Alerter, NodeInfo, alert_config_from_args
 from spotd.cli import duration, host_port, positive_duration
 from spotd.decide import SIMULATION_ANNOTATION, TAINT_EFFECTS, DrainPolicy, NoticePolicy, default_policies, parse_steps
 from spotd.imds import ImdsClient, NoticePoller, PollResult
@@ -156,7 +156,7 @@ class Agent:
         self.client = client
         self.log = spotd_log.get("spotd.agent").bind(node=config.node_name)
         self.limiter = RateLimiter(config.api_qps, config.api_burst)
-        imds = ImdsClient(
+        self.imds = imds = ImdsClient(
             session,
             config.imds_endpoint,
             token_ttl=config.imds_token_ttl,
@@ -213,6 +213,11 @@ class Agent:
         self.node_ready = True
         self.read_simulation(view)
         self.responder.resume_from(view)
+
+    async def learn_instance(self) -> None:
+        """Alert labels from IMDS where the Node lacks them; in the background, never fatal."""
+        info = await self.imds.instance_info()
+        self.responder.instance = NodeInfo(self.config.node_name, info.instance_id, info.zone, info.instance_type)
 
     async def poll_loop(self) -> None:
         interval = self.config.poll_interval
@@ -277,6 +282,7 @@ async def serve(config: AgentConfig, *, health_server: bool = True) -> None:
         try:
             await agent.start()
             async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(agent.learn_instance())
                 tasks.create_task(agent.poll_loop())
                 tasks.create_task(agent.node_loop())
                 tasks.create_task(alerter.run())

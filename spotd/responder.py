@@ -7,7 +7,6 @@ asks spotd.decide what to do, and has spotd.kube do it. Alerts and Events are fi
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -61,6 +60,7 @@ class Responder:
         self.limiter = limiter
         self.log = log.bind(node=nodes.name)
         self.view: NodeView | None = None
+        self.instance = NodeInfo(nodes.name, "", "", "")  # from IMDS, where the Node lacks a field
         self.acting: Notice | None = None
         self.state: AgentState | None = None
         self.drain_task: asyncio.Task[DrainResult] | None = None
@@ -87,7 +87,13 @@ class Responder:
 
     def node_info(self) -> NodeInfo:
         view = self.view or NodeView(self.nodes.name)
-        return NodeInfo(view.name, view.instance_id, view.zone, view.instance_type)
+        imds = self.instance
+        return NodeInfo(
+            self.nodes.name,
+            view.instance_id or imds.instance_id,
+            view.zone or imds.zone,
+            view.instance_type or imds.instance_type,
+        )
 
     @property
     def boot_changed(self) -> bool:
@@ -280,7 +286,7 @@ class Responder:
         NOTICE_ACTIVE.labels(str(acting.kind)).set(0)
         self.acting, self.state, self.drained_key = None, None, None
 
-    async def close(self, notices: Sequence[Notice] = ()) -> None:
+    async def close(self) -> None:
         """On shutdown: stop the drain in flight; the node annotation records where it stopped."""
         if self.drain_task is not None and not self.drain_task.done():
             self.log.warning("drain_interrupted_by_shutdown", notice=self.acting.key if self.acting else None)
