@@ -173,7 +173,8 @@ class Responder:
         for _ in range(_PATCH_TRIES):
             if self.view is None:
                 self.view = await self.nodes.get()
-            patch = notice_patch(self.view, response, state)
+            before = self.view  # the node watch may replace self.view while the patch is in flight
+            patch = notice_patch(before, response, state)
             if patch is None:
                 break
             updated = await self.nodes.patch(patch, "notice")
@@ -182,7 +183,7 @@ class Responder:
             if updated is None:  # 409: someone changed the node; read it again and recompute
                 self.view = await self.nodes.get()
                 continue
-            self._log_steps(self.view, updated, response)
+            self._log_steps(before, updated, response)
             self.view = updated
             break
         else:
