@@ -406,3 +406,28 @@ async def test_dead_alertmanager_does_not_slow_the_drain(api, imds, kubeconfig, 
     assert finished["outcome"] == "complete"
     assert (agent.metric("spotd_alerts_sent_total", outcome="error") or 0) >= 1  # it did try, and failed
     assert agent.stop() == 0  # SIGTERM: a clean exit
+
+
+async def test_kubectl_uncordon_during_a_notice_is_undone(api, imds, kubeconfig, agents, tmp_path) -> None:
+    """kubectl as a second client: an operator's uncordon races the agent, which puts its steps back."""
+    import asyncio
+
+    populate(api, web=1)
+    agent = run_agent(agents, tmp_path, kubeconfig, imds)
+    await agent.ready()
+    imds.set_instance_action("terminate", soon(120))
+    await eventually(lambda: node(api)["spec"].get("unschedulable"), timeout=10)
+    proc = await asyncio.create_subprocess_exec(
+        "kubectl",
+        "--kubeconfig",
+        kubeconfig,
+        "uncordon",
+        NODE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await proc.communicate()
+    assert proc.returncode == 0, out.decode()
+    assert b"uncordoned" in out
+    await eventually(lambda: node(api)["spec"].get("unschedulable"), timeout=10)
+    assert our_taint(api) is not None
