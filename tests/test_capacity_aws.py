@@ -17,8 +17,10 @@ import pytest
 from botocore.exceptions import ClientError
 
 from spotd.capacity import aws as capacity_aws
-from spotd.capacity.aws import ActivityCursor, AsgSource, AwsApi, InstanceLookup, SqsSource
+from spotd.capacity.asg import ActivityCursor, AsgSource
+from spotd.capacity.aws import AwsApi, InstanceLookup
 from spotd.capacity.signals import AsgInfo, CapacitySignal, Pool, SignalKind, parse_scaling_activity
+from spotd.capacity.sqs import SqsSource
 from spotd.metrics import REGISTRY
 from tests.moto_server import aws, moto_endpoint  # noqa: F401  (pytest fixtures)
 

@@ -11,15 +11,13 @@ from typing import Any
 import pytest
 
 from spotd.kube.client import make_client
-from spotd.kube.inventory import (
+from spotd.kube.inventory import Gone, Inventory, Malformed
+from spotd.kube.records import (
     POD_DAEMONSET,
     POD_LOCAL_STORAGE,
     POD_NOT_SAFE_TO_EVICT,
     POD_UNREPLICATED,
     POD_UNSCHEDULABLE,
-    Gone,
-    Inventory,
-    Malformed,
 )
 from spotd.ondemand import ON_DEMAND, SPOT, NodePods
 

@@ -1,4 +1,4 @@
-"""Building the lightkube client: kubeconfig file when given, in-cluster credentials otherwise."""
+"""The lightkube client (kubeconfig file, else in-cluster credentials) and the httpx client behind it."""
 
 from __future__ import annotations
 
@@ -32,3 +32,11 @@ def make_client(kubeconfig: str | None, timeout: float = 10.0) -> AsyncClient:
         timeout=httpx.Timeout(timeout),
         trust_env=False,
     )
+
+
+def http_of(client: AsyncClient) -> httpx.AsyncClient:
+    """The httpx client (base URL, TLS and auth from the kubeconfig) behind a lightkube AsyncClient."""
+    # The raw JSON API, on the same connection: the inventory decodes slim records (lightkube models for
+    # 150,000 pods would cost hundreds of MB) and the lease and node patches need no model. lightkube keeps
+    # no public handle on it, hence the private attribute.
+    return client._client._client

@@ -22,14 +22,10 @@ import httpx2 as httpx
 from lightkube import AsyncClient
 
 from spotd import log as spotd_log
+from spotd.kube.client import http_of
 from spotd.parsing import parse_iso_time
 
 _log = spotd_log.get("spotd.lease")
-
-
-def http_of(client: AsyncClient) -> httpx.AsyncClient:
-    """The httpx client (base URL, TLS and auth from the kubeconfig) behind a lightkube AsyncClient."""
-    return client._client._client  # lightkube keeps it there; used for raw JSON requests
 
 
 def micro_time(when: datetime) -> str:
