@@ -125,12 +125,19 @@ class AgentProcess:
     """`python -m spotd agent` with its logs captured to a file."""
 
     def __init__(
-        self, tmp: Path, kubeconfig: str, imds_url: str, node: str, *extra: str, env: dict[str, str] | None = None
+        self,
+        tmp: Path,
+        kubeconfig: str,
+        imds_url: str,
+        node: str,
+        *extra: str,
+        env: dict[str, str] | None = None,
+        python: str = sys.executable,
     ) -> None:
         self.port = free_port()
         self.log_path = tmp / f"agent-{node}-{self.port}.log"
         self.args = [
-            sys.executable,
+            python,
             "-m",
             "spotd",
             "agent",

@@ -340,6 +340,7 @@ async def test_lease_race_exactly_one_wins(api: FakeApiServer, kubeconfig: Path)
 
 async def test_lightkube_crud_patch_and_watch(api: FakeApiServer, kubeconfig: Path) -> None:
     from lightkube import AsyncClient, KubeConfig
+    from lightkube.models.core_v1 import Container, PodSpec
     from lightkube.models.meta_v1 import ObjectMeta
     from lightkube.resources.core_v1 import Node, Pod
     from lightkube.types import PatchType
@@ -347,8 +348,8 @@ async def test_lightkube_crud_patch_and_watch(api: FakeApiServer, kubeconfig: Pa
     api.create(node("n1"))
     client = AsyncClient(config=KubeConfig.from_file(str(kubeconfig)), field_manager="spotd")
     try:
-        created = await client.create(Pod(metadata=ObjectMeta(generateName="web-", labels={"app": "web"}),
-                                          spec={"nodeName": "n1", "containers": [{"name": "app", "image": "x"}]}))  # type: ignore[arg-type]  # fmt: skip
+        spec = PodSpec(nodeName="n1", containers=[Container(name="app", image="x")])
+        created = await client.create(Pod(metadata=ObjectMeta(generateName="web-", labels={"app": "web"}), spec=spec))
         name = created.metadata.name  # type: ignore[union-attr]
         assert name and name.startswith("web-") and created.metadata.uid  # type: ignore[union-attr]
 

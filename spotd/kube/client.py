@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import httpx2 as httpx
+import httpx
 from lightkube import AsyncClient, KubeConfig
 from lightkube.core.exceptions import ConfigError
 
@@ -39,4 +39,6 @@ def http_of(client: AsyncClient) -> httpx.AsyncClient:
     # The raw JSON API, on the same connection: the inventory decodes slim records (lightkube models for
     # 150,000 pods would cost hundreds of MB) and the lease and node patches need no model. lightkube keeps
     # no public handle on it, hence the private attribute.
-    return client._client._client
+    http = client._client._client
+    assert isinstance(http, httpx.AsyncClient)
+    return http

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import httpx2 as httpx
+import httpx
 from lightkube import ALL_NS, AsyncClient
 from lightkube.core.exceptions import ApiError
 from lightkube.models.meta_v1 import DeleteOptions, ObjectMeta
@@ -235,7 +235,10 @@ class _Drain:
         while uid in self.pending and not self.stop.is_set():
             await self.limiter.acquire()
             try:
-                await self.client.delete(Pod, pod.name, namespace=pod.namespace, grace_period=grace)
+                if grace is None:
+                    await self.client.delete(Pod, pod.name, namespace=pod.namespace)
+                else:
+                    await self.client.delete(Pod, pod.name, namespace=pod.namespace, grace_period=grace)
             except ApiError as exc:
                 if exc.status.code == 404:
                     self.gone(uid)
@@ -268,7 +271,7 @@ class _Drain:
             Pod,
             namespace=ALL_NS,
             fields={"spec.nodeName": self.node},
-            resource_version=resource_version,
+            resource_version=resource_version,  # type: ignore[arg-type]  # None: from now, as lightkube does
             on_error=on_error,
         )
         async for event, pod in watch:
@@ -335,6 +338,9 @@ class _Drain:
             if not self.options.voluntary:
                 await self.wait_until(self.seconds_left())
         finally:
+            if not self.pending and self.tasks:
+                # Every pod is gone; an eviction's answer may still trail its pod's DELETED event.
+                await asyncio.wait(list(self.tasks), timeout=2.0)
             watcher.cancel()
             for task in list(self.tasks):
                 task.cancel()

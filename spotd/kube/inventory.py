@@ -11,7 +11,7 @@ import asyncio
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-import httpx2 as httpx
+import httpx
 import msgspec
 
 from spotd import log as spotd_log

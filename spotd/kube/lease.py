@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import httpx2 as httpx
+import httpx
 from lightkube import AsyncClient
 
 from spotd import log as spotd_log
