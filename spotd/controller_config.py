@@ -17,7 +17,7 @@ from spotd.parsing import parse_duration, parse_host_port
 @dataclass(frozen=True)
 class ControllerConfig:
     kubeconfig: str | None = None
-    listen: tuple[str, int] = ("0.0.0.0", 8080)
+    listen: tuple[str, int] = ("0.0.0.0", 9102)
     sqs_queue_url: str = ""
     min_on_demand_age: float = 7200.0
     ice_cooldown: float = 900.0
@@ -99,7 +99,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(flag, default=os.environ.get(_env(flag), default), help=f"{help} (env {_env(flag)})", **kw)
 
     text("--kubeconfig", None, "kubeconfig file; in-cluster credentials when absent")
-    text("--listen", "0.0.0.0:8080", "HOST:PORT of /healthz /readyz /metrics")
+    text("--listen", "0.0.0.0:9102", "HOST:PORT of /healthz /readyz /metrics")
     text("--sqs-queue-url", "", "SQS queue with the EventBridge Auto Scaling events; none: activities only")
     text("--lease-name", "spotd-controller", "name of the coordination.k8s.io Lease")
     text("--lease-namespace", os.environ.get("POD_NAMESPACE", "kube-system"), "namespace of the Lease")

@@ -1,6 +1,7 @@
-"""Spot capacity per pool: signal parsing (signals), the pool state machine (pools), the AWS readers (aws).
+"""Spot capacity per pool: signal parsing (signals), the pool state machine (pools), the AWS readers
+(aws, sqs, asg).
 
-signals and pools are pure and import no boto3; only aws does, so the agent never loads it.
+signals and pools are pure and import no boto3; only the readers do, so the agent never loads it.
 """
 
 from spotd.capacity.pools import AVAILABLE, RECOVERING, UNAVAILABLE, PoolBook, PoolRecord, PoolVerdict
