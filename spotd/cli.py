@@ -134,28 +134,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _program(command: str) -> Any:
+    """The module of a command, imported only when that command runs."""
     import importlib
 
-    module = {"agent": "spotd.agent", "controller": "spotd.controller", "simulate-reclaim": "spotd.simulate"}[command]
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError as exc:
-        if exc.name != module:
-            raise
-        return _NotYetBuilt(command)
-
-
-class _NotYetBuilt:
-    """A subcommand whose issue has not landed: listed in --help, says so when run."""
-
-    def __init__(self, command: str) -> None:
-        self.command = command
-
-    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.description = f"{parser.description} (not yet built)"
-
-    def config_from_args(self, args: argparse.Namespace) -> None:
-        raise ValueError(f"{self.command} is not yet built")
+    return importlib.import_module(
+        {"agent": "spotd.agent", "controller": "spotd.controller", "simulate-reclaim": "spotd.simulate"}[command]
+    )
 
 
 if __name__ == "__main__":
