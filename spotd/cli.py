@@ -92,8 +92,8 @@ COMMANDS = {
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    """The full parser, or with `only` the flags of that one command (so the agent never imports the
-    controller's modules: it runs on every node and every megabyte counts)."""
+    """The parser, with the flags of the command `only` (so the agent never imports the controller's modules:
+    it runs on every node and every megabyte counts)."""
     from spotd.alerts import add_alert_arguments
 
     parser = OneLineParser(prog="spotd", description="Spot-lifecycle daemon for Kubernetes on AWS.")
@@ -101,7 +101,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
     for name, help_text in COMMANDS.items():
         command = sub.add_parser(name, help=help_text, description=help_text)
-        if name == "version" or (only is not None and only != name):
+        if name == "version" or only != name:  # `spotd --help` lists the commands without importing them
             continue
         _program(name).add_arguments(command)
         if name in ("agent", "controller"):

@@ -105,26 +105,7 @@ def ice_message(itype: str, zone: str, at: datetime) -> str:
     )
 
 
-# Until every subcommand of spotd.cli imports, run the controller the way cli.main does.
-_LAUNCHER = """
-import argparse, asyncio, sys
-from spotd import controller
-from spotd.alerts import add_alert_arguments
-p = argparse.ArgumentParser()
-controller.add_arguments(p)
-add_alert_arguments(p)
-p.add_argument("--log-level", default="info")
-sys.exit(asyncio.run(controller.run(controller.config_from_args(p.parse_args()))))
-"""
-
-
 def controller_command() -> list[str]:
-    try:
-        import spotd.cli
-
-        spotd.cli.build_parser()
-    except ImportError:
-        return [sys.executable, "-c", _LAUNCHER]
     return [sys.executable, "-m", "spotd", "controller"]
 
 
