@@ -1,0 +1,196 @@
+"""`spotd simulate-reclaim --kubeconfig`: the rehearsal as a subprocess against a FakeApiServer (with the
+embedded cluster's controllers, so evicted pods come back), a real `spotd agent` subprocess for the chosen
+node, everything over real sockets. Also: Ctrl-C cleans up, an unreschedulable reclaim is not ok, non-Spot
+nodes are refused, and the AWS calls of --terminate and --via fis against moto."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+
+from spotd.decide import SIMULATION_ANNOTATION
+from spotd.rehearsal import Target, fis_template, start_fis_experiment, terminate_instances
+from spotd.sim.cluster import ClusterSpec, EmbeddedCluster
+from spotd.sim.imds import FakeImds
+from spotd.sim.kubeapi import FakeApiServer
+from tests.agent_harness import AgentProcess, eventually
+from tests.moto_server import aws, moto_endpoint  # noqa: F401  (pytest fixtures)
+
+NODE = "spot-01"
+
+
+class Cluster:
+    def __init__(self, api: FakeApiServer, sim: EmbeddedCluster, kubeconfig: str, tmp: Path) -> None:
+        self.api, self.sim, self.kubeconfig, self.tmp = api, sim, kubeconfig, tmp
+
+    def annotation(self, node: str = NODE) -> str | None:
+        obj = self.api.get("Node", node)
+        assert obj is not None
+        return (obj["metadata"].get("annotations") or {}).get(SIMULATION_ANNOTATION)
+
+    def cordon_all_but(self, node: str) -> None:
+        for obj in self.api.list("Node"):
+            if obj["metadata"]["name"] != node:
+                obj["spec"]["unschedulable"] = True
+                self.api.update(obj)
+
+    async def rehearse(self, *args: str) -> asyncio.subprocess.Process:
+        return await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "spotd",
+            "simulate-reclaim",
+            "--kubeconfig",
+            self.kubeconfig,
+            *args,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
+    api = FakeApiServer(termination_scale=0.05)
+    await api.start()
+    sim = EmbeddedCluster(api, ClusterSpec(spot_nodes=4, on_demand_nodes=1, pods_per_node=3, time_scale=0.1))
+    sim.populate()
+    controllers = asyncio.get_running_loop().create_task(sim.run_controllers())
+    try:
+        yield Cluster(api, sim, str(api.write_kubeconfig(tmp_path / "kubeconfig")), tmp_path)
+    finally:
+        controllers.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await controllers
+        await api.stop()
+
+
+@pytest.fixture
+async def agent(cluster: Cluster) -> AsyncIterator[AgentProcess]:
+    imds = FakeImds()
+    await imds.start()
+    proc = AgentProcess(cluster.tmp, cluster.kubeconfig, imds.url, NODE, "--safety-margin", "2s").start()
+    try:
+        await proc.ready()
+        yield proc
+    finally:
+        proc.stop()
+        await imds.stop()
+
+
+async def finish(proc: asyncio.subprocess.Process, timeout: float = 60) -> tuple[int, dict[str, Any], str]:
+    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    text = out.decode()
+    try:
+        data = json.loads(text)
+    except ValueError:
+        data = {}
+    return proc.returncode or 0, data, err.decode() + text
+
+
+async def test_rehearsal_reports_the_real_agent_draining_and_workloads_recovering(
+    cluster: Cluster, agent: AgentProcess
+) -> None:
+    proc = await cluster.rehearse("--node", NODE, "--output", "json", "--recovery-timeout", "20s")
+    code, report, output = await finish(proc)
+    assert code == 0, output
+    assert report["ok"] is True
+    [node] = report["nodes"]
+    assert node["name"] == NODE and node["kind"] == "spot-itn"
+    for key in ("notice_at", "tainted_at", "cordoned_at", "drained_at"):
+        assert node[key], key
+    assert node["notice_at"] <= node["tainted_at"] <= node["drained_at"]
+    assert node["pods_evicted"] >= 1 and node["pods_left"] == 0
+    assert report["workloads"], output
+    for w in report["workloads"]:
+        assert w["ok"], w
+        if w["min_ready"] < w["desired"] and w["counted"]:
+            assert w["recovered_at"] is not None
+    assert cluster.annotation() is None  # cleaned up at the end, and the agent releases the node
+    await eventually(lambda: not (cluster.api.get("Node", NODE) or {}).get("spec", {}).get("unschedulable"), 10)
+
+
+@pytest.mark.parametrize(("sig", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+async def test_interruption_removes_the_annotation(cluster: Cluster, sig: int, status: int) -> None:
+    # no agent: the rehearsal would wait for the deadline; interrupt it once the notice is on the node
+    proc = await cluster.rehearse("--node", NODE, "--notice", "60s")
+    await eventually(lambda: cluster.annotation() is not None, 15)
+    notice = json.loads(cluster.annotation() or "{}")
+    assert notice["kind"] == "spot-itn" and notice["deadline"] and notice["notice_at"]
+    proc.send_signal(sig)
+    code, _, output = await finish(proc, 15)
+    assert code == status, output
+    assert "interrupted" in output
+    assert cluster.annotation() is None
+
+
+async def test_pods_that_cannot_be_rescheduled_make_the_rehearsal_not_ok(cluster: Cluster, agent: AgentProcess) -> None:
+    cluster.cordon_all_but(NODE)  # nowhere else to go: PDBs hold the drain until the cut-off, then force
+    proc = await cluster.rehearse("--node", NODE, "--notice", "6s", "--recovery-timeout", "2s", "--output", "json")
+    code, report, output = await finish(proc)
+    assert code == 1, output
+    assert report["ok"] is False
+    failing = [w for w in report["workloads"] if not w["ok"]]
+    assert failing, output
+    assert all(w["recovered_at"] is None for w in failing)
+    assert any(w["pending"] > 0 for w in failing)
+    assert cluster.annotation() is None
+
+
+async def test_refuses_non_spot_nodes_unless_asked(cluster: Cluster) -> None:
+    code, _, output = await finish(await cluster.rehearse("--node", "ondemand-01"))
+    assert code == 2
+    assert "ondemand-01 (on-demand)" in output and "--any-capacity-type" in output
+    assert cluster.annotation("ondemand-01") is None
+    code, _, output = await finish(await cluster.rehearse("--count", "5"))
+    assert code == 2 and "only 4 Spot nodes" in output
+
+
+# ---- AWS: --terminate and --via fis against moto ---------------------------------------------------------
+
+
+def _instances(count: int) -> list[Target]:
+    ec2 = boto3.client("ec2", region_name="us-east-1")
+    image = ec2.describe_images()["Images"][0]["ImageId"]
+    ids = [i["InstanceId"] for i in ec2.run_instances(ImageId=image, MinCount=count, MaxCount=count)["Instances"]]
+    return [Target(f"n{i}", "spot", f"aws:///us-east-1a/{iid}", "us-east-1a") for i, iid in enumerate(ids)]
+
+
+def test_terminate_instances_through_ec2(aws: str) -> None:  # noqa: F811
+    targets = _instances(2)
+    terminate_instances(targets)
+    ec2 = boto3.client("ec2", region_name="us-east-1")
+    states = [
+        i["State"]["Name"]
+        for r in ec2.describe_instances(InstanceIds=[t.instance_id for t in targets])["Reservations"]
+        for i in r["Instances"]
+    ]
+    assert states and all(s in ("shutting-down", "terminated") for s in states)
+
+
+def test_fis_experiment_targets_exactly_the_instances(aws: str) -> None:  # noqa: F811
+    targets = _instances(2)
+    experiment = start_fis_experiment(targets, "arn:aws:iam::123456789012:role/fis", 120)
+    fis = boto3.client("fis", region_name="us-east-1")
+    found = fis.get_experiment(id=experiment)["experiment"]
+    template = fis.get_experiment_template(id=found["experimentTemplateId"])["experimentTemplate"]
+    action = template["actions"]["interrupt"]
+    assert action["actionId"] == "aws:ec2:send-spot-instance-interruptions"
+    assert action["parameters"] == {"durationBeforeInterruption": "PT2M"}
+    arns = template["targets"]["SpotInstances"]["resourceArns"]
+    assert sorted(a.rsplit("/", 1)[-1] for a in arns) == sorted(t.instance_id for t in targets)
+
+
+def test_fis_template_shape() -> None:
+    t = fis_template(["arn:aws:ec2:us-east-1:1:instance/i-1"], "arn:role", 300, "tok")
+    assert t["targets"]["SpotInstances"]["resourceType"] == "aws:ec2:spot-instance"
+    assert t["actions"]["interrupt"]["parameters"]["durationBeforeInterruption"] == "PT5M"
+    assert t["stopConditions"] == [{"source": "none"}] and t["roleArn"] == "arn:role"
