@@ -24,7 +24,7 @@ from spotd.alerts import AlertConfig, Alerter, NodeInfo, alert_config_from_args
 from spotd.cli import duration, host_port, positive_duration
 from spotd.decide import SIMULATION_ANNOTATION, TAINT_EFFECTS, DrainPolicy, NoticePolicy, default_policies, parse_steps
 from spotd.imds import ImdsClient, NoticePoller, PollResult
-from spotd.kube.client import make_client
+from spotd.kube.client import KubeConfigError, load_config, make_client
 from spotd.kube.drain import DrainOptions
 from spotd.kube.events import EventRecorder
 from spotd.kube.nodes import NodeClient, NodeView
@@ -120,6 +120,10 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
             raise ValueError(f"{flag}: {exc}") from None
         effect = args.rebalance_taint_effect if kind == NoticeKind.REBALANCE else args.interruption_taint_effect
         policies[kind] = NoticePolicy(steps, effect, policies[kind].lead_time)
+    try:
+        load_config(args.kubeconfig)  # no credentials is a start-up error, not a crash in the loop
+    except KubeConfigError as exc:
+        raise ValueError(f"--kubeconfig: {exc}") from None
     if args.api_qps <= 0 or args.api_burst < 1:
         raise ValueError("--api-qps/--api-burst: must be positive")
     return AgentConfig(

@@ -9,6 +9,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from spotd.alerts import AlertConfig, alert_config_from_args
+from spotd.kube.client import KubeConfigError, load_config
 from spotd.kube.lease import LeaseConfig
 from spotd.ondemand import DrainPolicy
 from spotd.parsing import parse_duration, parse_host_port
@@ -207,4 +208,8 @@ def config_from_args(args: argparse.Namespace) -> ControllerConfig:
         config.lease_renew_period,
         config.lease_retry_period,
     )
+    try:
+        load_config(config.kubeconfig)  # no credentials is a start-up error, not a crash later
+    except KubeConfigError as exc:
+        raise ValueError(f"--kubeconfig: {exc}") from None
     return config

@@ -431,3 +431,17 @@ async def test_kubectl_uncordon_during_a_notice_is_undone(api, imds, kubeconfig,
     assert b"uncordoned" in out
     await eventually(lambda: node(api)["spec"].get("unschedulable"), timeout=10)
     assert our_taint(api) is not None
+
+
+def test_unusable_kubeconfig_is_a_one_line_start_error(tmp_path: Path) -> None:
+    bad = tmp_path / "kubeconfig"
+    bad.write_text("clusters: [unclosed\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "spotd", "agent", "--node-name", "n1", "--kubeconfig", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 2
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("spotd agent: error: --kubeconfig: cannot load Kubernetes credentials from ")

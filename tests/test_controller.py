@@ -368,11 +368,17 @@ async def test_new_ice_during_a_drain_stops_it_and_a_drain_timeout_gives_up(
     assert len(pods_on(api, "od-old")) == 2  # PDB honoured to the letter: nothing forced
 
 
-def test_config_from_flags_env_and_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_config_from_flags_env_and_errors(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     import argparse
 
     from spotd import controller
 
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(
+        "apiVersion: v1\nkind: Config\ncurrent-context: c\nclusters: [{name: c, cluster: {server: 'http://127.0.0.1:1'}}]\n"
+        "contexts: [{name: c, context: {cluster: c, user: u}}]\nusers: [{name: u, user: {}}]\n"
+    )
+    monkeypatch.setenv("SPOTD_KUBECONFIG", str(kubeconfig))
     monkeypatch.setenv("SPOTD_MAX_CONCURRENT_DRAINS", "3")
     monkeypatch.setenv("SPOTD_DRY_RUN", "true")
     monkeypatch.setenv("POD_NAME", "pod-x")
@@ -390,6 +396,7 @@ def test_config_from_flags_env_and_errors(monkeypatch: pytest.MonkeyPatch) -> No
         (["--max-drains-per-hour", "0"], "--max-drains-per-hour: 0 is below 1"),
         (["--listen", "nope"], "--listen"),
         (["--lease-duration", "5s", "--lease-renew-deadline", "10s"], "lease timings"),
+        (["--kubeconfig", str(tmp_path / "missing")], "--kubeconfig: cannot load Kubernetes credentials"),
     ]:
         with pytest.raises(ValueError, match=message):
             controller.config_from_args(parser.parse_args(argv))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import httpx
+import yaml
 from lightkube import AsyncClient, KubeConfig
 from lightkube.core.exceptions import ConfigError
 
@@ -18,9 +19,10 @@ def load_config(kubeconfig: str | None) -> KubeConfig:
         if kubeconfig:
             return KubeConfig.from_file(kubeconfig)
         return KubeConfig.from_service_account()
-    except (ConfigError, OSError, ValueError, KeyError) as exc:
+    except (ConfigError, OSError, ValueError, KeyError, TypeError, yaml.YAMLError) as exc:
         where = kubeconfig or "in-cluster service account"
-        raise KubeConfigError(f"cannot load Kubernetes credentials from {where}: {exc}") from None
+        reason = " ".join(str(exc).split())  # one line, whatever the YAML parser said
+        raise KubeConfigError(f"cannot load Kubernetes credentials from {where}: {reason}") from None
 
 
 def make_client(kubeconfig: str | None, timeout: float = 10.0) -> AsyncClient:
