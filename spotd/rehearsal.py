@@ -1,19 +1,12 @@
-"""The reclaim rehearsal on a real (or embedded) cluster: choose Spot nodes, give them a notice through the
-`spotd.io/simulate-reclaim` annotation (or an AWS FIS experiment), follow what happens with watches, and
-turn what was seen into a Report. The annotations are removed at the end, and when interrupted.
-
-Choosing nodes and reading objects are pure functions below; `Rehearsal` does the I/O.
-"""
+"""The reclaim rehearsal engine: give the chosen nodes a notice, follow it with watches, report what was seen."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import random
-import re
 import sys
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, TextIO
@@ -24,17 +17,23 @@ from lightkube.resources.apps_v1 import Deployment, ReplicaSet, StatefulSet
 from lightkube.resources.core_v1 import Event, Node, Pod
 from lightkube.types import OnErrorAction, OnErrorResult, PatchType
 
-from spotd.decide import INTERRUPTION_TAINT_KEY, NOTICE_ANNOTATION, SIMULATION_ANNOTATION, DrainPolicy, PodVerdict
-from spotd.decide import decide_pod as decide_drain
+from spotd.decide import INTERRUPTION_TAINT_KEY, SIMULATION_ANNOTATION
 from spotd.kube.client import make_client
-from spotd.kube.drain import pod_facts
 from spotd.notices import NoticeKind
 from spotd.parsing import format_time
+from spotd.rehearsal_aws import start_fis_experiment, terminate_instances
+from spotd.rehearsal_nodes import (
+    RehearsalRefused,
+    Target,
+    choose_nodes,
+    evictable,
+    pod_pending,
+    pod_ready,
+    pod_ref,
+    simulation_annotation,
+    workload_of,
+)
 from spotd.report import Fact, NodePlan, Observation, Report, WorkloadPlan, WorkloadRef, build_report
-
-
-class RehearsalRefused(ValueError):
-    """The rehearsal will not start: the message says why (non-Spot node, too few nodes, ...)."""
 
 
 @dataclass(frozen=True)
@@ -51,173 +50,6 @@ class RehearsalConfig:
     via: str = "annotation"  # annotation | fis | imds (embedded)
     fis_role_arn: str | None = None
     seed: int | None = None
-
-
-@dataclass(frozen=True)
-class Target:
-    name: str
-    capacity_type: str
-    provider_id: str = ""
-    zone: str = ""
-
-    @property
-    def instance_id(self) -> str:
-        return instance_id(self.provider_id)
-
-
-# ---- pure: nodes, selectors, annotations -----------------------------------------------------------------
-
-CAPACITY_LABELS = (
-    ("eks.amazonaws.com/capacityType", {"SPOT": "spot", "ON_DEMAND": "on-demand"}),
-    ("karpenter.sh/capacity-type", {"spot": "spot", "on-demand": "on-demand"}),
-    ("node.kubernetes.io/lifecycle", {"spot": "spot", "on-demand": "on-demand", "normal": "on-demand"}),
-)
-
-
-def capacity_type(labels: Mapping[str, str]) -> str:
-    """'spot', 'on-demand' or 'unknown' from the labels EKS, Karpenter and kops-style groups set."""
-    for label, values in CAPACITY_LABELS:
-        if label in labels:
-            return values.get(labels[label], "unknown")
-    return "unknown"
-
-
-def instance_id(provider_id: str) -> str:
-    """aws:///us-east-1a/i-0abc -> i-0abc; '' when not an AWS provider ID."""
-    return provider_id.rsplit("/", 1)[-1] if provider_id.startswith("aws://") else ""
-
-
-_REQUIREMENT = re.compile(r"^\s*(!?)([A-Za-z0-9._/-]+)\s*(?:(==|=|!=)\s*([A-Za-z0-9._-]*))?\s*$")
-
-
-def parse_selector(text: str) -> list[tuple[str, str, str]]:
-    """'a=b,c!=d,e,!f' -> [(key, op, value)] with op one of = != exists !exists (set-based forms not taken)."""
-    out = []
-    for part in text.split(","):
-        if not part.strip():
-            continue
-        m = _REQUIREMENT.match(part)
-        if m is None:
-            raise ValueError(f"{part.strip()!r} is not a label requirement (use key=value, key!=value, key, !key)")
-        neg, key, op, value = m.groups()
-        if neg and op:
-            raise ValueError(f"{part.strip()!r} is not a label requirement")
-        out.append((key, "!exists" if neg else "exists" if not op else "!=" if op == "!=" else "=", value or ""))
-    return out
-
-
-def selector_matches(requirements: Iterable[tuple[str, str, str]], labels: Mapping[str, str]) -> bool:
-    for key, op, value in requirements:
-        if (
-            (op == "=" and labels.get(key) != value)
-            or (op == "!=" and labels.get(key) == value)
-            or (op == "exists" and key not in labels)
-            or (op == "!exists" and key in labels)
-        ):
-            return False
-    return True
-
-
-def choose_nodes(
-    nodes: Sequence[Node],
-    *,
-    names: Sequence[str] = (),
-    selector: str | None = None,
-    count: int | None = None,
-    any_capacity_type: bool = False,
-    rng: random.Random | None = None,
-) -> list[Target]:
-    """The nodes to rehearse on: the named ones, or `count` Spot nodes matching the selector at random.
-    Raises RehearsalRefused naming the node and its capacity type, or the shortfall."""
-    by_name = {n.metadata.name: n for n in nodes if n.metadata and n.metadata.name}
-
-    def target(node: Node) -> Target:
-        labels = dict(node.metadata.labels or {}) if node.metadata else {}
-        return Target(
-            node.metadata.name if node.metadata and node.metadata.name else "",
-            capacity_type(labels),
-            (node.spec.providerID or "") if node.spec else "",
-            labels.get("topology.kubernetes.io/zone", ""),
-        )
-
-    def busy(node: Node) -> bool:
-        annotations = (node.metadata.annotations or {}) if node.metadata else {}
-        return SIMULATION_ANNOTATION in annotations or NOTICE_ANNOTATION in annotations
-
-    if names:
-        missing = [n for n in names if n not in by_name]
-        if missing:
-            raise RehearsalRefused(f"no such node: {', '.join(missing)}")
-        chosen = [target(by_name[n]) for n in dict.fromkeys(names)]
-        refused = [t for t in chosen if t.capacity_type != "spot"]
-        if refused and not any_capacity_type:
-            listed = ", ".join(f"{t.name} ({t.capacity_type})" for t in refused)
-            raise RehearsalRefused(
-                f"refusing nodes that are not Spot: {listed}; pass --any-capacity-type to rehearse anyway"
-            )
-        under = [n for n in names if busy(by_name[n])]
-        if under:
-            raise RehearsalRefused(f"already under a notice: {', '.join(under)}")
-        return chosen
-    requirements = parse_selector(selector or "")
-    matching = [
-        n for n in by_name.values() if selector_matches(requirements, (n.metadata.labels if n.metadata else None) or {})
-    ]
-    candidates = [target(n) for n in matching if not busy(n)]
-    eligible = [t for t in candidates if any_capacity_type or t.capacity_type == "spot"]
-    wanted = count or 1
-    if len(eligible) < wanted:
-        what = "nodes" if any_capacity_type else "Spot nodes"
-        raise RehearsalRefused(
-            f"--count {wanted}: only {len(eligible)} {what} match {selector or 'any labels'!r}"
-            " and are not under a notice"
-            + ("" if any_capacity_type else f" ({len(candidates) - len(eligible)} others are not Spot)")
-        )
-    chosen = (rng or random.Random()).sample(sorted(eligible, key=lambda t: t.name), wanted)
-    return sorted(chosen, key=lambda t: t.name)
-
-
-def simulation_annotation(kind: NoticeKind, notice_at: datetime, deadline: datetime | None) -> str:
-    data = {"kind": str(kind), "notice_at": format_time(notice_at)}
-    if deadline is not None:
-        data["deadline"] = format_time(deadline)
-    return json.dumps(data, separators=(",", ":"))
-
-
-def workload_of(pod: Pod, rs_parent: Mapping[tuple[str, str], str]) -> WorkloadRef | None:
-    """The Deployment, StatefulSet or (standalone) ReplicaSet a pod belongs to."""
-    meta = pod.metadata
-    if meta is None:
-        return None
-    ns = meta.namespace or ""
-    for ref in meta.ownerReferences or []:
-        if not ref.controller:
-            continue
-        if ref.kind == "ReplicaSet":
-            parent = rs_parent.get((ns, ref.name))
-            return WorkloadRef("Deployment", ns, parent) if parent else WorkloadRef("ReplicaSet", ns, ref.name)
-        if ref.kind == "StatefulSet":
-            return WorkloadRef("StatefulSet", ns, ref.name)
-    return None
-
-
-def pod_ready(pod: Pod) -> bool:
-    if pod.metadata is None or pod.metadata.deletionTimestamp:
-        return False
-    conditions = (pod.status.conditions or []) if pod.status else []
-    return any(c.type == "Ready" and c.status == "True" for c in conditions)
-
-
-def pod_pending(pod: Pod) -> bool:
-    return bool(pod.status and pod.status.phase == "Pending" and not (pod.metadata and pod.metadata.deletionTimestamp))
-
-
-def evictable(pod: Pod) -> bool:
-    return decide_drain(pod_facts(pod), DrainPolicy()).verdict == PodVerdict.EVICT
-
-
-def _ref(pod: Pod) -> str:
-    return f"{pod.metadata.namespace}/{pod.metadata.name}" if pod.metadata else ""
 
 
 # ---- the engine -------------------------------------------------------------------------------------------
@@ -398,8 +230,8 @@ class Rehearsal:
                 self.state.members.get(ref, set()).discard(uid)
             node = pod.spec.nodeName if pod.spec else None
             plan = self.plans.get(node or "")
-            if plan is not None and _ref(pod) in plan.pods:
-                self.observe(Fact.POD_GONE, plan.name, detail=_ref(pod))
+            if plan is not None and pod_ref(pod) in plan.pods:
+                self.observe(Fact.POD_GONE, plan.name, detail=pod_ref(pod))
         else:
             self.state.pods[uid] = pod
             if ref is not None:
@@ -424,7 +256,7 @@ class Rehearsal:
         }
         for t in self.targets:
             pods = frozenset(
-                _ref(p) for p in self.state.pods.values() if p.spec and p.spec.nodeName == t.name and evictable(p)
+                pod_ref(p) for p in self.state.pods.values() if p.spec and p.spec.nodeName == t.name and evictable(p)
             )
             self.plans[t.name] = NodePlan(
                 t.name, str(self.config.kind), now, deadline, pods, self.config.kind != NoticeKind.REBALANCE
@@ -542,76 +374,3 @@ def _version(listing: Any) -> str | None:
         return str(listing.resourceVersion) or None
     except Exception:  # an empty list may carry none; the watch then starts from now
         return None
-
-
-# ---- AWS: a true reclaim (--terminate) and the FIS path (--via fis); boto3 is imported only here -------
-
-
-def region_of(zone: str) -> str:
-    return zone[:-1] if zone[-1:].isalpha() else zone
-
-
-def iso_duration(seconds: float) -> str:
-    """120 -> PT2M, 150 -> PT150S (FIS durations)."""
-    whole = int(seconds)
-    return f"PT{whole // 60}M" if whole % 60 == 0 else f"PT{whole}S"
-
-
-def fis_template(instance_arns: Sequence[str], role_arn: str, notice: float, token: str) -> dict[str, Any]:
-    """CreateExperimentTemplate arguments: one Spot interruption action on exactly these instances."""
-    return {
-        "clientToken": token,
-        "description": "spotd simulate-reclaim",
-        "roleArn": role_arn,
-        "stopConditions": [{"source": "none"}],
-        "targets": {
-            "SpotInstances": {
-                "resourceType": "aws:ec2:spot-instance",
-                "resourceArns": list(instance_arns),
-                "selectionMode": "ALL",
-            }
-        },
-        "actions": {
-            "interrupt": {
-                "actionId": "aws:ec2:send-spot-instance-interruptions",
-                "description": "Spot interruption notice, then the interruption",
-                "parameters": {"durationBeforeInterruption": iso_duration(notice)},
-                "targets": {"SpotInstances": "SpotInstances"},
-            }
-        },
-        "tags": {"spotd.io/simulate-reclaim": "true"},
-    }
-
-
-def _one_region(targets: Sequence[Target]) -> str:
-    regions = {region_of(t.zone or t.provider_id.split("/")[-2]) for t in targets}
-    if len(regions) != 1:
-        raise RehearsalRefused(f"nodes span regions {sorted(regions)}; rehearse one region at a time")
-    return regions.pop()
-
-
-def start_fis_experiment(targets: Sequence[Target], role_arn: str, notice: float) -> str:
-    """Create the template and start the experiment; the experiment ID."""
-    import uuid
-
-    import boto3
-
-    region = _one_region(targets)
-    account = boto3.client("sts", region_name=region).get_caller_identity()["Account"]
-    arns = [f"arn:aws:ec2:{region}:{account}:instance/{t.instance_id}" for t in targets]
-    fis = boto3.client("fis", region_name=region)
-    template = fis.create_experiment_template(**fis_template(arns, role_arn, notice, str(uuid.uuid4())))
-    started = fis.start_experiment(
-        clientToken=str(uuid.uuid4()), experimentTemplateId=template["experimentTemplate"]["id"]
-    )
-    return str(started["experiment"]["id"])
-
-
-def terminate_instances(targets: Sequence[Target]) -> None:
-    import boto3
-
-    by_region: dict[str, list[str]] = {}
-    for t in targets:
-        by_region.setdefault(region_of(t.zone or t.provider_id.split("/")[-2]), []).append(t.instance_id)
-    for region, ids in by_region.items():
-        boto3.client("ec2", region_name=region).terminate_instances(InstanceIds=ids)

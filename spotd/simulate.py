@@ -24,7 +24,8 @@ from lightkube.core.exceptions import ApiError
 from spotd.cli import duration, positive_duration
 from spotd.kube.client import KubeConfigError
 from spotd.notices import NoticeKind
-from spotd.rehearsal import Rehearsal, RehearsalConfig, RehearsalRefused, Target
+from spotd.rehearsal import Rehearsal, RehearsalConfig
+from spotd.rehearsal_nodes import RehearsalRefused, Target
 from spotd.report import Report, to_json, to_text
 from spotd.sim.cluster import ClusterSpec, spec_from_args
 from spotd.sim.cluster import add_arguments as add_cluster_arguments
@@ -97,7 +98,7 @@ def config_from_args(args: argparse.Namespace) -> SimulateConfig:
             raise ValueError("--count: give --node NAME ... or --count N (with --selector LABELS)")
         number = EMBEDDED_DEFAULT_COUNT
     if args.selector:
-        from spotd.rehearsal import parse_selector
+        from spotd.rehearsal_nodes import parse_selector
 
         try:
             parse_selector(args.selector)

@@ -18,7 +18,8 @@ import boto3
 import pytest
 
 from spotd.decide import SIMULATION_ANNOTATION
-from spotd.rehearsal import Target, fis_template, start_fis_experiment, terminate_instances
+from spotd.rehearsal_aws import fis_template, start_fis_experiment, terminate_instances
+from spotd.rehearsal_nodes import Target
 from spotd.sim.cluster import ClusterSpec, EmbeddedCluster
 from spotd.sim.imds import FakeImds
 from spotd.sim.kubeapi import FakeApiServer

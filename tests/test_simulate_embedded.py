@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 
 from spotd.cli import main
-from spotd.sim.cluster import ClusterSpec, EmbeddedCluster, cpu_millis, mem_mebibytes, tolerates
+from spotd.sim.cluster import ClusterSpec, EmbeddedCluster
 from spotd.sim.kubeapi import FakeApiServer
+from spotd.sim.scheduler import cpu_millis, mem_mebibytes, tolerates
 
 
 def simulate(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, dict[str, Any], str]:
