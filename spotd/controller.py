@@ -33,7 +33,7 @@ from spotd.controller_metrics import DECISION_PASS_SECONDS, LEADER
 from spotd.controller_report import export_metrics, update_alerts
 from spotd.kube.events import EventRecorder
 from spotd.kube.inventory import Inventory, LazyNodePods
-from spotd.kube.lease import LeaderElector, LeaseConfig
+from spotd.kube.lease import LeaderElector
 from spotd.kube.ratelimit import RateLimiter
 from spotd.metrics import LOOP_ERRORS, REGISTRY
 from spotd.ondemand import NodeInfo, SpotAnswer, Verdict
@@ -76,15 +76,7 @@ class Controller:
         )
         self.elector = LeaderElector(
             client,
-            LeaseConfig(
-                config.lease_name,
-                config.lease_namespace,
-                config.identity,
-                config.lease_duration,
-                config.lease_renew_deadline,
-                config.lease_renew_period,
-                config.lease_retry_period,
-            ),
+            config.lease,
             on_change=lambda leading: LEADER.labels(config.identity).set(1 if leading else 0),
         )
         LEADER.labels(config.identity).set(0)

@@ -61,6 +61,18 @@ class ControllerConfig:
     def summary(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
+    @property
+    def lease(self) -> LeaseConfig:
+        return LeaseConfig(
+            self.lease_name,
+            self.lease_namespace,
+            self.identity,
+            self.lease_duration,
+            self.lease_renew_deadline,
+            self.lease_renew_period,
+            self.lease_retry_period,
+        )
+
 
 def _env(flag: str) -> str:
     return "SPOTD_" + flag.lstrip("-").upper().replace("-", "_")
@@ -199,15 +211,7 @@ def config_from_args(args: argparse.Namespace) -> ControllerConfig:
         log_level=str(getattr(args, "log_level", None) or "info"),
         alerts=alert_config_from_args(args) if hasattr(args, "alertmanager_url") else AlertConfig(),
     )
-    LeaseConfig(  # validates the lease timings
-        config.lease_name,
-        config.lease_namespace,
-        config.identity,
-        config.lease_duration,
-        config.lease_renew_deadline,
-        config.lease_renew_period,
-        config.lease_retry_period,
-    )
+    _ = config.lease  # validates the lease timings
     try:
         load_config(config.kubeconfig)  # no credentials is a start-up error, not a crash later
     except KubeConfigError as exc:
