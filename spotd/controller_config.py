@@ -11,7 +11,7 @@ from typing import Any
 from spotd.alerts import AlertConfig, alert_config_from_args
 from spotd.kube.client import KubeConfigError, load_config
 from spotd.kube.lease import LeaseConfig
-from spotd.ondemand import DrainPolicy
+from spotd.ondemand import OnDemandPolicy
 from spotd.parsing import parse_duration, parse_host_port
 
 
@@ -49,8 +49,8 @@ class ControllerConfig:
     alerts: AlertConfig = AlertConfig()  # noqa: RUF009 - frozen, sharing the default is safe
 
     @property
-    def policy(self) -> DrainPolicy:
-        return DrainPolicy(
+    def policy(self) -> OnDemandPolicy:
+        return OnDemandPolicy(
             min_on_demand_age=self.min_on_demand_age,
             max_concurrent_drains=self.max_concurrent_drains,
             max_drains_per_hour=self.max_drains_per_hour,

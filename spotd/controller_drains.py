@@ -15,7 +15,7 @@ from spotd.alerts.model import ON_DEMAND_DRAIN_BLOCKED, on_demand_drain_blocked_
 from spotd.capacity import Pool
 from spotd.capacity.signals import ANY
 from spotd.controller_metrics import CONTROLLER_DRAINS
-from spotd.decide import DrainPolicy as PodPolicy
+from spotd.decide import DrainPolicy as PodPolicy  # which pods; OnDemandPolicy is which nodes
 from spotd.kube.client import http_of
 from spotd.kube.drain import DrainOptions, drain_node
 from spotd.kube.inventory import DRAINING_ANNOTATION

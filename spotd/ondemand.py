@@ -113,7 +113,7 @@ class SpotAnswer:
 
 
 @dataclass(frozen=True)
-class DrainPolicy:
+class OnDemandPolicy:
     min_on_demand_age: float = 7200.0
     max_concurrent_drains: int = 1
     max_drains_per_hour: int = 6
@@ -142,7 +142,7 @@ def age_text(seconds: float) -> str:
     return f"{seconds}s"
 
 
-def node_blocker(node: NodeInfo, policy: DrainPolicy, now: datetime) -> str | None:
+def node_blocker(node: NodeInfo, policy: OnDemandPolicy, now: datetime) -> str | None:
     """Why this node must not be drained whatever its pods and the capacity say, or None."""
     if node.age(now) < policy.min_on_demand_age:
         return (
@@ -158,7 +158,7 @@ def node_blocker(node: NodeInfo, policy: DrainPolicy, now: datetime) -> str | No
     return None
 
 
-def pods_blocker(pods: NodePods, policy: DrainPolicy) -> str | None:
+def pods_blocker(pods: NodePods, policy: OnDemandPolicy) -> str | None:
     """Why this node's pods forbid a voluntary drain, or None."""
     if pods.not_safe_to_evict:
         return f"pod {pods.not_safe_to_evict[0]} is annotated {SAFE_TO_EVICT_ANNOTATION}=false"
@@ -180,7 +180,7 @@ def choose_drains(
     pending_unschedulable: int,
     spot_for: Callable[[NodeInfo], SpotAnswer],
     now: datetime,
-    policy: DrainPolicy,
+    policy: OnDemandPolicy,
     in_flight: Collection[str] = (),
     history: Sequence[datetime] = (),
 ) -> list[Verdict]:

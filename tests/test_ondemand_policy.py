@@ -9,9 +9,9 @@ import pytest
 from spotd.ondemand import (
     ON_DEMAND,
     SPOT,
-    DrainPolicy,
     NodeInfo,
     NodePods,
+    OnDemandPolicy,
     SpotAnswer,
     capacity_type_from_labels,
     choose_drains,
@@ -19,7 +19,7 @@ from spotd.ondemand import (
 )
 
 NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
-POLICY = DrainPolicy(min_on_demand_age=7200, max_concurrent_drains=1, max_drains_per_hour=4)
+POLICY = OnDemandPolicy(min_on_demand_age=7200, max_concurrent_drains=1, max_drains_per_hour=4)
 AVAILABLE = SpotAnswer(True, "no ICE seen")
 
 
@@ -93,7 +93,7 @@ def test_oldest_old_enough_on_demand_node_is_the_one_drained() -> None:
         ("local", {}, NodePods(3, local_storage=("ns/cache",)), POLICY, "local storage"),
     ],
 )
-def test_blocked_nodes(name: str, kw: dict[str, object], pods: NodePods, policy: DrainPolicy, reason: str) -> None:
+def test_blocked_nodes(name: str, kw: dict[str, object], pods: NodePods, policy: OnDemandPolicy, reason: str) -> None:
     verdicts = choose_drains([node(name, 5, **kw)], {name: pods}, 0, always(), NOW, policy)
     assert len(verdicts) == 1
     assert not verdicts[0].drain
@@ -103,13 +103,13 @@ def test_blocked_nodes(name: str, kw: dict[str, object], pods: NodePods, policy:
 @pytest.mark.parametrize(
     ("pods", "policy"),
     [
-        (NodePods(3, unreplicated=("ns/bare",)), DrainPolicy(min_on_demand_age=7200, evict_unreplicated=True)),
-        (NodePods(3, local_storage=("ns/c",)), DrainPolicy(min_on_demand_age=7200, evict_local_storage=True)),
+        (NodePods(3, unreplicated=("ns/bare",)), OnDemandPolicy(min_on_demand_age=7200, evict_unreplicated=True)),
+        (NodePods(3, local_storage=("ns/c",)), OnDemandPolicy(min_on_demand_age=7200, evict_local_storage=True)),
         (NodePods(3), POLICY),
         (NodePods(0), POLICY),
     ],
 )
-def test_flags_allow_unreplicated_and_local_storage(pods: NodePods, policy: DrainPolicy) -> None:
+def test_flags_allow_unreplicated_and_local_storage(pods: NodePods, policy: OnDemandPolicy) -> None:
     verdicts = choose_drains([node("n", 5)], {"n": pods}, 0, always(), NOW, policy)
     assert verdicts[0].drain
 
@@ -143,20 +143,20 @@ def test_never_while_pods_are_pending_for_lack_of_capacity() -> None:
     [
         ((), (), POLICY, ["a"]),
         (("x",), (), POLICY, []),
-        (("x",), (), DrainPolicy(min_on_demand_age=7200, max_concurrent_drains=2), ["a"]),
-        ((), (), DrainPolicy(min_on_demand_age=7200, max_concurrent_drains=3), ["a", "b", "c"]),
+        (("x",), (), OnDemandPolicy(min_on_demand_age=7200, max_concurrent_drains=2), ["a"]),
+        ((), (), OnDemandPolicy(min_on_demand_age=7200, max_concurrent_drains=3), ["a", "b", "c"]),
         ((), [NOW - timedelta(minutes=m) for m in (5, 10, 20, 30)], POLICY, []),
         ((), [NOW - timedelta(minutes=m) for m in (5, 10, 20, 61)], POLICY, ["a"]),
         (
             (),
             [NOW - timedelta(minutes=5)],
-            DrainPolicy(min_on_demand_age=7200, max_concurrent_drains=3, max_drains_per_hour=2),
+            OnDemandPolicy(min_on_demand_age=7200, max_concurrent_drains=3, max_drains_per_hour=2),
             ["a"],
         ),
     ],
 )
 def test_concurrency_and_hourly_budget(
-    in_flight: tuple[str, ...], history: list[datetime], policy: DrainPolicy, drained: list[str]
+    in_flight: tuple[str, ...], history: list[datetime], policy: OnDemandPolicy, drained: list[str]
 ) -> None:
     nodes = [node("c", 3), node("a", 9), node("b", 5)]
     verdicts = choose_drains(nodes, {}, 0, always(), NOW, policy, in_flight, history)
@@ -171,7 +171,7 @@ def test_node_in_flight_is_reported_as_such() -> None:
 
 def test_probe_drains_a_single_node_when_due() -> None:
     answer = SpotAnswer(False, "no Spot launch for 2h since the last ICE", probe_due=True)
-    policy = DrainPolicy(min_on_demand_age=7200, max_concurrent_drains=3)
+    policy = OnDemandPolicy(min_on_demand_age=7200, max_concurrent_drains=3)
     verdicts = choose_drains([node("a", 9), node("b", 8), node("c", 7)], {}, 0, always(answer), NOW, policy)
     assert [(v.node, v.drain, v.probe) for v in verdicts] == [
         ("a", True, True),
