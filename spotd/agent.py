@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import aiohttp
+import httpx
 from lightkube import AsyncClient
 from lightkube.core.exceptions import ApiError
 from lightkube.resources.core_v1 import Node
-from lightkube.types import OnErrorAction, OnErrorResult
 
 from spotd import log as spotd_log
 from spotd.alerts import AlertConfig, Alerter, NodeInfo, alert_config_from_args
@@ -29,6 +29,7 @@ from spotd.kube.drain import DrainOptions
 from spotd.kube.events import EventRecorder
 from spotd.kube.nodes import NodeClient, NodeView
 from spotd.kube.ratelimit import RateLimiter
+from spotd.kube.watch import RESYNC, resilient_watch
 from spotd.metrics import LOOP_ERRORS, NOTICES_MALFORMED, REGISTRY
 from spotd.notices import MalformedNotice, Notice, NoticeKind, parse_simulation_annotation
 from spotd.responder import Observation, Responder
@@ -109,6 +110,8 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
     """Validate once at start; a ValueError names the flag."""
     if not args.node_name.strip():
         raise ValueError("--node-name: empty")
+    if not 1 <= args.imds_token_ttl <= 21600:
+        raise ValueError(f"--imds-token-ttl: {args.imds_token_ttl:g}s is outside IMDS's 1s to 6h")
     if not args.imds_endpoint.startswith(("http://", "https://")):
         raise ValueError(f"--imds-endpoint: {args.imds_endpoint!r} is not an http(s) URL")
     policies = default_policies(timedelta(seconds=args.maintenance_lead_time))
@@ -231,7 +234,7 @@ class Agent:
                 self.imds_result = await self.poller.poll_once(datetime.now(UTC))
                 self.polled = True
                 await self.responder.reconcile(self.observation())
-            except (ApiError, OSError) as exc:
+            except (ApiError, OSError, httpx.HTTPError) as exc:
                 LOOP_ERRORS.labels("poll").inc()
                 self.log.warning("reconcile_failed", error=repr(exc))
             except Exception as exc:  # the loop never dies; the next cycle tries again
@@ -242,14 +245,13 @@ class Agent:
 
     async def node_loop(self) -> None:
         """Watch our own Node: the simulation annotation, and the view the responder patches from."""
-
-        def on_error(exc: Exception, count: int) -> OnErrorResult:
-            self.node_ready = False
-            self.log.warning("node_watch_error", error=repr(exc), count=count)
-            return OnErrorResult(OnErrorAction.RETRY, sleep=min(5.0, 0.2 * 2**count))
-
-        watch = self.client.watch(Node, fields={"metadata.name": self.config.node_name}, on_error=on_error)
+        watch = resilient_watch(
+            self.client, Node, log=self.log, what="node", fields={"metadata.name": self.config.node_name}
+        )
         async for event, node in watch:
+            if event == RESYNC:  # the new watch starts with the node as it is now (ADDED)
+                self.node_ready = False
+                continue
             self.node_ready = True
             if event == "DELETED":
                 continue
@@ -261,7 +263,7 @@ class Agent:
             if self.simulation_text != before:
                 try:
                     await self.responder.reconcile(self.observation())
-                except (ApiError, OSError) as exc:
+                except Exception as exc:  # the watch never dies of it; the next poll cycle tries again
                     LOOP_ERRORS.labels("node").inc()
                     self.log.warning("reconcile_failed", error=repr(exc))
 

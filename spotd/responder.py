@@ -7,6 +7,7 @@ asks spotd.decide what to do, and has spotd.kube do it. Alerts and Events are fi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -27,7 +28,7 @@ from spotd.kube.drain import DrainOptions, DrainResult, drain_node
 from spotd.kube.events import EventRecorder
 from spotd.kube.nodes import AgentState, NodeClient, NodeView, notice_patch, release_patch
 from spotd.kube.ratelimit import RateLimiter
-from spotd.metrics import NOTICE_ACTIVE, NOTICES
+from spotd.metrics import LOOP_ERRORS, NOTICE_ACTIVE, NOTICES
 from spotd.notices import MalformedNotice, Notice, NoticeKind
 
 _PATCH_TRIES = 5
@@ -63,7 +64,9 @@ class Responder:
         self.instance = NodeInfo(nodes.name, "", "", "")  # from IMDS, where the Node lacks a field
         self.acting: Notice | None = None
         self.state: AgentState | None = None
-        self.drain_task: asyncio.Task[DrainResult] | None = None
+        self.drain_task: asyncio.Task[DrainResult | None] | None = None
+        self.drain_failures = 0
+        self.dry_run_shown: str | None = None  # --dry-run: the notice whose would-be patch was logged
         self.drain_stop = asyncio.Event()
         self.drained_key: str | None = None
         self.waiting_key: str | None = None
@@ -136,7 +139,11 @@ class Responder:
 
     # ---- acting ----
     def _state_for(self, response: Response) -> AgentState:
-        prior = self.state.prior_unschedulable if self.state else bool(self.view and self.view.unschedulable)
+        schedulable_now = bool(self.view and not self.view.unschedulable)
+        # Cordoned before our first step: someone else's cordon, kept on release. Once the node is
+        # schedulable again (an operator uncordoned it), any cordon from here on is ours.
+        prior = self.state.prior_unschedulable if self.state else not schedulable_now
+        prior = prior and not schedulable_now
         boot_id = self.state.boot_id if self.state and self.state.notice_key else ""
         boot_id = boot_id or (self.view.boot_id if self.view else "")
         return AgentState(response.notice.key, tuple(str(s) for s in response.steps), prior, boot_id)
@@ -169,6 +176,9 @@ class Responder:
         self.acting = notice
 
     async def _apply(self, response: Response) -> None:
+        if self.nodes.dry_run and self.dry_run_shown == response.notice.key:
+            return  # nothing changes in a dry run: say it once per notice, not every poll
+        self.dry_run_shown = response.notice.key if self.nodes.dry_run else None
         state = self._state_for(response)
         for _ in range(_PATCH_TRIES):
             if self.view is None:
@@ -212,7 +222,22 @@ class Responder:
         self.drain_stop = asyncio.Event()
         self.drain_task = asyncio.get_running_loop().create_task(self._drain(response))
 
-    async def _drain(self, response: Response) -> DrainResult:
+    async def _drain(self, response: Response) -> DrainResult | None:
+        try:
+            result = await self._drain_once(response)
+            self.drain_failures = 0
+            return result
+        except Exception as exc:  # e.g. RBAC forbids listing pods: say so, back off, let reconcile retry
+            self.drain_failures += 1
+            LOOP_ERRORS.labels("drain").inc()
+            self.log.error("drain_failed", notice=response.notice.key, error=repr(exc), failures=self.drain_failures)
+            if self.drain_failures == 1:
+                self.events.record(self.nodes.name, "DrainFailed", f"drain could not run: {exc!r}"[:500], "Warning")
+            with contextlib.suppress(TimeoutError):  # a stop (release, shutdown) ends the back-off too
+                await asyncio.wait_for(self.drain_stop.wait(), min(30.0, 0.5 * 2**self.drain_failures))
+            return None
+
+    async def _drain_once(self, response: Response) -> DrainResult:
         node, notice = self.nodes.name, response.notice
         self.events.record(node, "DrainStarted", f"draining for {response.reason}")
         result = await drain_node(

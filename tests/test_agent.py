@@ -445,3 +445,42 @@ def test_unusable_kubeconfig_is_a_one_line_start_error(tmp_path: Path) -> None:
     assert proc.returncode == 2
     (line,) = proc.stderr.strip().splitlines()
     assert line.startswith("spotd agent: error: --kubeconfig: cannot load Kubernetes credentials from ")
+
+
+async def test_api_server_restart_does_not_kill_the_agent(api, imds, kubeconfig, agents, tmp_path) -> None:
+    """Watches reconnect through a dead API server (refused, then back): the agent lives on and acts."""
+    import asyncio
+
+    populate(api, web=2)
+    agent = run_agent(agents, tmp_path, kubeconfig, imds)
+    await agent.ready()
+    await api.stop()  # every watch breaks; reconnects are refused for a while
+    await eventually(lambda: agent.http("/readyz")[0] == 503, timeout=10)
+    await asyncio.sleep(1.5)
+    await api.start()  # same port, same objects
+    await agent.ready(timeout=15)
+    assert agent.proc is not None and agent.proc.poll() is None
+    imds.set_instance_action("terminate", soon(120))
+    await eventually(lambda: pods_on_node(api) == ["kube-proxy-x", "logs-agent"], timeout=15)
+    assert agent.events("watch_failed")
+
+
+async def test_notice_inside_the_safety_margin_still_empties_the_node(api, imds, kubeconfig, agents, tmp_path) -> None:
+    """Seen (or resumed) with less time left than the safety margin: no time to evict, so delete at once."""
+    populate(api, web=3)
+    agent = run_agent(agents, tmp_path, kubeconfig, imds, "--safety-margin", "10s")
+    await agent.ready()
+    imds.set_instance_action("terminate", soon(6))
+    await eventually(lambda: pods_on_node(api) == ["kube-proxy-x", "logs-agent"], timeout=10)
+    assert agent.metric("spotd_evictions_total", outcome="forced") == 3
+
+
+async def test_a_drain_that_cannot_start_is_retried(api, imds, kubeconfig, agents, tmp_path) -> None:
+    populate(api, web=2)
+    agent = run_agent(agents, tmp_path, kubeconfig, imds)
+    await agent.ready()
+    api.inject_fault("GET", r"^/api/v1/pods$", 500, times=2)  # the drain's pod list fails twice
+    imds.set_instance_action("terminate", soon(120))
+    await eventually(lambda: pods_on_node(api) == ["kube-proxy-x", "logs-agent"], timeout=15)
+    assert len(agent.events("drain_failed")) == 2
+    assert node_events(api).count("DrainFailed") == 1  # said once, not on every retry

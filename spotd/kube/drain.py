@@ -16,7 +16,6 @@ from lightkube import ALL_NS, AsyncClient
 from lightkube.core.exceptions import ApiError
 from lightkube.models.meta_v1 import DeleteOptions, ObjectMeta
 from lightkube.resources.core_v1 import Pod
-from lightkube.types import OnErrorAction, OnErrorResult
 
 from spotd.decide import (
     MIRROR_ANNOTATION,
@@ -29,6 +28,7 @@ from spotd.decide import (
     retry_delay,
 )
 from spotd.kube.ratelimit import RateLimiter
+from spotd.kube.watch import RESYNC, resilient_watch
 from spotd.metrics import DRAIN_DURATION, DRAINS, EVICTIONS, PODS_LEFT
 
 _RETRYABLE = frozenset({409, 429, 500, 502, 503, 504})
@@ -123,6 +123,7 @@ class _Drain:
         self.deleted: list[str] = []
         self.forced: list[str] = []
         self.refused: dict[str, PodFacts] = {}  # uid -> pod whose eviction is still being refused
+        self.evicted_uids: set[str] = set()  # eviction accepted: the pod is on its way out
         self.changed = asyncio.Event()
         self.watch_broken = False
         self.tasks: set[asyncio.Task[None]] = set()
@@ -222,6 +223,7 @@ class _Drain:
             else:
                 EVICTIONS.labels("evicted").inc()
                 self.refused.pop(uid, None)
+                self.evicted_uids.add(uid)
                 self.evicted.append(pod.ref)
                 self.log.info("pod_evicted", pod=pod.ref, grace=grace)
                 return
@@ -254,6 +256,7 @@ class _Drain:
             else:
                 EVICTIONS.labels("forced" if forced else "deleted").inc()
                 (self.forced if forced else self.deleted).append(pod.ref)
+                self.evicted_uids.add(uid)
                 self.log.info("pod_deleted", pod=pod.ref, forced=forced, grace=grace)
                 return
             await self.pause(retry_delay(attempt))
@@ -261,20 +264,20 @@ class _Drain:
 
     async def follow(self, resource_version: str | None) -> None:
         """Watch the node's pods: deletions end the wait, new pods are drained too."""
-
-        def on_error(exc: Exception, count: int) -> OnErrorResult:
-            self.watch_broken = True
-            self.log.warning("pod_watch_error", error=repr(exc), count=count)
-            return OnErrorResult(OnErrorAction.RETRY, sleep=min(2.0, 0.1 * 2**count))
-
-        watch = self.client.watch(
+        watch = resilient_watch(
+            self.client,
             Pod,
+            log=self.log,
+            what="pods",
+            resource_version=resource_version,
             namespace=ALL_NS,
             fields={"spec.nodeName": self.node},
-            resource_version=resource_version,  # type: ignore[arg-type]  # None: from now, as lightkube does
-            on_error=on_error,
         )
         async for event, pod in watch:
+            if event == RESYNC:  # deletions may have been missed: wait_until lists again
+                self.watch_broken = True
+                self.changed.set()
+                continue
             uid = pod.metadata.uid if pod.metadata else None
             if not uid:
                 continue
@@ -333,7 +336,7 @@ class _Drain:
             for pod in pods:
                 self.consider(pod)
             await self.wait_until(self.cutoff_left())
-            if self.pending and self.refused and not self.stop.is_set() and not self.options.voluntary:
+            if self.pending and not self.stop.is_set() and not self.options.voluntary:
                 await self.at_cutoff()
             if not self.options.voluntary:
                 await self.wait_until(self.seconds_left())
@@ -348,7 +351,11 @@ class _Drain:
         return self.result(time.monotonic() - start, skipped)
 
     async def at_cutoff(self) -> None:
-        refused = dict(self.refused)
+        """Pods not evicted by deadline - margin: refused by a PDB, stuck on API errors, or never tried
+        because the notice came (or was resumed) too late."""
+        refused = {uid: pod for uid, pod in self.pending.items() if uid not in self.evicted_uids}
+        if not refused:
+            return
         if self.options.deadline_action != "delete":
             self.log.warning("deadline_pods_left", pods=[p.ref for p in refused.values()])
             return
