@@ -164,3 +164,20 @@ def test_lease_config_validation() -> None:
         LeaseConfig("x", "ns", "")
     with pytest.raises(ValueError, match="renew period"):
         LeaseConfig("x", "ns", "a", lease_duration=5, renew_deadline=6, renew_period=1)
+
+
+async def test_a_standby_whose_clock_runs_ahead_does_not_take_over_a_healthy_leader(api: Any) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    a = Candidate(api, "a").start()
+    await wait_for(lambda: a.leading, 2)
+    b = Candidate(api, "b")
+    b.elector._wall = lambda: datetime.now(UTC) + timedelta(minutes=5)  # a skewed node clock
+    b.start()
+    try:
+        await asyncio.sleep(3.0)  # beyond the lease duration of the FAST timings
+        assert a.leading and not b.leading
+        assert holder(api) == "a"
+    finally:
+        await b.stop()
+        await a.stop()

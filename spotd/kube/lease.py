@@ -23,7 +23,6 @@ from lightkube import AsyncClient
 
 from spotd import log as spotd_log
 from spotd.kube.client import http_of
-from spotd.parsing import parse_iso_time
 
 _log = spotd_log.get("spotd.lease")
 
@@ -187,20 +186,15 @@ class LeaderElector:
         self._set_leader(True, reason)
 
     def _expired(self, spec: dict[str, Any]) -> bool:
-        """Another holder's lease is expired when its record has not changed for its duration (our clock),
-        or when its renewTime plus duration has passed (wall clock; a released lease has a 1 s duration)."""
+        """Another holder's lease is expired when its record has not changed for its duration, on our own
+        monotonic clock (as client-go does): comparing its renewTime with our wall clock would let a standby
+        whose clock runs ahead take over from a healthy leader. A released lease has no holder at all."""
         record = (str(spec.get("holderIdentity")), str(spec.get("renewTime")))
         duration = float(spec.get("leaseDurationSeconds") or self.config.lease_duration)
         now = self._clock()
         if record != self._observed:
             self._observed, self._observed_at = record, now
-        if now - self._observed_at >= duration:
-            return True
-        try:
-            renewed = parse_iso_time(str(spec.get("renewTime")))
-        except ValueError:
-            return False
-        return (self._wall() - renewed).total_seconds() > duration
+        return now - self._observed_at >= duration
 
     async def release(self) -> None:
         """Clear holderIdentity so a standby does not wait for expiry."""
