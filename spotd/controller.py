@@ -282,6 +282,7 @@ class Controller:
             if self.inventory.synced:
                 try:
                     await self.resolve_lifecycles()
+                    await recover(self, stale_after=self.config.drain_timeout + 60)
                     now = self.clock()
                     self.act(self.decision_pass(now), now)
                 except Exception as exc:

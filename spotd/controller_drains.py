@@ -22,6 +22,7 @@ from spotd.kube.inventory import DRAINING_ANNOTATION
 from spotd.kube.lease import micro_time
 from spotd.metrics import LOOP_ERRORS
 from spotd.ondemand import NodeInfo
+from spotd.parsing import parse_iso_time
 
 if TYPE_CHECKING:
     from spotd.controller import Controller
@@ -78,10 +79,29 @@ async def _cordon(ctl: Controller, name: str) -> str | None:
     return None if status < 300 else f"cordon failed ({status})"
 
 
+async def _patch_node_retrying(ctl: Controller, name: str, patch: dict[str, Any], tries: int = 6) -> int:
+    """A patch that must not be lost (putting a node back): retried on errors for about 6 s."""
+    status = 0
+    for attempt in range(tries):
+        try:
+            status = await _patch_node(ctl, name, patch)
+        except Exception as exc:  # the API server went away for a moment
+            status = 0
+            ctl.log.warning("node_patch_retry", node=name, error=repr(exc), attempt=attempt)
+        if (status < 300 and status != 0) or status == 404:
+            return status
+        await asyncio.sleep(0.2 * 2**attempt)
+    return status
+
+
 async def _uncordon(ctl: Controller, name: str) -> None:
     patch = {"metadata": {"annotations": {DRAINING_ANNOTATION: None}}, "spec": {"unschedulable": None}}
-    status = await _patch_node(ctl, name, patch)
-    ctl.log.info("node_uncordoned", node=name, status=status)
+    status = await _patch_node_retrying(ctl, name, patch)
+    if status < 300 and status != 0:
+        ctl.log.info("node_uncordoned", node=name, status=status)
+    else:  # still marked as draining: recover() puts it back on a later pass
+        LOOP_ERRORS.labels("uncordon").inc()
+        ctl.log.error("node_uncordon_failed", node=name, status=status)
 
 
 async def drain(ctl: Controller, job: DrainJob, reason: str) -> None:
@@ -218,11 +238,22 @@ def _replacements(ctl: Controller, job: DrainJob) -> list[str]:
     return out
 
 
-async def recover(ctl: Controller) -> None:
-    """Nodes a previous leader was draining when it stopped: uncordon them; the policy decides anew."""
+async def recover(ctl: Controller, stale_after: float | None = None) -> None:
+    """Nodes marked as draining with no drain of ours in flight (a previous leader stopped, or putting one
+    back failed): uncordon them; the policy decides anew. When leading starts every such node; on each pass
+    (stale_after set) only marks older than that, so a drain that just ended is not raced."""
+    now = ctl.clock()
     for name, extra in list(ctl.inventory.node_extra.items()):
-        if extra.draining_since and name not in ctl.in_flight:
-            ctl.log.warning("drain_abandoned", node=name, since=extra.draining_since, dry_run=ctl.config.dry_run)
-            if not ctl.config.dry_run:
-                await _uncordon(ctl, name)
-                ctl.events.record(name, "SpotdDrainStopped", "a previous controller's drain was interrupted")
+        if not extra.draining_since or name in ctl.in_flight:
+            continue
+        if stale_after is not None:
+            try:
+                age = (now - parse_iso_time(extra.draining_since)).total_seconds()
+            except ValueError:
+                age = float("inf")  # a mark we cannot read is no drain of ours
+            if age < stale_after:
+                continue
+        ctl.log.warning("drain_abandoned", node=name, since=extra.draining_since, dry_run=ctl.config.dry_run)
+        if not ctl.config.dry_run:
+            await _uncordon(ctl, name)
+            ctl.events.record(name, "SpotdDrainStopped", "a drain of ours was interrupted; node put back")

@@ -609,3 +609,22 @@ async def test_unlabelled_node_typed_by_ec2_is_drained_and_terminated_through_it
     assert group["DesiredCapacity"] == 1
     assert victim not in [i["InstanceId"] for i in group["Instances"]]
     await eventually(lambda: "SpotdNodeTerminated" in events_for(api, "od-unlabelled"))
+
+
+async def test_a_node_left_marked_as_draining_is_put_back_on_a_later_pass(api: FakeApiServer, tmp_path: Path) -> None:
+    """Putting a node back can fail (API down); the mark stays, and a later pass uncordons it."""
+    from spotd.kube.inventory import DRAINING_ANNOTATION
+
+    add_node(api, "od-stuck", "on-demand", timedelta(minutes=10))
+    ctl, task = await run_in_process(api, tmp_path, drain_timeout=20.0)
+    try:
+        await eventually(lambda: ctl.ready, timeout=20)
+        stuck = node(api, "od-stuck")
+        stuck["spec"]["unschedulable"] = True
+        long_ago = format_time(datetime.now(UTC) - timedelta(minutes=5))
+        stuck["metadata"].setdefault("annotations", {})[DRAINING_ANNOTATION] = long_ago
+        api.update(stuck)
+        await eventually(lambda: not node(api, "od-stuck")["spec"].get("unschedulable"), timeout=10)
+        assert DRAINING_ANNOTATION not in (node(api, "od-stuck")["metadata"].get("annotations") or {})
+    finally:
+        await stop_in_process(ctl, task)
