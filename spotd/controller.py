@@ -43,6 +43,7 @@ __all__ = ["Controller", "ControllerConfig", "add_arguments", "config_from_args"
 _log = spotd_log.get("spotd.controller")
 
 COMPONENT = "spotd-controller"
+UNKNOWN_LIFECYCLE_RETRY = 300.0  # seconds before asking EC2 again about an instance it did not return
 
 
 class Controller:
@@ -83,6 +84,7 @@ class Controller:
         self.events = EventRecorder(client, COMPONENT, config.identity, self.log, dry_run=config.dry_run)
         self.limiter = RateLimiter(config.eviction_qps, max(1, int(config.eviction_qps)))
         self.lifecycles: dict[str, str] = {}  # instance id -> spot | on-demand | unknown, from EC2
+        self.unknown_at: dict[str, float] = {}  # instance id -> when EC2 did not know it (monotonic)
         self.launch_seen: set[str] = set()  # Spot nodes already turned into a LAUNCHED signal
         self.in_flight: dict[str, DrainJob] = {}
         self.history: deque[datetime] = deque()
@@ -127,13 +129,16 @@ class Controller:
         return out
 
     async def resolve_lifecycles(self) -> None:
-        """EC2 DescribeInstances for the nodes no label types; cached for the life of the process."""
+        """EC2 DescribeInstances for the nodes no label types; cached, except "unknown", asked again later."""
         if self.lookup is None:
             return
+        retry_before = time.monotonic() - UNKNOWN_LIFECYCLE_RETRY
         wanted = [
             n.instance_id
             for n in self.inventory.nodes.values()
-            if n.capacity_type is None and n.instance_id and n.instance_id not in self.lifecycles
+            if n.capacity_type is None
+            and n.instance_id
+            and (n.instance_id not in self.lifecycles or self.unknown_at.get(n.instance_id, 0.0) < retry_before)
         ]
         if not wanted:
             return
@@ -145,6 +150,10 @@ class Controller:
             return
         for iid in wanted:
             self.lifecycles[iid] = found.get(iid, "unknown")
+            if iid in found:
+                self.unknown_at.pop(iid, None)
+            else:  # not (yet) visible to EC2: ask again later, not on every pass
+                self.unknown_at[iid] = time.monotonic()
 
     def launch_signals(self, nodes: list[NodeInfo]) -> list[CapacitySignal]:
         """A Ready Spot node not yet counted is a LAUNCHED signal for its pool, at its creation time."""
