@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -180,25 +181,33 @@ class Responder:
             return  # nothing changes in a dry run: say it once per notice, not every poll
         self.dry_run_shown = response.notice.key if self.nodes.dry_run else None
         state = self._state_for(response)
+        before, after = await self._patch_node(lambda view: notice_patch(view, response, state), "notice")
+        if before is not None and after is not None:
+            self._log_steps(before, after, response)
+        self.state = state
+
+    async def _patch_node(
+        self, compute: Callable[[NodeView], dict[str, Any] | None], action: str
+    ) -> tuple[NodeView | None, NodeView | None]:
+        """Patch from the freshest view, re-reading on 409; (view patched from, result) or Nones if nothing
+        was needed, it was a dry run, or it gave up."""
         for _ in range(_PATCH_TRIES):
             if self.view is None:
                 self.view = await self.nodes.get()
             before = self.view  # the node watch may replace self.view while the patch is in flight
-            patch = notice_patch(before, response, state)
+            patch = compute(before)
             if patch is None:
-                break
-            updated = await self.nodes.patch(patch, "notice")
+                return None, None
+            updated = await self.nodes.patch(patch, action)
             if updated is None and self.nodes.dry_run:
-                break
+                return None, None
             if updated is None:  # 409: someone changed the node; read it again and recompute
                 self.view = await self.nodes.get()
                 continue
-            self._log_steps(before, updated, response)
             self.view = updated
-            break
-        else:
-            self.log.error("node_patch_gave_up", notice=response.notice.key)
-        self.state = state
+            return before, updated
+        self.log.error("node_patch_gave_up", action=action, notice=self.acting.key if self.acting else None)
+        return None, None
 
     def _log_steps(self, before: NodeView, after: NodeView, response: Response) -> None:
         node = self.nodes.name
@@ -292,20 +301,8 @@ class Responder:
         acting = self.acting
         assert acting is not None
         await self._stop_drain()
-        for _ in range(_PATCH_TRIES):
-            if self.view is None:
-                self.view = await self.nodes.get()
-            patch = release_patch(self.view, self.state)
-            if patch is None:
-                break
-            updated = await self.nodes.patch(patch, "release")
-            if updated is None and self.nodes.dry_run:
-                break
-            if updated is None:
-                self.view = await self.nodes.get()
-                continue
-            self.view = updated
-            break
+        state = self.state
+        await self._patch_node(lambda view: release_patch(view, state), "release")
         self.log.info("notice_released", notice=acting.key, reason=reason)
         self.events.record(self.nodes.name, "NoticeReleased", f"{acting.kind}: {reason}; node uncordoned")
         self.alerter.resolve("SpotInterruptionNotice", spot_interruption_alert(acting, self.node_info()).labels)

@@ -122,7 +122,7 @@ class _Drain:
         self.evicted: list[str] = []
         self.deleted: list[str] = []
         self.forced: list[str] = []
-        self.refused: dict[str, PodFacts] = {}  # uid -> pod whose eviction is still being refused
+        self.refusal_logged: set[str] = set()  # uids whose PDB refusal was logged (once a pod)
         self.evicted_uids: set[str] = set()  # eviction accepted: the pod is on its way out
         self.changed = asyncio.Event()
         self.watch_broken = False
@@ -179,7 +179,6 @@ class _Drain:
 
     def gone(self, uid: str) -> None:
         if self.pending.pop(uid, None) is not None:
-            self.refused.pop(uid, None)
             self.changed.set()
 
     async def evict(self, uid: str, pod: PodFacts) -> None:
@@ -205,9 +204,9 @@ class _Drain:
                     return
                 if code == 429 and _is_pdb_refusal(exc):
                     EVICTIONS.labels("pdb_blocked").inc()
-                    if uid not in self.refused:
+                    if uid not in self.refusal_logged:
+                        self.refusal_logged.add(uid)
                         self.log.info("eviction_refused", pod=pod.ref, reason="disruption budget")
-                    self.refused[uid] = pod
                     delay = retry_delay(attempt)
                 elif code in _RETRYABLE:
                     delay = _retry_after(exc) or retry_delay(attempt)
@@ -215,14 +214,12 @@ class _Drain:
                 else:
                     EVICTIONS.labels("failed").inc()
                     self.log.error("eviction_failed", pod=pod.ref, status=code, message=exc.status.message)
-                    self.refused[uid] = pod
-                    return
+                    return  # left to the deadline action
             except (httpx.HTTPError, OSError) as exc:
                 delay = retry_delay(attempt)
                 self.log.warning("eviction_retry", pod=pod.ref, error=repr(exc))
             else:
                 EVICTIONS.labels("evicted").inc()
-                self.refused.pop(uid, None)
                 self.evicted_uids.add(uid)
                 self.evicted.append(pod.ref)
                 self.log.info("pod_evicted", pod=pod.ref, grace=grace)
