@@ -43,8 +43,12 @@ def configure(level: str = "info", stream: Any = None) -> None:
             structlog.processors.JSONRenderer(sort_keys=False),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
-        logger_factory=structlog.PrintLoggerFactory(file=stream or sys.stderr),
-        cache_logger_on_first_use=True,
+        # Without a stream, whatever sys.stderr is when a line is written (not when configured).
+        logger_factory=structlog.PrintLoggerFactory(file=stream)
+        if stream is not None
+        else (lambda *args: structlog.PrintLogger(sys.stderr)),
+        # Not cached: module-level loggers follow a later configure() (the simulation logs to a file, then back).
+        cache_logger_on_first_use=False,
     )
 
 

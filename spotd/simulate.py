@@ -258,4 +258,5 @@ async def run_embedded(config: SimulateConfig) -> Report:
         await asyncio.gather(*tasks, return_exceptions=True)
         await cluster.stop_imds()
         await api.stop()
+        spotd_log.configure(config.log_level)  # back to stderr before the file goes
         log_file.close()
