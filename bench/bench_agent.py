@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from spotd.sim.imds import FakeImds
-from spotd.sim.kubeapi import FakeApiServer
+from spotd.sim.kubeapi.server import FakeApiServer
 from tests.agent_harness import AgentProcess, eventually, free_port, node_obj, pod_obj
 
 NODE = "bench-node"

@@ -26,8 +26,10 @@ from typing import Any
 
 from aiohttp import web
 
-from spotd.alerts import AlertConfig, Alerter, NodeInfo, spot_interruption_alert
-from spotd.notices import Notice, NoticeKind
+from spotd.alerts.flags import AlertConfig
+from spotd.alerts.model import AlertNode, spot_interruption_alert
+from spotd.alerts.sender import Alerter
+from spotd.notices.record import Notice, NoticeKind
 
 
 class QuietLog:
@@ -105,7 +107,7 @@ def alerts(n: int, tag: str) -> list[Any]:
     deadline = datetime.now(UTC) + timedelta(minutes=2)
     notice = Notice(NoticeKind.SPOT_ITN, "imds", datetime.now(UTC), deadline, action="terminate")
     return [
-        spot_interruption_alert(notice, NodeInfo(f"ip-10-0-{i // 250}-{i % 250}-{tag}", f"i-{i:017x}", "a", "b"))
+        spot_interruption_alert(notice, AlertNode(f"ip-10-0-{i // 250}-{i % 250}-{tag}", f"i-{i:017x}", "a", "b"))
         for i in range(n)
     ]
 

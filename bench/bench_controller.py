@@ -25,8 +25,8 @@ from typing import Any
 
 from moto.server import ThreadedMotoServer
 
-from spotd.parsing import format_time
-from spotd.sim.kubeapi import FakeApiServer
+from spotd.common.parsing import format_time
+from spotd.sim.kubeapi.server import FakeApiServer
 
 ZONES = ("us-east-1a", "us-east-1b", "us-east-1c")
 TYPES = ("m5.large", "m5.xlarge", "c5.xlarge", "r5.large")

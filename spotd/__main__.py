@@ -1,5 +1,5 @@
 import sys
 
-from spotd.cli import main
+from spotd.cli.main import main
 
 sys.exit(main())

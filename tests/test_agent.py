@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from spotd.sim.imds import FakeImds
-from spotd.sim.kubeapi import FakeApiServer
+from spotd.sim.kubeapi.server import FakeApiServer
 from tests.agent_harness import AgentProcess, eventually, node_obj, pdb_obj, pod_obj
 
 NODE = "ip-10-0-1-10.ec2.internal"

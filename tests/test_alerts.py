@@ -19,28 +19,26 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from spotd.alerts import (
-    AlertConfig,
-    Alerter,
-    NodeInfo,
-    add_alert_arguments,
-    alert_config_from_args,
+from spotd.alerts.flags import AlertConfig, add_alert_arguments, alert_config_from_args
+from spotd.alerts.metrics import ALERTS_DROPPED, ALERTS_SENT
+from spotd.alerts.model import (
+    AlertNode,
     node_drain_incomplete_alert,
     on_demand_drain_blocked_alert,
     on_demand_fallback_alert,
     spot_capacity_unavailable_alert,
     spot_interruption_alert,
 )
-from spotd.alerts.metrics import ALERTS_DROPPED, ALERTS_SENT
-from spotd.notices import Notice, NoticeKind
-from spotd.parsing import format_time
+from spotd.alerts.sender import Alerter
+from spotd.common.parsing import format_time
+from spotd.notices.record import Notice, NoticeKind
 
 try:
     from tests.alertmanager import AlertmanagerSet, eventually, free_port, require_tool
 except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
     from alertmanager import AlertmanagerSet, eventually, free_port, require_tool  # type: ignore[no-redef]
 
-NODE = NodeInfo("ip-10-0-1-2.ec2.internal", "i-0abc", "us-east-1a", "m5.large")
+NODE = AlertNode("ip-10-0-1-2.ec2.internal", "i-0abc", "us-east-1a", "m5.large")
 NOW = datetime(2026, 11, 25, 7, 0, tzinfo=UTC)
 
 
@@ -170,7 +168,7 @@ def test_notice_kinds_have_their_own_alerts() -> None:
 
 
 def test_unknown_node_fields_are_left_out() -> None:
-    alert = spot_interruption_alert(itn(NOW), NodeInfo(node="n1"))
+    alert = spot_interruption_alert(itn(NOW), AlertNode(node="n1"))
     assert set(alert.labels) == {"alertname", "severity", "kind", "node"}
     assert alert.annotations["summary"] == "Spot interruption notice for n1"
 
@@ -416,7 +414,7 @@ async def test_alertmanager_down_fire_returns_at_once_queue_bounded_drops_counte
     async with running(alerter):
         durations = []
         for i in range(5000):
-            alert = spot_interruption_alert(itn(datetime.now(UTC) + timedelta(minutes=2)), NodeInfo(f"n{i}"))
+            alert = spot_interruption_alert(itn(datetime.now(UTC) + timedelta(minutes=2)), AlertNode(f"n{i}"))
             start = time.perf_counter()
             alerter.fire(alert)
             durations.append(time.perf_counter() - start)

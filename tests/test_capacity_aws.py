@@ -16,12 +16,12 @@ import boto3
 import pytest
 from botocore.exceptions import ClientError
 
-from spotd.capacity import aws as capacity_aws
-from spotd.capacity.asg import ActivityCursor, AsgSource
-from spotd.capacity.aws import AwsApi, InstanceLookup
 from spotd.capacity.signals import AsgInfo, CapacitySignal, Pool, SignalKind, parse_scaling_activity
-from spotd.capacity.sqs import SqsSource
-from spotd.metrics import REGISTRY
+from spotd.capacity.sources import aws as capacity_aws
+from spotd.capacity.sources.asg import ActivityCursor, AsgSource
+from spotd.capacity.sources.aws import AwsApi, InstanceLookup
+from spotd.capacity.sources.sqs import SqsSource
+from spotd.common.metrics import REGISTRY
 from tests.moto_server import aws, moto_endpoint  # noqa: F401  (pytest fixtures)
 
 DATA = Path(__file__).parent / "data" / "aws"

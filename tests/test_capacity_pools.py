@@ -10,7 +10,7 @@ import pytest
 from spotd.capacity.metrics import export_pool_states
 from spotd.capacity.pools import AVAILABLE, PROBE_BACKOFF_CAP, RECOVERING, UNAVAILABLE, PoolBook
 from spotd.capacity.signals import CapacitySignal, CapacityType, Pool, SignalKind
-from spotd.metrics import REGISTRY
+from spotd.common.metrics import REGISTRY
 
 T0 = datetime(2024, 3, 5, 10, 0, tzinfo=UTC)
 COOLDOWN = timedelta(minutes=30)

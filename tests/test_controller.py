@@ -23,8 +23,8 @@ from typing import Any
 import boto3
 import pytest
 
-from spotd.parsing import format_time
-from spotd.sim.kubeapi import FakeApiServer
+from spotd.common.parsing import format_time
+from spotd.sim.kubeapi.server import FakeApiServer
 from tests.agent_harness import AgentProcess, eventually, free_port, pdb_obj, pod_obj
 from tests.moto_server import aws, moto_endpoint  # noqa: F401  (pytest fixtures)
 
@@ -371,7 +371,7 @@ async def test_new_ice_during_a_drain_stops_it_and_a_drain_timeout_gives_up(
 def test_config_from_flags_env_and_errors(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     import argparse
 
-    from spotd import controller
+    from spotd.controller import main as controller
 
     kubeconfig = tmp_path / "kubeconfig"
     kubeconfig.write_text(
@@ -406,7 +406,8 @@ def test_config_from_flags_env_and_errors(monkeypatch: pytest.MonkeyPatch, tmp_p
 
 
 async def run_in_process(api: FakeApiServer, tmp_path: Path, **overrides: Any) -> tuple[Any, asyncio.Task[Any]]:
-    from spotd.controller import Controller, ControllerConfig
+    from spotd.controller.config import ControllerConfig
+    from spotd.controller.main import Controller
     from spotd.kube.client import make_client
 
     settings: dict[str, Any] = {
@@ -446,7 +447,7 @@ async def stop_in_process(ctl: Any, task: asyncio.Task[Any]) -> None:
 async def test_active_probe_drains_one_node_and_reads_where_its_pods_land(
     api: FakeApiServer, tmp_path: Path, landing: str, on_spot: bool
 ) -> None:
-    from spotd.capacity import CapacitySignal, Pool, SignalKind
+    from spotd.capacity.signals import CapacitySignal, Pool, SignalKind
 
     add_node(api, "od-a", "on-demand", OLD + timedelta(hours=1))
     add_node(api, "od-b", "on-demand", OLD)
@@ -513,8 +514,9 @@ class RecordingAlerter:
 
 
 def test_decision_pass_signals_verdicts_metrics_and_alerts(tmp_path: Path) -> None:
-    from spotd.capacity import CapacitySignal, Pool, SignalKind
-    from spotd.controller import Controller, ControllerConfig
+    from spotd.capacity.signals import CapacitySignal, Pool, SignalKind
+    from spotd.controller.config import ControllerConfig
+    from spotd.controller.main import Controller
     from spotd.kube.client import make_client
 
     kubeconfig = tmp_path / "kubeconfig"
@@ -613,7 +615,7 @@ async def test_unlabelled_node_typed_by_ec2_is_drained_and_terminated_through_it
 
 async def test_a_node_left_marked_as_draining_is_put_back_on_a_later_pass(api: FakeApiServer, tmp_path: Path) -> None:
     """Putting a node back can fail (API down); the mark stays, and a later pass uncordons it."""
-    from spotd.kube.inventory import DRAINING_ANNOTATION
+    from spotd.kube.keys import DRAINING_ANNOTATION
 
     add_node(api, "od-stuck", "on-demand", timedelta(minutes=10))
     ctl, task = await run_in_process(api, tmp_path, drain_timeout=20.0)

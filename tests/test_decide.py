@@ -7,22 +7,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from spotd.decide import (
-    DrainPolicy,
-    PodFacts,
-    PodVerdict,
-    Step,
-    decide_pod,
-    default_policies,
-    eviction_grace,
-    governing_notice,
-    parse_steps,
-    plan_drain,
-    plan_release,
-    plan_response,
-    retry_delay,
-)
-from spotd.notices import Notice, NoticeKind
+from spotd.agent.policy import Step, default_policies, governing_notice, parse_steps, plan_release, plan_response
+from spotd.drain.plan import PodFacts, PodPolicy, PodVerdict, decide_pod, eviction_grace, plan_drain, retry_delay
+from spotd.notices.record import Notice, NoticeKind
 
 NOW = datetime(2026, 11, 25, 10, 0, 0, tzinfo=UTC)
 
@@ -145,8 +132,8 @@ def pod(name: str, **kw: object) -> PodFacts:
     return PodFacts("default", name, **kw)  # type: ignore[arg-type]
 
 
-EMERGENCY = DrainPolicy()
-VOLUNTARY = DrainPolicy(voluntary=True, evict_unreplicated=False, evict_local_storage=False)
+EMERGENCY = PodPolicy()
+VOLUNTARY = PodPolicy(voluntary=True, evict_unreplicated=False, evict_local_storage=False)
 
 
 @pytest.mark.parametrize(
@@ -171,7 +158,7 @@ VOLUNTARY = DrainPolicy(voluntary=True, evict_unreplicated=False, evict_local_st
         (pod("web", owner_kinds=("ReplicaSet",)), VOLUNTARY, PodVerdict.EVICT),
     ],
 )
-def test_decide_pod(facts: PodFacts, policy: DrainPolicy, verdict: PodVerdict) -> None:
+def test_decide_pod(facts: PodFacts, policy: PodPolicy, verdict: PodVerdict) -> None:
     decision = decide_pod(facts, policy)
     assert decision.verdict == verdict, decision.reason
 

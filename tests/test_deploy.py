@@ -212,7 +212,7 @@ def test_args_parse_with_the_cli(workload: tuple[str, str, str, int], monkeypatc
     (container,) = pod_spec(workload)["containers"]
     for var in container.get("env", []):
         monkeypatch.setenv(var["name"], var.get("value", "from-the-downward-api"))
-    from spotd.cli import build_parser
+    from spotd.cli.main import build_parser
 
     parser = build_parser(only=container["args"][0])  # the env defaults are read as the parser is built
     args = parser.parse_args(container["args"])

@@ -13,9 +13,11 @@ from typing import Any
 
 import pytest
 
-from spotd.sim.kubeapi import STOP_SECONDS_ANNOTATION, ApiError, FakeApiServer
+from spotd.sim.kubeapi.errors import ApiError
 from spotd.sim.kubeapi.patch import json_patch, merge_patch, strategic_merge
+from spotd.sim.kubeapi.policy import STOP_SECONDS_ANNOTATION
 from spotd.sim.kubeapi.selectors import labels_match, parse_field_selector, parse_label_selector
+from spotd.sim.kubeapi.server import FakeApiServer
 
 KUBECTL = shutil.which("kubectl")
 needs_kubectl = pytest.mark.skipif(KUBECTL is None, reason="kubectl not installed")

@@ -11,10 +11,10 @@ import aiohttp
 import pytest
 from structlog.testing import capture_logs
 
-from spotd.imds import NOTICE_PATHS, ImdsClient, ImdsUnavailable, InstanceInfo, NoticePoller
-from spotd.metrics import REGISTRY
-from spotd.notices import NoticeKind
-from spotd.parsing import format_time
+from spotd.common.metrics import REGISTRY
+from spotd.common.parsing import format_time
+from spotd.notices.imds import NOTICE_PATHS, ImdsClient, ImdsUnavailable, InstanceInfo, NoticePoller
+from spotd.notices.record import NoticeKind
 from spotd.sim.imds import FakeImds
 
 NOW = datetime(2026, 11, 25, 8, 0, 0, tzinfo=UTC)
@@ -342,7 +342,7 @@ async def test_unreachable_endpoint(session: Any) -> None:
 
 
 async def test_total_outage_is_an_incomplete_poll_not_an_exception(imds: FakeImds, session: Any) -> None:
-    from spotd.metrics import IMDS_LAST_SUCCESS
+    from spotd.notices.metrics import IMDS_LAST_SUCCESS
 
     imds.set_instance_action(time=NOW)
     log = RecordingLog()

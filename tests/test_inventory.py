@@ -10,16 +10,17 @@ from typing import Any
 
 import pytest
 
-from spotd.kube.client import make_client
-from spotd.kube.inventory import Gone, Inventory, Malformed
-from spotd.kube.records import (
+from spotd.inventory.cache import Gone, Inventory, Malformed
+from spotd.inventory.records import (
     POD_DAEMONSET,
     POD_LOCAL_STORAGE,
     POD_NOT_SAFE_TO_EVICT,
     POD_UNREPLICATED,
     POD_UNSCHEDULABLE,
+    NodePods,
 )
-from spotd.ondemand import ON_DEMAND, SPOT, NodePods
+from spotd.kube.client import make_client
+from spotd.kube.keys import ON_DEMAND, SPOT
 
 
 def pod(

@@ -8,16 +8,7 @@ from typing import Any
 
 import pytest
 
-from spotd.notices import (
-    MalformedNotice,
-    Notice,
-    NoticeKind,
-    parse_instance_action,
-    parse_rebalance,
-    parse_scheduled_events,
-    parse_target_lifecycle_state,
-)
-from spotd.parsing import (
+from spotd.common.parsing import (
     format_duration,
     format_time,
     parse_duration,
@@ -25,6 +16,15 @@ from spotd.parsing import (
     parse_iso_time,
     parse_key_value,
     parse_maintenance_time,
+)
+from spotd.notices.record import (
+    MalformedNotice,
+    Notice,
+    NoticeKind,
+    parse_instance_action,
+    parse_rebalance,
+    parse_scheduled_events,
+    parse_target_lifecycle_state,
 )
 
 NOW = datetime(2026, 11, 25, 8, 0, 0, tzinfo=UTC)

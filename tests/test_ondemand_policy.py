@@ -6,17 +6,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from spotd.ondemand import (
-    ON_DEMAND,
-    SPOT,
-    NodeInfo,
-    NodePods,
-    OnDemandPolicy,
-    SpotAnswer,
-    capacity_type_from_labels,
-    choose_drains,
-    normalize_capacity_type,
-)
+from spotd.controller.policy import OnDemandPolicy, SpotAnswer, choose_drains
+from spotd.inventory.records import NodeInfo, NodePods
+from spotd.kube.keys import ON_DEMAND, SPOT, capacity_type_from_labels, normalize_capacity_type
 
 NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 POLICY = OnDemandPolicy(min_on_demand_age=7200, max_concurrent_drains=1, max_drains_per_hour=4)

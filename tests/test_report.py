@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime, timedelta
 
-from spotd.report import (
+from spotd.rehearsal.report import (
     Fact,
     NodePlan,
     Observation,

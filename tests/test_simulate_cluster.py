@@ -17,12 +17,12 @@ from typing import Any
 import boto3
 import pytest
 
-from spotd.decide import SIMULATION_ANNOTATION
-from spotd.rehearsal_aws import fis_template, start_fis_experiment, terminate_instances
-from spotd.rehearsal_nodes import Target
+from spotd.kube.keys import SIMULATION_ANNOTATION
+from spotd.rehearsal.aws import fis_template, start_fis_experiment, terminate_instances
+from spotd.rehearsal.targets import Target
 from spotd.sim.cluster import ClusterSpec, EmbeddedCluster
 from spotd.sim.imds import FakeImds
-from spotd.sim.kubeapi import FakeApiServer
+from spotd.sim.kubeapi.server import FakeApiServer
 from tests.agent_harness import AgentProcess, eventually
 from tests.moto_server import aws, moto_endpoint  # noqa: F401  (pytest fixtures)
 

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from spotd.cli import main
+from spotd.cli.main import main
 from spotd.sim.cluster import ClusterSpec, EmbeddedCluster
-from spotd.sim.kubeapi import FakeApiServer
+from spotd.sim.kubeapi.server import FakeApiServer
 from spotd.sim.scheduler import cpu_millis, mem_mebibytes, tolerates
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge
 
-from spotd.metrics import REGISTRY
+from spotd.common.metrics import REGISTRY
 
 ALERTS_SENT = Counter(
     "spotd_alerts_sent",

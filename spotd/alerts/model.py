@@ -13,8 +13,8 @@ from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
 from typing import Any
 
-from spotd.notices import Notice, NoticeKind
-from spotd.parsing import format_time
+from spotd.common.parsing import format_time
+from spotd.notices.record import Notice, NoticeKind
 
 Identity = tuple[tuple[str, str], ...]
 
@@ -36,7 +36,7 @@ _MAX_LISTED = 20
 
 
 @dataclass(frozen=True)
-class NodeInfo:
+class AlertNode:
     """The node an alert is about; "" for whatever is not known."""
 
     node: str = ""
@@ -120,7 +120,7 @@ def _age(delta: timedelta) -> str:
     return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m"
 
 
-def spot_interruption_alert(notice: Notice, node: NodeInfo, linger: timedelta = timedelta(minutes=5)) -> Alert:
+def spot_interruption_alert(notice: Notice, node: AlertNode, linger: timedelta = timedelta(minutes=5)) -> Alert:
     """One alert per notice, label kind=<notice kind>; it ends linger after the notice's deadline
     (the end of the window for scheduled maintenance). A rebalance recommendation has no deadline: it
     stays active until resolved."""
@@ -160,7 +160,7 @@ def spot_interruption_alert(notice: Notice, node: NodeInfo, linger: timedelta = 
 
 
 def node_drain_incomplete_alert(
-    node: NodeInfo,
+    node: AlertNode,
     pods_left: Sequence[str],
     deadline: datetime | None,
     linger: timedelta = timedelta(minutes=15),
@@ -218,7 +218,7 @@ def on_demand_fallback_alert(
     )
 
 
-def on_demand_drain_blocked_alert(node: NodeInfo, reason: str, pool: str = "", now: datetime | None = None) -> Alert:
+def on_demand_drain_blocked_alert(node: AlertNode, reason: str, pool: str = "", now: datetime | None = None) -> Alert:
     """A voluntary drain of an on-demand node stopped; reason says why. Active until resolved."""
     return Alert(
         labels={

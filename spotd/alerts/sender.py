@@ -24,10 +24,10 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
-from spotd import log as spotd_log
-from spotd.alerts.cli import AlertConfig
+from spotd.alerts.flags import AlertConfig
 from spotd.alerts.metrics import ALERT_QUEUE_DEPTH, ALERTS_DROPPED, ALERTS_SENT
 from spotd.alerts.model import Alert, Identity
+from spotd.common import log as spotd_log
 
 _API_PATH = "/api/v2/alerts"
 _VALIDITY_INTERVALS = 4

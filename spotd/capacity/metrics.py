@@ -9,7 +9,7 @@ from prometheus_client import Counter, Gauge
 
 from spotd.capacity.pools import AVAILABLE, PoolBook
 from spotd.capacity.signals import CapacitySignal, SignalKind
-from spotd.metrics import REGISTRY
+from spotd.common.metrics import REGISTRY
 
 ICE_SIGNALS = Counter(
     "spotd_ice_signals",

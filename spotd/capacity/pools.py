@@ -21,7 +21,7 @@ from datetime import datetime, timedelta
 from types import MappingProxyType
 
 from spotd.capacity.signals import CapacitySignal, CapacityType, Pool, SignalKind
-from spotd.parsing import format_time
+from spotd.common.parsing import format_time
 
 AVAILABLE = "available"
 RECOVERING = "recovering"

@@ -19,7 +19,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from spotd.parsing import parse_iso_time
+from spotd.common.parsing import parse_iso_time
 
 ANY = "*"
 

@@ -12,7 +12,7 @@ from lightkube.models.core_v1 import EventSource, ObjectReference
 from lightkube.models.meta_v1 import ObjectMeta
 from lightkube.resources.core_v1 import Event
 
-from spotd.metrics import LOOP_ERRORS
+from spotd.common.metrics import LOOP_ERRORS
 
 _MAX_PENDING = 200
 

@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 from lightkube import AsyncClient
 
-from spotd import log as spotd_log
+from spotd.common import log as spotd_log
 from spotd.kube.client import http_of
 
 _log = spotd_log.get("spotd.lease")

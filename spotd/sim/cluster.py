@@ -12,7 +12,9 @@ from typing import Any
 
 from spotd.sim.controllers import Controllers, owner_ref
 from spotd.sim.imds import FakeImds
-from spotd.sim.kubeapi import STOP_SECONDS_ANNOTATION, ApiError, FakeApiServer
+from spotd.sim.kubeapi.errors import ApiError
+from spotd.sim.kubeapi.policy import STOP_SECONDS_ANNOTATION
+from spotd.sim.kubeapi.server import FakeApiServer
 from spotd.sim.scheduler import START_SECONDS_ANNOTATION, Obj
 
 CAPACITY_LABEL = "eks.amazonaws.com/capacityType"
@@ -64,7 +66,7 @@ MIX = (
 
 def add_arguments(p: argparse.ArgumentParser | Any) -> None:
     """The embedded cluster's shape (ignored with --kubeconfig)."""
-    from spotd.cli import positive_duration
+    from spotd.cli.flags import positive_duration
 
     def count(text: str) -> int:
         try:
@@ -284,7 +286,7 @@ class EmbeddedCluster:
 
     async def run_agents(self, agent_config: Callable[[str, str], Any]) -> None:
         """Run `spotd.agent.serve` for every node until cancelled; agent_config(node, imds_url) -> AgentConfig."""
-        from spotd.agent import serve
+        from spotd.agent.main import serve
 
         async with asyncio.TaskGroup() as tasks:
             for name, imds in self.imds.items():

@@ -8,7 +8,7 @@ import random
 from collections import defaultdict
 from typing import Any
 
-from spotd.sim.kubeapi import FakeApiServer
+from spotd.sim.kubeapi.server import FakeApiServer
 from spotd.sim.scheduler import Obj, Scheduler, terminating
 
 

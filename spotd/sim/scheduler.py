@@ -8,7 +8,8 @@ from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
-from spotd.sim.kubeapi import ApiError, FakeApiServer
+from spotd.sim.kubeapi.errors import ApiError
+from spotd.sim.kubeapi.server import FakeApiServer
 
 Obj = dict[str, Any]
 START_SECONDS_ANNOTATION = "sim.spotd.io/start-seconds"

@@ -1,0 +1,250 @@
+"""AsgSource: discovers the ASGs by tag and reads their scaling activities into capacity signals."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import boto3
+from botocore.exceptions import BotoCoreError, ClientError
+
+from spotd.capacity import metrics
+from spotd.capacity.signals import AsgInfo, CapacitySignal, parse_scaling_activity
+from spotd.capacity.sources.aws import AwsApi, InstanceLookup, SignalHandler, enrich_signals, log_signals
+from spotd.common import log as logging
+from spotd.common.metrics import LOOP_ERRORS
+from spotd.common.parsing import parse_iso_time
+
+DEFAULT_TAG_FILTERS: tuple[tuple[str, str | None], ...] = (("k8s.io/cluster-autoscaler/enabled", "true"),)
+
+
+class ActivityCursor:
+    """Which scaling activities of one ASG are new (pure). Activities come newest first, in-progress
+    ones on top; a finished activity is taken once. Reading stops at `stop_at`: the history window on
+    the first read, then an hour before the newest activity already taken (in-progress launches that
+    finish later still show up)."""
+
+    SLACK = timedelta(hours=1)
+
+    def __init__(self, history: timedelta) -> None:
+        self.history = history
+        self._seen: dict[str, datetime] = {}
+        self._taken: dict[str, datetime] = {}  # this read's, until commit (or rollback on an error)
+        self.high_water: datetime | None = None
+
+    def stop_at(self, now: datetime) -> datetime:
+        horizon = now - self.history
+        return max(horizon, self.high_water - self.SLACK) if self.high_water else horizon
+
+    def take(self, activities: Iterable[Mapping[str, Any]], now: datetime) -> tuple[list[Mapping[str, Any]], bool]:
+        """(new finished activities of this page, whether the next page may still hold new ones)."""
+        stop = self.stop_at(now)
+        new: list[Mapping[str, Any]] = []
+        more = True
+        for activity in activities:
+            start = _start_time(activity)
+            if start is None:
+                continue
+            if start < stop:
+                more = False
+                continue
+            aid = str(activity.get("ActivityId", ""))
+            done = activity.get("StatusCode") in ("Successful", "Failed", "Cancelled")
+            if not done or aid in self._seen or aid in self._taken:
+                continue
+            self._taken[aid] = start
+            new.append(activity)
+        return new, more
+
+    def rollback(self) -> None:
+        """The read failed part way: what it took will be taken again by the next read."""
+        self._taken = {}
+
+    def commit(self, now: datetime) -> None:
+        """After a full read: remember what was taken, move the high-water mark, forget what fell out of
+        the window."""
+        self._seen.update(self._taken)
+        self._taken = {}
+        if self._seen:
+            self.high_water = max(self._seen.values())
+        horizon = now - self.history - self.SLACK
+        self._seen = {aid: t for aid, t in self._seen.items() if t >= horizon}
+
+
+def _start_time(activity: Mapping[str, Any]) -> datetime | None:
+    value = activity.get("StartTime")
+    try:
+        if isinstance(value, datetime):
+            return value if value.tzinfo else value.replace(tzinfo=UTC)
+        return parse_iso_time(value) if isinstance(value, str) else None
+    except ValueError:
+        return None
+
+
+class AsgSource:
+    """Discovers the ASGs by tag and reads their scaling activities (the Spot ones only)."""
+
+    MAX_PAGES = 10
+
+    def __init__(
+        self,
+        *,
+        tag_filters: Sequence[tuple[str, str | None]] = DEFAULT_TAG_FILTERS,
+        autoscaling_client: Any = None,
+        ec2_client: Any = None,
+        session: boto3.Session | None = None,
+        history: timedelta = timedelta(hours=24),
+        lookup: InstanceLookup | None = None,
+        log: Any = None,
+    ) -> None:
+        self.tag_filters = tuple(tag_filters)
+        self.history = history
+        self.lookup = lookup
+        self.asgs: dict[str, AsgInfo] = {}
+        self.initial_read_done = False
+        self.last_read_complete = False
+        self._autoscaling = AwsApi("autoscaling", autoscaling_client, session)
+        self._ec2 = AwsApi("ec2", ec2_client, session)
+        self._cursors: dict[str, ActivityCursor] = {}
+        self._log = log or logging.get("spotd.capacity")
+
+    async def discover(self) -> dict[str, AsgInfo]:
+        """Every ASG carrying the tags (value None: any value), with its types, zones and markets."""
+        filters = [
+            {"Name": "tag-key", "Values": [key]} if value is None else {"Name": f"tag:{key}", "Values": [value]}
+            for key, value in self.tag_filters
+        ]
+        found: dict[str, AsgInfo] = {}
+        token: str | None = None
+        while True:
+            kwargs: dict[str, Any] = {"Filters": filters}
+            if token:
+                kwargs["NextToken"] = token
+            response = await self._autoscaling.call("describe_auto_scaling_groups", **kwargs)
+            for group in response.get("AutoScalingGroups", []):
+                info = await self._describe_group(group)
+                found[info.name] = info
+            token = response.get("NextToken")
+            if not token:
+                break
+        self.asgs = found
+        return found
+
+    async def _describe_group(self, group: Mapping[str, Any]) -> AsgInfo:
+        name = str(group["AutoScalingGroupName"])
+        zones = tuple(sorted(group.get("AvailabilityZones", [])))
+        mip = group.get("MixedInstancesPolicy")
+        try:
+            if mip:
+                dist = mip.get("InstancesDistribution", {})
+                pct = int(dist.get("OnDemandPercentageAboveBaseCapacity", 100))
+                base = int(dist.get("OnDemandBaseCapacity", 0))
+                lt = mip.get("LaunchTemplate", {})
+                types = tuple(o["InstanceType"] for o in lt.get("Overrides", []) if o.get("InstanceType"))
+                if not types and not any(o.get("InstanceRequirements") for o in lt.get("Overrides", [])):
+                    data = await self._template_data(lt.get("LaunchTemplateSpecification", {}))
+                    types = (data["InstanceType"],) if data.get("InstanceType") else ()
+                return AsgInfo(name, types, zones, spot=pct < 100, on_demand=pct > 0 or base > 0)
+            if group.get("LaunchTemplate"):
+                data = await self._template_data(group["LaunchTemplate"])
+                spot = data.get("InstanceMarketOptions", {}).get("MarketType") == "spot"
+                types = (data["InstanceType"],) if data.get("InstanceType") else ()
+                return AsgInfo(name, types, zones, spot=spot, on_demand=not spot)
+            if group.get("LaunchConfigurationName"):
+                response = await self._autoscaling.call(
+                    "describe_launch_configurations", LaunchConfigurationNames=[group["LaunchConfigurationName"]]
+                )
+                configs = response.get("LaunchConfigurations", [])
+                lc = configs[0] if configs else {}
+                spot = bool(lc.get("SpotPrice"))
+                types = (lc["InstanceType"],) if lc.get("InstanceType") else ()
+                return AsgInfo(name, types, zones, spot=spot, on_demand=not spot)
+        except (ClientError, BotoCoreError) as exc:
+            self._log.warning("asg_describe_failed", asg=name, error=str(exc))
+        return AsgInfo(name, (), zones, spot=bool(mip), on_demand=True)
+
+    async def _template_data(self, spec: Mapping[str, Any]) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"Versions": [str(spec.get("Version") or "$Default")]}
+        if spec.get("LaunchTemplateId"):
+            kwargs["LaunchTemplateId"] = spec["LaunchTemplateId"]
+        elif spec.get("LaunchTemplateName"):
+            kwargs["LaunchTemplateName"] = spec["LaunchTemplateName"]
+        else:
+            return {}
+        response = await self._ec2.call("describe_launch_template_versions", **kwargs)
+        versions = response.get("LaunchTemplateVersions", [])
+        return dict(versions[0].get("LaunchTemplateData", {})) if versions else {}
+
+    async def read_activities(self, now: datetime | None = None) -> list[CapacitySignal]:
+        """Signals from the activities finished since the last read, of every Spot ASG discovered. The
+        first read returns the history window, so a restart learns the current state."""
+        now = now or datetime.now(UTC)
+        signals: list[CapacitySignal] = []
+        self.last_read_complete = True
+        for name, info in sorted(self.asgs.items()):
+            if not info.spot:
+                continue
+            cursor = self._cursors.setdefault(name, ActivityCursor(self.history))
+            try:
+                signals.extend(await self._read_group(name, cursor, now))
+            except (ClientError, BotoCoreError) as exc:
+                # The other groups' signals still count; this group's activities are read again next time.
+                cursor.rollback()
+                self.last_read_complete = False
+                self._log.warning("asg_activities_failed", asg=name, error=str(exc))
+                continue
+            cursor.commit(now)
+        for gone in set(self._cursors) - set(self.asgs):
+            del self._cursors[gone]
+        signals = await enrich_signals(signals, self.lookup, self._log)
+        metrics.count_signals(signals)
+        log_signals(self._log, signals)
+        return signals
+
+    async def _read_group(self, name: str, cursor: ActivityCursor, now: datetime) -> list[CapacitySignal]:
+        signals: list[CapacitySignal] = []
+        token: str | None = None
+        for _ in range(self.MAX_PAGES):
+            kwargs: dict[str, Any] = {"AutoScalingGroupName": name, "MaxRecords": 100}
+            if token:
+                kwargs["NextToken"] = token
+            response = await self._autoscaling.call("describe_scaling_activities", **kwargs)
+            new, more = cursor.take(response.get("Activities", []), now)
+            signals.extend(s for s in (parse_scaling_activity(a, self.asgs) for a in new) if s)
+            token = response.get("NextToken")
+            if not token or not more:
+                break
+        return signals
+
+    async def poll_once(self, now: datetime | None = None) -> list[CapacitySignal]:
+        """discover, then read_activities; initial_read_done once both have completed for every group."""
+        await self.discover()
+        signals = await self.read_activities(now)
+        self.initial_read_done = self.initial_read_done or self.last_read_complete
+        return signals
+
+    async def run(self, on_signals: SignalHandler, interval: float = 60.0) -> None:
+        while True:
+            try:
+                signals = await self.poll_once()
+                if signals:
+                    outcome = on_signals(signals)
+                    if inspect.isawaitable(outcome):
+                        await outcome
+            except (ClientError, BotoCoreError) as exc:
+                LOOP_ERRORS.labels("asg").inc()
+                self._log.warning("asg_read_failed", error=str(exc))
+            await asyncio.sleep(interval)
+
+    async def terminate_instance(self, instance_id: str, decrement_desired: bool = True) -> str:
+        """TerminateInstanceInAutoScalingGroup; returns the activity id. With decrement_desired the
+        group does not launch a replacement (fails if that would take desired below min size)."""
+        response = await self._autoscaling.call(
+            "terminate_instance_in_auto_scaling_group",
+            InstanceId=instance_id,
+            ShouldDecrementDesiredCapacity=decrement_desired,
+        )
+        return str(response.get("Activity", {}).get("ActivityId", ""))

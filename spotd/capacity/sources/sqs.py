@@ -1,0 +1,155 @@
+"""SqsSource: reads the EventBridge Auto Scaling events from one SQS queue into capacity signals."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import boto3
+from botocore.exceptions import BotoCoreError, ClientError
+
+from spotd.capacity import metrics
+from spotd.capacity.signals import AsgInfo, MalformedEvent, launch_signal, read_event
+from spotd.capacity.sources.aws import AwsApi, InstanceLookup, SignalHandler, enrich_signals, log_signals
+from spotd.common import log as logging
+from spotd.common.metrics import LOOP_ERRORS
+
+
+def _sent_at(message: Mapping[str, Any]) -> datetime | None:
+    try:
+        return datetime.fromtimestamp(int(message["Attributes"]["SentTimestamp"]) / 1000, UTC)
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+@dataclass(frozen=True)
+class SqsMessage:
+    receipt_handle: str
+    body: str
+    message_id: str
+    sent_at: datetime | None = None  # SentTimestamp
+
+
+AsgView = Callable[[], Mapping[str, AsgInfo]]
+
+
+class SqsSource:
+    """Reads EventBridge events from one SQS queue. A message is deleted only once handled.
+
+    initial_read_done turns True once the backlog present at start is read: at the first receive that
+    returns nothing, or whose messages were all sent after this source was made (a busy queue may never
+    be empty).
+    """
+
+    def __init__(
+        self,
+        queue_url: str,
+        *,
+        client: Any = None,
+        session: boto3.Session | None = None,
+        wait_seconds: int = 20,
+        max_messages: int = 10,
+        lookup: InstanceLookup | None = None,
+        log: Any = None,
+    ) -> None:
+        self.queue_url = queue_url
+        self.wait_seconds = wait_seconds
+        self.max_messages = max_messages
+        self.lookup = lookup
+        self.initial_read_done = False
+        self.started_at = datetime.now(UTC)
+        self._sqs = AwsApi("sqs", client, session, read_timeout=wait_seconds + 10)
+        self._log = log or logging.get("spotd.capacity")
+
+    async def receive(self) -> list[SqsMessage]:
+        response = await self._sqs.call(
+            "receive_message",
+            QueueUrl=self.queue_url,
+            MaxNumberOfMessages=self.max_messages,
+            WaitTimeSeconds=self.wait_seconds,
+            MessageSystemAttributeNames=["SentTimestamp"],
+        )
+        return [
+            SqsMessage(m["ReceiptHandle"], m.get("Body", ""), m.get("MessageId", ""), _sent_at(m))
+            for m in response.get("Messages", [])
+        ]
+
+    async def delete(self, msgs: Sequence[SqsMessage]) -> None:
+        """DeleteMessageBatch, ten at a time; entries SQS refuses are logged (they come back, and
+        handling a message twice changes nothing)."""
+        for start in range(0, len(msgs), 10):
+            batch = msgs[start : start + 10]
+            response = await self._sqs.call(
+                "delete_message_batch",
+                QueueUrl=self.queue_url,
+                Entries=[{"Id": str(i), "ReceiptHandle": m.receipt_handle} for i, m in enumerate(batch)],
+            )
+            for failed in response.get("Failed", []):
+                self._log.warning(
+                    "sqs_delete_failed",
+                    message_id=batch[int(failed["Id"])].message_id,
+                    code=failed.get("Code"),
+                    error=failed.get("Message"),
+                )
+
+    async def poll_once(self, on_signals: SignalHandler, asgs: AsgView | None = None) -> int:
+        """One receive: parse each message, hand its signals over, then delete what was handled.
+
+        Malformed: logged, counted, deleted. Unknown event type: counted as ignored, deleted. A message
+        whose handling raised stays in the queue (visible again after the visibility timeout; a
+        redrive policy on the queue ends a poison message). Returns the number of messages received.
+        """
+        msgs = await self.receive()
+        if not msgs:
+            self.initial_read_done = True
+            return 0
+        backlog_read = all(m.sent_at is not None and m.sent_at >= self.started_at for m in msgs)
+        view = asgs() if asgs else {}
+        done: list[SqsMessage] = []
+        for msg in msgs:
+            outcome = await self._handle(msg, on_signals, view)
+            metrics.SQS_MESSAGES.labels(outcome).inc()
+            if outcome != "failed":
+                done.append(msg)
+        if done:
+            await self.delete(done)
+        self.initial_read_done = self.initial_read_done or backlog_read
+        return len(msgs)
+
+    async def _handle(self, msg: SqsMessage, on_signals: SignalHandler, view: Mapping[str, AsgInfo]) -> str:
+        try:
+            result = read_event(msg.body)
+        except MalformedEvent as exc:
+            self._log.warning("sqs_message_malformed", message_id=msg.message_id, error=str(exc), body=msg.body[:200])
+            return "malformed"
+        if result is None:
+            self._log.debug("sqs_message_ignored", message_id=msg.message_id)
+            return "ignored"
+        signal = launch_signal(result, "sqs", view)
+        if signal is None:
+            return "handled"
+        signals = await enrich_signals([signal], self.lookup, self._log)
+        try:
+            outcome = on_signals(signals)
+            if inspect.isawaitable(outcome):
+                await outcome
+        except Exception as exc:
+            self._log.warning("sqs_message_failed", message_id=msg.message_id, error=repr(exc))
+            return "failed"
+        metrics.count_signals(signals)
+        log_signals(self._log, signals)
+        return "handled"
+
+    async def run(self, on_signals: SignalHandler, asgs: AsgView | None = None, retry_after: float = 5.0) -> None:
+        """poll_once forever; an AWS error is logged and counted, and the loop carries on."""
+        while True:
+            try:
+                await self.poll_once(on_signals, asgs)
+            except (ClientError, BotoCoreError) as exc:
+                LOOP_ERRORS.labels("sqs").inc()
+                self._log.warning("sqs_receive_failed", error=str(exc))
+                await asyncio.sleep(retry_after)

@@ -1,0 +1,77 @@
+"""argv -> command: builds the parser of the command that runs (importing only that command) and runs it."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from spotd import __version__
+from spotd.cli.flags import OneLineParser, apply_env_defaults
+
+COMMANDS = {
+    "agent": "per-node agent: act on Spot interruption and other notices (DaemonSet)",
+    "controller": "move on-demand fallback back to Spot once capacity returns (Deployment)",
+    "simulate-reclaim": "rehearse a reclaim on a cluster, or on an embedded simulated one",
+    "version": "print the version",
+}
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser, with the flags of the command `only` (so the agent never imports the controller's modules:
+    it runs on every node and every megabyte counts)."""
+    from spotd.alerts.flags import add_alert_arguments
+
+    parser = OneLineParser(prog="spotd", description="Spot-lifecycle daemon for Kubernetes on AWS.")
+    parser.add_argument("--version", action="version", version=f"spotd {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
+    for name, help_text in COMMANDS.items():
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        if name == "version" or only != name:  # `spotd --help` lists the commands without importing them
+            continue
+        _program(name).add_arguments(command)
+        if name in ("agent", "controller"):
+            add_alert_arguments(command)
+        command.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+        apply_env_defaults(command)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(only=next((a for a in argv if a in COMMANDS), None))
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    if args.command == "version":
+        print(f"spotd {__version__}")
+        return 0
+    program = _program(args.command)
+    try:
+        config = program.config_from_args(args)
+    except ValueError as exc:  # found invalid after parsing (files, combinations): still one line
+        print(f"spotd {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return int(asyncio.run(program.run(config)) or 0)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _program(command: str) -> Any:
+    """The module of a command, imported only when that command runs."""
+    import importlib
+
+    modules = {
+        "agent": "spotd.agent.main",
+        "controller": "spotd.controller.main",
+        "simulate-reclaim": "spotd.rehearsal.command",
+    }
+    return importlib.import_module(modules[command])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

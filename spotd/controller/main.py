@@ -1,0 +1,402 @@
+"""spotd controller: moves on-demand fallback nodes back to Spot once Spot capacity is back. The main loop.
+
+One TaskGroup: health server, lease, inventory (always, so a standby is warm), and while leading the
+capacity readers (SQS, ASG activities) and the decision loop. The rules live in spotd.ondemand (which
+node) and spotd.capacity.pools (is Spot back); flags and config in spotd.controller_config; executing a
+drain in spotd.controller_drains (the drain engine itself is spotd.kube.drain); metrics and alerts of a
+pass in spotd.controller_report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from spotd.alerts.flags import AlertConfig
+from spotd.alerts.model import ON_DEMAND_FALLBACK_ACTIVE, SPOT_CAPACITY_UNAVAILABLE
+from spotd.alerts.sender import Alerter
+from spotd.capacity.metrics import count_signals
+from spotd.capacity.pools import PoolBook
+from spotd.capacity.signals import ANY, CapacitySignal, CapacityType, Pool, SignalKind
+from spotd.common import log as spotd_log
+from spotd.common.metrics import LOOP_ERRORS, REGISTRY
+from spotd.controller.config import ControllerConfig, add_arguments, config_from_args
+from spotd.controller.drains import DrainJob, drain, pool_of, recover
+from spotd.controller.metrics import DECISION_PASS_SECONDS, LEADER
+from spotd.controller.policy import SpotAnswer, Verdict, choose_drains
+from spotd.controller.publish import export_metrics, update_alerts
+from spotd.inventory.cache import Inventory, LazyNodePods
+from spotd.inventory.records import NodeInfo
+from spotd.kube.events import EventRecorder
+from spotd.kube.keys import ON_DEMAND, SPOT
+from spotd.kube.lease import LeaderElector
+from spotd.kube.ratelimit import RateLimiter
+
+__all__ = ["Controller", "ControllerConfig", "add_arguments", "config_from_args", "run"]
+
+_log = spotd_log.get("spotd.controller")
+
+COMPONENT = "spotd-controller"
+UNKNOWN_LIFECYCLE_RETRY = 300.0  # seconds before asking EC2 again about an instance it did not return
+
+
+class Controller:
+    """The controller's state and loops. sqs, asgs, lookup: the capacity readers (None: not used)."""
+
+    def __init__(
+        self,
+        config: ControllerConfig,
+        client: Any,
+        *,
+        sqs: Any = None,
+        asgs: Any = None,
+        lookup: Any = None,
+        alerter: Alerter | None = None,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.config = config
+        self.alerter = alerter or Alerter(AlertConfig())
+        # Firing alerts, for spotd.controller_report to resolve once a pass no longer fires them: pools by
+        # alertname, and the nodes whose drain was blocked (fired by spotd.controller_drains).
+        self.alerted: dict[str, set[str]] = {SPOT_CAPACITY_UNAVAILABLE: set(), ON_DEMAND_FALLBACK_ACTIVE: set()}
+        self.blocked_alerts: set[str] = set()
+        self.client = client
+        self.sqs, self.asgs, self.lookup = sqs, asgs, lookup
+        self.clock = clock
+        self.log = _log.bind(identity=config.identity)
+        self.book = PoolBook()
+        self.wake = asyncio.Event()
+        self.inventory = Inventory.from_client(
+            client, capacity_label=config.capacity_type_label, on_node=lambda _o, _n: self.wake.set()
+        )
+        self.elector = LeaderElector(
+            client,
+            config.lease,
+            on_change=lambda leading: LEADER.labels(config.identity).set(1 if leading else 0),
+        )
+        LEADER.labels(config.identity).set(0)
+        self.events = EventRecorder(client, COMPONENT, config.identity, self.log, dry_run=config.dry_run)
+        self.limiter = RateLimiter(config.eviction_qps, max(1, int(config.eviction_qps)))
+        self.lifecycles: dict[str, str] = {}  # instance id -> spot | on-demand | unknown, from EC2
+        self.unknown_at: dict[str, float] = {}  # instance id -> when EC2 did not know it (monotonic)
+        self.launch_seen: set[str] = set()  # Spot nodes already turned into a LAUNCHED signal
+        self.in_flight: dict[str, DrainJob] = {}
+        self.history: deque[datetime] = deque()
+        self.reasons: dict[str, str] = {}  # last reason logged per node, so a steady state logs once
+        self.ready = False
+        self.last_pass = time.monotonic()
+        self._group: asyncio.TaskGroup | None = None
+
+    # --- signals --------------------------------------------------------------------------------------
+
+    def on_signals(self, signals: list[CapacitySignal]) -> None:
+        """New capacity signals: into the book; an ICE during a drain stops that drain."""
+        self.book = self.book.record_all(signals)
+        for sig in signals:
+            if sig.kind != SignalKind.ICE:
+                continue
+            for job in self.in_flight.values():
+                same_zone = sig.pool.zone in (ANY, job.pool.zone)
+                if same_zone and sig.at >= job.started - timedelta(seconds=5) and not job.stop.is_set():
+                    job.abort = "aborted_ice"
+                    job.stop.set()
+                    self.log.warning("drain_stopping", node=job.node, reason=f"new ICE in {sig.pool}: {sig.reason}")
+        self.wake.set()
+
+    def _sources_ready(self) -> bool:
+        sqs_ok = self.sqs is None or self.sqs.initial_read_done
+        asg_ok = self.asgs is None or self.asgs.initial_read_done
+        return bool(sqs_ok and asg_ok and self.inventory.synced)
+
+    # --- the decision pass ----------------------------------------------------------------------------
+
+    def resolved_nodes(self) -> list[NodeInfo]:
+        """The inventory's nodes, with the capacity type EC2 told for those no label types."""
+        out = []
+        for node in self.inventory.nodes.values():
+            if node.capacity_type is None and self.lifecycles.get(node.instance_id) in (
+                SPOT,
+                ON_DEMAND,
+            ):
+                node = replace(node, capacity_type=self.lifecycles[node.instance_id])
+            out.append(node)
+        return out
+
+    async def resolve_lifecycles(self) -> None:
+        """EC2 DescribeInstances for the nodes no label types; cached, except "unknown", asked again later."""
+        if self.lookup is None:
+            return
+        retry_before = time.monotonic() - UNKNOWN_LIFECYCLE_RETRY
+        wanted = [
+            n.instance_id
+            for n in self.inventory.nodes.values()
+            if n.capacity_type is None
+            and n.instance_id
+            and (n.instance_id not in self.lifecycles or self.unknown_at.get(n.instance_id, 0.0) < retry_before)
+        ]
+        if not wanted:
+            return
+        try:
+            found = await self.lookup.lifecycle(wanted)
+        except Exception as exc:  # boto errors; the next pass asks again
+            LOOP_ERRORS.labels("ec2_lookup").inc()
+            self.log.warning("instance_lookup_failed", error=repr(exc), instances=len(wanted))
+            return
+        for iid in wanted:
+            self.lifecycles[iid] = found.get(iid, "unknown")
+            if iid in found:
+                self.unknown_at.pop(iid, None)
+            else:  # not (yet) visible to EC2: ask again later, not on every pass
+                self.unknown_at[iid] = time.monotonic()
+
+    def launch_signals(self, nodes: list[NodeInfo]) -> list[CapacitySignal]:
+        """A Ready Spot node not yet counted is a LAUNCHED signal for its pool, at its creation time."""
+        latest: dict[Pool, NodeInfo] = {}
+        present = set()
+        for node in nodes:
+            present.add(node.name)
+            if node.capacity_type != SPOT or not node.ready or node.name in self.launch_seen:
+                continue
+            self.launch_seen.add(node.name)
+            pool = pool_of(node)
+            if pool not in latest or latest[pool].created < node.created:
+                latest[pool] = node
+        self.launch_seen &= present
+        return [
+            CapacitySignal(
+                pool,
+                SignalKind.LAUNCHED,
+                "node",
+                n.created,
+                f"Spot node {n.name} Ready",
+                capacity_type=CapacityType.SPOT,
+                key=n.name,
+            )
+            for pool, n in latest.items()
+        ]
+
+    def spot_answer(self, now: datetime) -> Callable[[NodeInfo], SpotAnswer]:
+        cooldown = timedelta(seconds=self.config.ice_cooldown)
+        quiet = timedelta(seconds=self.config.probe_quiet_period)
+        probing = any(job.probe for job in self.in_flight.values())
+        cache: dict[Pool, SpotAnswer] = {}
+
+        def answer(node: NodeInfo) -> SpotAnswer:
+            pool = pool_of(node)
+            if pool not in cache:
+                verdict = self.book.spot_available(pool, now, cooldown)
+                due = (
+                    not verdict.available
+                    and quiet.total_seconds() > 0
+                    and not probing
+                    and any(p.contains(pool) and self.book.probe_due(p, now, quiet) for p in self.book.pools())
+                )
+                cache[pool] = SpotAnswer(verdict.available, verdict.reason, due)
+            return cache[pool]
+
+        return answer
+
+    def decision_pass(self, now: datetime) -> list[Verdict]:
+        """One pass over the warm inventory: signals from new Spot nodes, metrics, verdicts."""
+        started = time.perf_counter()
+        nodes = self.resolved_nodes()
+        launched = self.launch_signals(nodes)
+        if launched:
+            count_signals(launched)
+            self.book = self.book.record_all(launched)
+        while self.history and self.history[0] < now - timedelta(hours=1):
+            self.history.popleft()
+        verdicts = choose_drains(
+            nodes,
+            LazyNodePods(self.inventory),
+            self.inventory.pending_unschedulable,
+            self.spot_answer(now),
+            now,
+            self.config.policy,
+            self.in_flight.keys(),
+            self.history,
+        )
+        export_metrics(self, nodes, now)
+        update_alerts(self, nodes, now)
+        elapsed = time.perf_counter() - started
+        DECISION_PASS_SECONDS.observe(elapsed)
+        drains = sum(1 for v in verdicts if v.drain)
+        self.log.info(
+            "decision_pass",
+            seconds=round(elapsed, 4),
+            nodes=len(nodes),
+            pods=len(self.inventory.pods),
+            on_demand=len(verdicts),
+            drains=drains,
+            pending_unschedulable=self.inventory.pending_unschedulable,
+        )
+        return verdicts
+
+    def act(self, verdicts: list[Verdict], now: datetime) -> None:
+        for v in verdicts:
+            if not v.drain:
+                # The reason's parenthesis carries ages that change every pass: log a change of kind only.
+                kind = v.reason.split(" (", 1)[0]
+                if self.reasons.get(v.node) != kind:
+                    self.reasons[v.node] = kind
+                    self.log.info(
+                        "node_kept", node=v.node, reason=v.reason, age=round(v.age), dry_run=self.config.dry_run
+                    )
+                continue
+            self.reasons.pop(v.node, None)
+            if self.config.dry_run:
+                self.log.info("would_drain", node=v.node, reason=v.reason, probe=v.probe, age=round(v.age))
+                continue
+            node = self.inventory.nodes.get(v.node)
+            if node is None or self._group is None:
+                continue
+            self.history.append(now)
+            job = DrainJob(v.node, pool_of(node), now, v.probe)
+            pods = self.inventory.pods_of(v.node)
+            job.owners = frozenset((p.namespace, p.owner_kind, p.owner_name) for p in pods if p.owner_kind)
+            job.pods_before = frozenset((p.namespace, p.name) for p in pods)
+            self.in_flight[v.node] = job
+            self._group.create_task(drain(self, job, v.reason))
+
+    # --- the loops ------------------------------------------------------------------------------------
+
+    async def decision_loop(self) -> None:
+        waiting_since = time.monotonic()
+        last_note = waiting_since
+        while not self._sources_ready():  # the sources have no common event: look every 0.2 s
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), 0.2)
+            if time.monotonic() - last_note >= 30:  # a source that never completes must be visible
+                last_note = time.monotonic()
+                self.log.warning(
+                    "waiting_for_sources",
+                    seconds=round(last_note - waiting_since),
+                    sqs=self.sqs is None or self.sqs.initial_read_done,
+                    activities=self.asgs is None or self.asgs.initial_read_done,
+                    inventory=self.inventory.synced,
+                )
+        await self.resolve_lifecycles()
+        self.ready = True
+        self.log.info("sources_ready", nodes=len(self.inventory.nodes), pods=len(self.inventory.pods))
+        await recover(self)
+        while True:
+            self.wake.clear()
+            self.last_pass = time.monotonic()
+            if self.inventory.synced:
+                try:
+                    await self.resolve_lifecycles()
+                    await recover(self, stale_after=self.config.drain_timeout + 60)
+                    now = self.clock()
+                    self.act(self.decision_pass(now), now)
+                except Exception as exc:
+                    LOOP_ERRORS.labels("decisions").inc()
+                    self.log.exception("decision_pass_failed", error=repr(exc))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), self.config.interval)
+            await asyncio.sleep(min(1.0, self.config.interval))  # a burst of events is one pass
+
+    async def lead(self) -> None:
+        """Everything only the leader does; cancelled the moment the lease is lost."""
+        self.log.info("leading")
+        try:
+            async with asyncio.TaskGroup() as group:
+                self._group = group
+                if self.sqs is not None:
+                    group.create_task(self.sqs.run(self.on_signals, lambda: self.asgs.asgs if self.asgs else {}))
+                if self.asgs is not None:
+                    group.create_task(self.asgs.run(self.on_signals, self.config.activities_interval))
+                group.create_task(self.decision_loop())
+        finally:
+            self._group = None
+            self.ready = False
+
+    async def leadership(self) -> None:
+        """Run `lead` while the lease is held; cancel it the moment the lease is lost (or we are cancelled)."""
+        while True:
+            await self.elector.wait_leading()
+            work = asyncio.create_task(self.lead())
+            lost = asyncio.create_task(self.elector.wait_not_leading())
+            try:
+                await asyncio.wait({work, lost}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                lost.cancel()
+                if not work.done():
+                    self.log.warning("stopped_leading", leading=self.elector.is_leader.is_set())
+                    work.cancel()
+                await asyncio.wait({work})
+            if not work.cancelled() and work.exception() is not None:
+                LOOP_ERRORS.labels("leader").inc()
+                self.log.error("leader_work_failed", error=repr(work.exception()))
+                await asyncio.sleep(self.config.lease_retry_period)
+
+    def alive(self) -> bool:
+        if not self.ready:
+            return True
+        return time.monotonic() - self.last_pass < max(120.0, 4 * self.config.interval)
+
+    def readiness(self) -> bool:
+        return self.inventory.synced and self.elector.healthy
+
+
+class _Stop(Exception):
+    """SIGTERM/SIGINT: leave the TaskGroup."""
+
+
+async def run(config: ControllerConfig | argparse.Namespace) -> int:
+    """Entry point for `spotd controller` (a validated config, or the parsed flags); runs until SIGTERM/SIGINT."""
+    if isinstance(config, argparse.Namespace):
+        config = config_from_args(config)
+    spotd_log.configure(config.log_level)
+    from spotd.capacity.sources.asg import AsgSource
+    from spotd.capacity.sources.aws import InstanceLookup
+    from spotd.capacity.sources.sqs import SqsSource
+    from spotd.common.health import HealthServer
+    from spotd.kube.client import make_client
+
+    client = make_client(config.kubeconfig)
+    lookup = InstanceLookup()
+    sqs = SqsSource(config.sqs_queue_url, lookup=lookup, wait_seconds=config.sqs_wait) if config.sqs_queue_url else None
+    asgs = AsgSource(tag_filters=config.asg_tags, history=timedelta(seconds=config.activities_history), lookup=lookup)
+    alerter = Alerter(config.alerts, log=_log)
+    controller = Controller(config, client, sqs=sqs, asgs=asgs, lookup=lookup, alerter=alerter)
+    controller.log.info("controller_starting", **{k: str(v) for k, v in config.summary().items() if k != "alerts"})
+    server = HealthServer(config.listen[0], config.listen[1], REGISTRY, controller.alive, controller.readiness)
+    await server.start()
+    controller.log.info("listening", port=server.port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    async def shutdown(leader_task: asyncio.Task[None]) -> None:
+        await stop.wait()
+        controller.log.info("controller_stopping")
+        leader_task.cancel()  # the drain in flight stops and its node is uncordoned, while we still lead
+        with contextlib.suppress(asyncio.CancelledError):
+            await leader_task
+        raise _Stop()
+
+    try:
+        async with asyncio.TaskGroup() as group:
+            group.create_task(controller.elector.run())
+            group.create_task(controller.inventory.run())
+            group.create_task(alerter.run())
+            leader_task = group.create_task(controller.leadership())
+            group.create_task(shutdown(leader_task))
+    except* _Stop:
+        pass
+    finally:
+        await controller.events.flush()
+        await server.stop()
+        with contextlib.suppress(Exception):
+            await client.close()
+        controller.log.info("controller_stopped")
+    return 0

@@ -1,0 +1,48 @@
+"""The controller's own Prometheus metrics. The names are used by the alert rules: keep them stable.
+
+They live in the agent's registry (spotd.metrics.REGISTRY): one registry per process, one /metrics.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from spotd.common.metrics import REGISTRY
+
+DRAIN_OUTCOMES = ("complete", "aborted_ice", "timeout", "blocked", "failed")
+
+LEADER = Gauge("spotd_leader", "1 while this process holds the controller lease.", ["identity"], registry=REGISTRY)
+NODES = Gauge("spotd_nodes", "Nodes in the inventory by capacity type.", ["capacity_type"], registry=REGISTRY)
+ON_DEMAND_OVER_AGE = Gauge(
+    "spotd_on_demand_nodes_over_age",
+    "On-demand nodes older than --min-on-demand-age (candidates to go back to Spot).",
+    registry=REGISTRY,
+)
+ON_DEMAND_AGE = Histogram(
+    "spotd_on_demand_node_age_seconds",
+    "Age of on-demand nodes, observed once per node per decision pass.",
+    buckets=(600, 1800, 3600, 7200, 14400, 28800, 86400, 172800, 604800),
+    registry=REGISTRY,
+)
+OLDEST_ON_DEMAND_AGE = Gauge(
+    "spotd_on_demand_oldest_node_age_seconds",
+    "Age of the oldest on-demand node (0 when none).",
+    registry=REGISTRY,
+)
+CONTROLLER_DRAINS = Counter(
+    "spotd_controller_drains",
+    "Drains of on-demand nodes by outcome (complete, aborted_ice, timeout, blocked, failed).",
+    ["outcome"],
+    registry=REGISTRY,
+)
+DECISION_PASS_SECONDS = Histogram(
+    "spotd_decision_pass_seconds",
+    "Time of one decision pass over the warm inventory.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1, 2),
+    registry=REGISTRY,
+)
+
+for _outcome in DRAIN_OUTCOMES:
+    CONTROLLER_DRAINS.labels(_outcome)
+for _ctype in ("spot", "on-demand", "unknown"):
+    NODES.labels(_ctype)

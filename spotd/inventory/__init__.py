@@ -1,0 +1,1 @@
+"""The controller's slim watch cache of nodes and pods: msgspec decoding (records) and the watches (cache)."""

@@ -1,0 +1,77 @@
+"""Label, annotation and taint keys: Kubernetes', cluster-autoscaler's, Karpenter's and spotd's own.
+
+Defined once here so that every program spells a key the same way, with the few pure readers of the
+well-known node labels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+# spotd's own, on Nodes
+INTERRUPTION_TAINT_KEY = "spotd.io/interruption"
+NOTICE_ANNOTATION = "spotd.io/notice"  # the agent: the notice it acts on (restart recovery)
+STATE_ANNOTATION = "spotd.io/state"  # the agent: what it changed, so a release undoes only that
+SIMULATION_ANNOTATION = "spotd.io/simulate-reclaim"
+DRAIN_ANNOTATION = "spotd.io/drain"  # "false": the controller never drains this node
+DRAINING_ANNOTATION = "spotd.io/draining"  # the controller: a drain of ours is in flight (restart recovery)
+DRAINED_ANNOTATION = "spotd.io/drained"  # the controller: drained, left to the autoscaler
+
+# Kubernetes and its autoscalers
+EXCLUDE_LB_LABEL = "node.kubernetes.io/exclude-from-external-load-balancers"
+SAFE_TO_EVICT_ANNOTATION = "cluster-autoscaler.kubernetes.io/safe-to-evict"
+MIRROR_ANNOTATION = "kubernetes.io/config.mirror"
+
+# The labels clusters put on nodes to say how they were bought, most specific first.
+CAPACITY_TYPE_LABELS = (
+    "eks.amazonaws.com/capacityType",
+    "karpenter.sh/capacity-type",
+    "node.kubernetes.io/lifecycle",
+)
+INSTANCE_TYPE_LABELS = ("node.kubernetes.io/instance-type", "beta.kubernetes.io/instance-type")
+ZONE_LABELS = ("topology.kubernetes.io/zone", "failure-domain.beta.kubernetes.io/zone")
+
+
+SPOT = "spot"
+
+
+ON_DEMAND = "on-demand"
+
+
+_SPOT_VALUES = frozenset({"spot", "ec2spot", "preemptible"})
+
+
+_ON_DEMAND_VALUES = frozenset({"ondemand", "normal", "regular", "od", "reserved"})
+
+
+def normalize_capacity_type(value: str | None) -> str | None:
+    """'SPOT', 'spot', 'Ec2Spot' -> 'spot'; 'ON_DEMAND', 'on-demand', 'normal' -> 'on-demand'; else None."""
+    if not value:
+        return None
+    key = value.strip().lower().replace("-", "").replace("_", "")
+    if key in _SPOT_VALUES:
+        return SPOT
+    if key in _ON_DEMAND_VALUES:
+        return ON_DEMAND
+    return None
+
+
+def capacity_type_from_labels(labels: Mapping[str, str], extra_label: str | None = None) -> str | None:
+    """The node's capacity type from its labels ('spot' | 'on-demand'), or None when no label says.
+
+    extra_label (from --capacity-type-label) is read first: a cluster-specific label is the most deliberate.
+    """
+    keys = ((extra_label,) if extra_label else ()) + CAPACITY_TYPE_LABELS
+    for key in keys:
+        found = normalize_capacity_type(labels.get(key))
+        if found is not None:
+            return found
+    return None
+
+
+def first_label(labels: Mapping[str, str], keys: Iterable[str]) -> str:
+    for key in keys:
+        value = labels.get(key)
+        if value:
+            return value
+    return ""

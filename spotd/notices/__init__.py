@@ -1,0 +1,1 @@
+"""The Notice record and its sources: IMDS polling and parsing (no Kubernetes here)."""
