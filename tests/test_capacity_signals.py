@@ -17,7 +17,6 @@ from spotd.capacity.signals import (
     Pool,
     SignalKind,
     classify_status_message,
-    instance_id_from_provider_id,
     instance_type_in_message,
     parse_eventbridge_message,
     parse_scaling_activity,
@@ -25,6 +24,7 @@ from spotd.capacity.signals import (
     with_instance_facts,
     zone_in_message,
 )
+from spotd.common.parsing import instance_id_from_provider_id
 
 DATA = Path(__file__).parent / "data" / "aws"
 ASGS = {

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from spotd.agent.node_patch import AgentState, notice_patch, release_patch
+from spotd.agent.node_patch import AgentState, NodeView, notice_patch, release_patch
 from spotd.agent.policy import default_policies, plan_response
 from spotd.kube.keys import EXCLUDE_LB_LABEL, NOTICE_ANNOTATION, STATE_ANNOTATION
-from spotd.kube.nodes import NodeView
 from spotd.notices.record import Notice, NoticeKind
 
 NOW = datetime(2026, 11, 25, 10, 0, tzinfo=UTC)

@@ -19,9 +19,11 @@ from lightkube import AsyncClient
 from lightkube.core.exceptions import ApiError
 from lightkube.resources.core_v1 import Node
 
+from spotd.agent.node_client import NodeClient
+from spotd.agent.node_patch import NodeView
 from spotd.agent.policy import TAINT_EFFECTS, NoticePolicy, default_policies, parse_steps
 from spotd.agent.responder import Responder, Sighting
-from spotd.alerts.flags import AlertConfig, alert_config_from_args
+from spotd.alerts.flags import AlertConfig, add_alert_arguments, alert_config_from_args
 from spotd.alerts.model import AlertNode
 from spotd.alerts.sender import Alerter
 from spotd.cli.flags import duration, host_port, positive_duration
@@ -33,7 +35,6 @@ from spotd.drain.plan import PodPolicy
 from spotd.kube.client import KubeConfigError, load_config, make_client
 from spotd.kube.events import EventRecorder
 from spotd.kube.keys import SIMULATION_ANNOTATION
-from spotd.kube.nodes import NodeClient, NodeView
 from spotd.kube.ratelimit import RateLimiter
 from spotd.kube.watch import RESYNC, resilient_watch
 from spotd.notices.imds import ImdsClient, NoticePoller, PollResult
@@ -90,6 +91,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rebalance-taint-effect", choices=TAINT_EFFECTS, default="PreferNoSchedule")
     p.add_argument("--api-qps", type=float, default=50.0, help="client-side API request rate (50/s)")
     p.add_argument("--api-burst", type=int, default=100, help="client-side API burst (100)")
+    add_alert_arguments(p)
 
 
 @dataclass(frozen=True)

@@ -12,3 +12,11 @@ NOTICES = Counter("spotd_notices", "Notices acted on, by kind and source.", ["ki
 NOTICE_ACTIVE = Gauge(
     "spotd_notice_active", "1 while a notice of this kind is being acted on.", ["kind"], registry=REGISTRY
 )
+
+
+NODE_ACTIONS = Counter(
+    "spotd_node_actions",
+    "Node actions (taint, cordon, exclude_lb, uncordon, annotate) by outcome.",
+    ["action", "outcome"],
+    registry=REGISTRY,
+)

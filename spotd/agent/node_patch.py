@@ -1,16 +1,75 @@
-"""What the agent writes on its Node (pure): the merge patch for a response, the one that releases it,
-and the state annotation that lets a restarted agent finish or undo its work."""
+"""What the agent reads of its Node and writes on it (pure): the view, the merge patch for a response, the
+one that releases it, and the state annotation that lets a restarted agent finish or undo its work.
+
+Every change is one merge patch carrying the resourceVersion it was computed from, so a concurrent
+writer (kubectl, another controller) makes it fail with 409 instead of being overwritten.
+"""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from spotd.agent.policy import Response, Step
-from spotd.kube.keys import EXCLUDE_LB_LABEL, INTERRUPTION_TAINT_KEY, NOTICE_ANNOTATION, STATE_ANNOTATION
-from spotd.kube.nodes import NodeView
+from spotd.common.parsing import instance_id_from_provider_id
+from spotd.kube.keys import (
+    EXCLUDE_LB_LABEL,
+    INSTANCE_TYPE_LABELS,
+    INTERRUPTION_TAINT_KEY,
+    NOTICE_ANNOTATION,
+    STATE_ANNOTATION,
+    ZONE_LABELS,
+    first_label,
+)
+
+if TYPE_CHECKING:
+    from lightkube.resources.core_v1 import Node
+
+
+@dataclass(frozen=True)
+class NodeView:
+    """The parts of a Node the agent reads."""
+
+    name: str
+    uid: str = ""
+    resource_version: str = ""
+    unschedulable: bool = False
+    taints: tuple[Mapping[str, Any], ...] = ()
+    labels: Mapping[str, str] = field(default_factory=dict)
+    annotations: Mapping[str, str] = field(default_factory=dict)
+    boot_id: str = ""
+    provider_id: str = ""
+
+    @classmethod
+    def from_node(cls, node: Node) -> NodeView:  # a lightkube Node; only read
+        meta, spec, status = node.metadata, node.spec, node.status
+        taints = tuple(t.to_dict() for t in (spec.taints or [])) if spec else ()
+        boot_id = status.nodeInfo.bootID if status and status.nodeInfo else ""
+        return cls(
+            name=meta.name if meta and meta.name else "",
+            uid=(meta.uid or "") if meta else "",
+            resource_version=(meta.resourceVersion or "") if meta else "",
+            unschedulable=bool(spec.unschedulable) if spec else False,
+            taints=taints,
+            labels=dict(meta.labels or {}) if meta else {},
+            annotations=dict(meta.annotations or {}) if meta else {},
+            boot_id=boot_id or "",
+            provider_id=(spec.providerID or "") if spec else "",
+        )
+
+    @property
+    def zone(self) -> str:
+        return first_label(self.labels, ZONE_LABELS)
+
+    @property
+    def instance_type(self) -> str:
+        return first_label(self.labels, INSTANCE_TYPE_LABELS)
+
+    @property
+    def instance_id(self) -> str:
+        return instance_id_from_provider_id(self.provider_id) or ""
 
 
 @dataclass(frozen=True)

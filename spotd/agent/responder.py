@@ -14,7 +14,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from spotd.agent.metrics import NOTICE_ACTIVE, NOTICES
-from spotd.agent.node_patch import AgentState, notice_patch, release_patch
+from spotd.agent.node_client import NodeClient
+from spotd.agent.node_patch import AgentState, NodeView, notice_patch, release_patch
 from spotd.agent.policy import NoticePolicy, Response, Step, governing_notice, plan_release, plan_response
 from spotd.alerts.model import AlertNode, node_drain_incomplete_alert, spot_interruption_alert
 from spotd.alerts.sender import Alerter
@@ -22,7 +23,6 @@ from spotd.common.metrics import LOOP_ERRORS
 from spotd.drain.executor import DrainOptions, DrainResult, drain_node
 from spotd.kube.events import EventRecorder
 from spotd.kube.keys import NOTICE_ANNOTATION, STATE_ANNOTATION
-from spotd.kube.nodes import NodeClient, NodeView
 from spotd.kube.ratelimit import RateLimiter
 from spotd.notices.record import MalformedNotice, Notice, NoticeKind
 

@@ -19,7 +19,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from spotd.common.parsing import parse_iso_time
+from spotd.common.parsing import INSTANCE_ID_RE, parse_iso_time
 
 ANY = "*"
 
@@ -166,7 +166,6 @@ _INSTANCE_TYPE_RE = re.compile(
 _ZONE = r"[a-z]{2}(?:-[a-z]+)+-\d+(?:-[a-z]+-\d+)?[a-z]"
 _ZONE_IN_PARENS_RE = re.compile(r"\((" + _ZONE + r")\)")
 _ZONE_RE = re.compile(r"\b(" + _ZONE + r")\b")
-_INSTANCE_ID_RE = re.compile(r"\b(i-[0-9a-f]{8,17})\b")
 
 
 def instance_type_in_message(message: str) -> str | None:
@@ -180,14 +179,6 @@ def zone_in_message(message: str) -> str | None:
     list the zones that do have capacity ('... requested (us-east-1a). ... choosing us-east-1b, ...')."""
     m = _ZONE_IN_PARENS_RE.search(message or "") or _ZONE_RE.search(message or "")
     return m.group(1) if m else None
-
-
-def instance_id_from_provider_id(provider_id: str) -> str | None:
-    """A Node's spec.providerID ('aws:///us-east-1a/i-0abc...') -> 'i-0abc...', or None."""
-    if not isinstance(provider_id, str) or not provider_id.startswith("aws://"):
-        return None
-    last = provider_id.rstrip("/").rsplit("/", 1)[-1]
-    return last if _INSTANCE_ID_RE.fullmatch(last) else None
 
 
 def _failed_capacity_type(message: str, asg: AsgInfo | None) -> str:
@@ -384,7 +375,7 @@ def read_scaling_activity(activity: Mapping[str, Any]) -> LaunchResult | None:
         at = _time(activity.get("EndTime"), activity.get("StartTime"))
     except ValueError:
         return None
-    m = _INSTANCE_ID_RE.search(description.split("Status Reason:", 1)[0])
+    m = INSTANCE_ID_RE.search(description.split("Status Reason:", 1)[0])
     zone = _details(activity.get("Details")).get("Availability Zone")
     return LaunchResult(
         asg=asg,

@@ -22,8 +22,6 @@ COMMANDS = {
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The parser, with the flags of the command `only` (so the agent never imports the controller's modules:
     it runs on every node and every megabyte counts)."""
-    from spotd.alerts.flags import add_alert_arguments
-
     parser = OneLineParser(prog="spotd", description="Spot-lifecycle daemon for Kubernetes on AWS.")
     parser.add_argument("--version", action="version", version=f"spotd {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
@@ -32,8 +30,6 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         if name == "version" or only != name:  # `spotd --help` lists the commands without importing them
             continue
         _program(name).add_arguments(command)
-        if name in ("agent", "controller"):
-            add_alert_arguments(command)
         command.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
         apply_env_defaults(command)
     return parser

@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime
 
+INSTANCE_ID_RE = re.compile(r"\b(i-[0-9a-f]{8,17})\b")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
@@ -104,3 +105,11 @@ def parse_host_port(text: str) -> tuple[str, int]:
     if not 0 <= port <= 65535:
         raise ValueError(f"port {port} is out of range")
     return host, port
+
+
+def instance_id_from_provider_id(provider_id: str) -> str | None:
+    """A Node's spec.providerID ('aws:///us-east-1a/i-0abc...') -> 'i-0abc...', or None."""
+    if not isinstance(provider_id, str) or not provider_id.startswith("aws://"):
+        return None
+    last = provider_id.rstrip("/").rsplit("/", 1)[-1]
+    return last if INSTANCE_ID_RE.fullmatch(last) else None

@@ -8,7 +8,7 @@ import socket
 from dataclasses import dataclass, fields
 from typing import Any
 
-from spotd.alerts.flags import AlertConfig, alert_config_from_args
+from spotd.alerts.flags import AlertConfig, add_alert_arguments, alert_config_from_args
 from spotd.common.parsing import parse_duration, parse_host_port
 from spotd.controller.policy import OnDemandPolicy
 from spotd.kube.client import KubeConfigError, load_config
@@ -130,6 +130,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         text(flag, default, f"duration (default {default})")
     for flag, help in _BOOLS.items():
         parser.add_argument(flag, action="store_true", default=_env_bool(flag), help=f"{help} (env {_env(flag)})")
+    add_alert_arguments(parser)
 
 
 def _duration(args: argparse.Namespace, flag: str) -> float:

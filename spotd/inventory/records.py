@@ -14,8 +14,7 @@ from typing import Any
 
 import msgspec
 
-from spotd.capacity.signals import instance_id_from_provider_id
-from spotd.common.parsing import parse_iso_time
+from spotd.common.parsing import instance_id_from_provider_id, parse_iso_time
 from spotd.kube.keys import (
     DRAIN_ANNOTATION,
     INSTANCE_TYPE_LABELS,

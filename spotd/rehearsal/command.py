@@ -194,11 +194,9 @@ async def run(config: SimulateConfig) -> int:
 def agent_config_factory(kubeconfig: str, poll_interval: float, log_level: str) -> Any:
     """A function (node, imds_url) -> AgentConfig, parsed through the agent's own flags and defaults."""
     from spotd.agent import main as agent
-    from spotd.alerts.flags import add_alert_arguments
 
     parser = argparse.ArgumentParser()
     agent.add_arguments(parser)
-    add_alert_arguments(parser)
     parser.add_argument("--log-level", default=log_level)
     base = agent.config_from_args(
         parser.parse_args(["--node-name", "x", "--kubeconfig", kubeconfig, "--poll-interval", f"{poll_interval}s"])

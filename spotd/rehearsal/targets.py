@@ -11,7 +11,7 @@ from datetime import datetime
 
 from lightkube.resources.core_v1 import Node, Pod
 
-from spotd.common.parsing import format_time
+from spotd.common.parsing import format_time, instance_id_from_provider_id
 from spotd.drain.executor import pod_facts
 from spotd.drain.plan import PodPolicy, PodVerdict
 from spotd.drain.plan import decide_pod as decide_drain
@@ -33,7 +33,7 @@ class Target:
 
     @property
     def instance_id(self) -> str:
-        return instance_id(self.provider_id)
+        return instance_id_from_provider_id(self.provider_id) or ""
 
 
 CAPACITY_LABELS = (
@@ -49,11 +49,6 @@ def capacity_type(labels: Mapping[str, str]) -> str:
         if label in labels:
             return values.get(labels[label], "unknown")
     return "unknown"
-
-
-def instance_id(provider_id: str) -> str:
-    """aws:///us-east-1a/i-0abc -> i-0abc; '' when not an AWS provider ID."""
-    return provider_id.rsplit("/", 1)[-1] if provider_id.startswith("aws://") else ""
 
 
 _REQUIREMENT = re.compile(r"^\s*(!?)([A-Za-z0-9._/-]+)\s*(?:(==|=|!=)\s*([A-Za-z0-9._-]*))?\s*$")
