@@ -523,3 +523,42 @@ def test_unsupported_or_broken_policies_are_refused_on_load() -> None:
         policy = small_policy({"expression": "true"})
         policy["spec"]["paramKind"] = {"apiVersion": "v1", "kind": "ConfigMap"}
         ValidatingAdmissionPolicies([policy])
+
+
+@pytest.mark.parametrize(
+    ("condition", "failure", "refused"),
+    [
+        ("request.userInfo.username == 'kubernetes-admin'", "Fail", True),
+        ("request.userInfo.username == 'someone-else'", "Fail", False),
+        ("request.userInfo.extra['x'][0] == 'y'", "Fail", True),  # ADMIN has no extra: an error
+        ("request.userInfo.extra['x'][0] == 'y'", "Ignore", False),
+    ],
+)
+def test_match_conditions(condition: str, failure: str, refused: bool) -> None:
+    policy = small_policy({"expression": "false", "message": "refused"}, failure)
+    policy["spec"]["matchConditions"] = [{"name": "c", "expression": condition}]
+    denial = ValidatingAdmissionPolicies([policy, binding()]).check(node_update())
+    assert (denial is not None) == refused
+    if denial is not None and "error" in denial.message:
+        assert "matchCondition 'c' resulted in error" in denial.cause
+
+
+def test_object_selector_and_binding_match_resources() -> None:
+    policy = small_policy({"expression": "false"})
+    selected = {"matchLabels": {"eks.amazonaws.com/capacityType": "SPOT"}}
+    policy["spec"]["matchConstraints"]["objectSelector"] = selected
+    assert ValidatingAdmissionPolicies([policy, binding()]).check(node_update()) is not None
+    selected["matchLabels"] = {"eks.amazonaws.com/capacityType": "ON_DEMAND"}
+    assert ValidatingAdmissionPolicies([policy, binding()]).check(node_update()) is None
+    narrowed = binding()
+    narrowed["spec"]["matchResources"] = {"resourceRules": [{**policy["spec"]["matchConstraints"]["resourceRules"][0]}]}
+    narrowed["spec"]["matchResources"]["resourceRules"][0]["resourceNames"] = [B]
+    del policy["spec"]["matchConstraints"]["objectSelector"]
+    assert ValidatingAdmissionPolicies([policy, narrowed]).check(node_update()) is None  # node A, binding names B
+
+
+def test_check_never_raises() -> None:
+    policies = ValidatingAdmissionPolicies(policy_docs())
+    odd = AdmissionAttributes("UPDATE", "", "v1", "nodes", "", "Node", A, "", None, None, agent_of(A))
+    denial = policies.check(odd)  # object null on an UPDATE: an evaluation error, refused as failurePolicy says
+    assert denial is not None and denial.code == 422 and "resulted in error" in denial.message
