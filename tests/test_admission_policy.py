@@ -562,3 +562,16 @@ def test_check_never_raises() -> None:
     odd = AdmissionAttributes("UPDATE", "", "v1", "nodes", "", "Node", A, "", None, None, agent_of(A))
     denial = policies.check(odd)  # object null on an UPDATE: an evaluation error, refused as failurePolicy says
     assert denial is not None and denial.code == 422 and "resulted in error" in denial.message
+
+
+def test_a_failed_variable_fails_only_the_expressions_that_use_it() -> None:
+    policy = small_policy({"expression": "true"})
+    policy["spec"]["variables"] = [
+        {"name": "broken", "expression": "object.spec.nosuch"},
+        {"name": "derived", "expression": "variables.broken + 1"},
+    ]
+    assert ValidatingAdmissionPolicies([policy, binding()]).check(node_update()) is None
+    policy["spec"]["validations"].append({"expression": "variables.derived > 0"})
+    denial = ValidatingAdmissionPolicies([policy, binding()]).check(node_update())
+    assert denial is not None
+    assert "expression 'variables.derived > 0' resulted in error: variable 'broken' resulted in error" in denial.cause

@@ -16,14 +16,15 @@ validation names another reason, message `<resource> "<name>" is forbidden: Vali
 
 What it does not: params (paramKind/paramRef), namespaceSelector other than empty, auditAnnotations,
 authorizer and namespaceObject variables, the Kubernetes-only CEL libraries (quantity, url, ip, ...), cost
-limits, type checking against the OpenAPI schema. Variables are computed before the validations rather than
-lazily, so a variable that fails makes every validation of its policy fail; a policy meant for this
-evaluator keeps its variables free of errors (guard with has()). A policy that uses anything unsupported is
-refused when loaded (ValueError), never silently half-applied.
+limits, type checking against the OpenAPI schema. Variables are computed in order before the validations,
+not lazily; an expression that names a failed variable (`variables.name`) fails with that variable's error,
+as it would when the API server evaluates it on use. A policy that uses anything unsupported is refused
+when loaded (ValueError), never silently half-applied.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -257,27 +258,36 @@ def _evaluate(policy: _Policy, attrs: AdmissionAttributes) -> tuple[str, str] | 
     if errors:
         return ("Invalid", "; ".join(errors)) if fail else None
     variables: dict[str, Any] = {}
-    variable_errors = []
+    failed: dict[str, str] = {}  # variable -> the error at its root
     for name, program in policy.variables:
-        value, error = program.eval({**data, "variables": variables})
-        if error is not None:
-            variable_errors.append(f"variable '{name}' resulted in error: {error}")
-            continue
-        variables[name] = value
+        root = _failed_reference(program.expression, failed)
+        if root is None:
+            value, error = program.eval({**data, "variables": variables})
+            if error is None:
+                variables[name] = value
+                continue
+            root = f"variable '{name}' resulted in error: {error}"
+        failed[name] = root
     data["variables"] = variables
     for validation in policy.validations:
         expression = validation.program.expression
-        if variable_errors:
-            if fail:
-                return "Invalid", f"expression '{expression}' resulted in error: {'; '.join(variable_errors)}"
-            continue
-        value, error = validation.program.eval(data)
+        value, error = None, _failed_reference(expression, failed)
+        if error is None:
+            value, error = validation.program.eval(data)
         if error is not None:
             if fail:
                 return "Invalid", f"expression '{expression}' resulted in error: {error}"
             continue
         if value is not True:
             return validation.reason, _message(validation, data)
+    return None
+
+
+def _failed_reference(expression: str, failed: Mapping[str, str]) -> str | None:
+    """The error of the first failed variable the expression names, as a lazy evaluation would meet it."""
+    for name, error in failed.items():
+        if re.search(rf"\bvariables\s*\.\s*{re.escape(name)}\b", expression):
+            return error
     return None
 
 
