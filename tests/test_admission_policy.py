@@ -17,9 +17,9 @@ import pytest
 import yaml
 from lightkube.resources.core_v1 import Node
 
-from spotd.decide import default_policies, plan_response
-from spotd.kube.nodes import AgentState, NodeView, notice_patch, release_patch
-from spotd.notices import Notice, NoticeKind
+from spotd.agent.node_patch import AgentState, NodeView, notice_patch, release_patch
+from spotd.agent.policy import default_policies, plan_response
+from spotd.notices.record import Notice, NoticeKind
 from spotd.sim.kubeapi.admission import AdmissionAttributes, Denial, UserInfo, ValidatingAdmissionPolicies
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
