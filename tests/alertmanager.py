@@ -33,6 +33,7 @@ TOOLS = {
     "alertmanager": ("SPOTD_ALERTMANAGER_BIN", ("prometheus-alertmanager", "alertmanager"), "prometheus-alertmanager"),
     "promtool": ("SPOTD_PROMTOOL_BIN", ("promtool",), "prometheus"),
     "amtool": ("SPOTD_AMTOOL_BIN", ("amtool",), "prometheus-alertmanager"),
+    "kubectl": ("SPOTD_KUBECTL_BIN", ("kubectl",), "kubernetes-client"),
 }
 
 
@@ -50,8 +51,8 @@ def require_tool(name: str) -> str:
     looked = f"{env_var}={override} is not executable" if override else f"{env_var} is not set"
     message = (
         f"{name} not found ({looked}; no {' or '.join(candidates)} on PATH). These tests need "
-        f"the real binary: apt-get install -y {package} (Debian/Ubuntu; or apt-get install -y prometheus "
-        f"prometheus-alertmanager for every tool), or point {env_var} at one."
+        f"the real binary: apt-get install -y {package} (Debian/Ubuntu; scripts/setup --test installs every "
+        f"tool), or point {env_var} at one."
     )
     if os.environ.get("CI", "").lower() not in ("", "0", "false", "no"):
         pytest.fail(f"CI: {message}", pytrace=False)

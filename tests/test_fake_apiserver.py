@@ -18,9 +18,15 @@ from spotd.sim.kubeapi.patch import json_patch, merge_patch, strategic_merge
 from spotd.sim.kubeapi.policy import STOP_SECONDS_ANNOTATION
 from spotd.sim.kubeapi.selectors import labels_match, parse_field_selector, parse_label_selector
 from spotd.sim.kubeapi.server import FakeApiServer
+from tests.alertmanager import require_tool
 
 KUBECTL = shutil.which("kubectl")
-needs_kubectl = pytest.mark.skipif(KUBECTL is None, reason="kubectl not installed")
+needs_kubectl = pytest.mark.usefixtures("kubectl_binary")
+
+
+@pytest.fixture
+def kubectl_binary() -> str:
+    return require_tool("kubectl")  # under CI=true a missing kubectl fails, elsewhere it skips
 
 
 # ---- builders ------------------------------------------------------------------------------------------

@@ -236,7 +236,7 @@ def test_malformed_raw_object() -> None:
 
 # --- against the fake API server ----------------------------------------------------------------------
 
-kubeapi = pytest.importorskip("spotd.sim.kubeapi")
+from spotd.sim import kubeapi  # noqa: E402
 
 
 async def eventually(check: Any, timeout: float = 5.0) -> None:
