@@ -28,8 +28,20 @@ What it does not do (know this before trusting a green test):
   thread; they return copies, and `store` gives the live objects (never mutate those while watches run).
 """
 
+from .auth import ADMIN, AdmissionAttributes, UserInfo
 from .errors import ApiError
 from .policy import STOP_SECONDS_ANNOTATION
-from .server import FakeApiServer, RecordedRequest
+from .rbac import AccessRecord
+from .server import ADMIN_TOKEN, FakeApiServer, RecordedRequest
 
-__all__ = ["STOP_SECONDS_ANNOTATION", "ApiError", "FakeApiServer", "RecordedRequest"]
+__all__ = [
+    "ADMIN",
+    "ADMIN_TOKEN",
+    "STOP_SECONDS_ANNOTATION",
+    "AccessRecord",
+    "AdmissionAttributes",
+    "ApiError",
+    "FakeApiServer",
+    "RecordedRequest",
+    "UserInfo",
+]
