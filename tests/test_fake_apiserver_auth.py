@@ -22,6 +22,7 @@ from lightkube.types import PatchType
 
 from spotd.sim.kubeapi import ADMIN_TOKEN, AccessRecord, AdmissionAttributes, ApiError, FakeApiServer
 from spotd.sim.kubeapi.rbac import RequestAttributes, request_attributes
+from tests.permissions import Grant, compare, granted, read_records, write_records
 
 RA = RequestAttributes
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
@@ -432,3 +433,56 @@ async def test_eviction_checks_a_lagging_budget_status(api: FakeApiServer) -> No
         budget is not None and budget["status"]["disruptionsAllowed"] == 1 and "disruptedPods" not in budget["status"]
     )
     assert (await http(api, "POST", evict.format("w1"), body=body("w1")))[0] == 201
+
+
+# ---- the permission check (tests/permissions.py) -------------------------------------------------------
+
+
+def uses(grants: list[Grant]) -> set[AccessRecord]:
+    """One allowed request per grant, as the fake would record it."""
+    found = set()
+    for g in grants:
+        resource, _, sub = g.resource.partition("/")
+        found.add(AccessRecord(g.username, g.verb, g.api_group, resource, sub, g.namespace or "default", True))
+    return found
+
+
+def test_deploy_rbac_grants_what_the_check_expects() -> None:
+    grants = granted()
+    assert Grant(CONTROLLER, "create", "", "pods/eviction", "", 'ClusterRole "spotd-controller"') in grants
+    assert (
+        Grant(CONTROLLER, "update", "coordination.k8s.io", "leases", "spotd", 'Role "spotd-controller-lease"') in grants
+    )
+    assert not any(g.username == CONTROLLER and g.verb == "delete" for g in grants)
+    assert not compare(uses(grants), grants)  # every grant used, nothing refused
+
+
+def test_permission_check_names_a_missing_and_an_unused_grant() -> None:
+    grants = granted()
+    records = uses(grants)
+    records.discard(AccessRecord(AGENT, "delete", "", "pods", "", "default", True))
+    records.add(AccessRecord(CONTROLLER, "delete", "", "pods", "", "default", False))
+    records.add(AccessRecord("kubernetes-admin", "delete", "", "nodes", "", "", False))  # not spotd's: ignored
+    report = compare(records, grants)
+    assert report.missing == [f'{CONTROLLER} cannot delete "pods" (API group "") in namespace "default"']
+    assert report.unused == [f'ClusterRole "spotd-agent" grants {AGENT} delete "pods" (API group "")']
+    assert "Granted in deploy/rbac.yaml but never used by any test:" in report.lines()
+
+
+async def test_records_of_a_real_server_mark_grants_used(api: FakeApiServer, tmp_path: Path) -> None:
+    api.create(pod("x"))
+    client = client_for(api, tmp_path, api.service_account_token("spotd", "spotd-controller"))
+    try:
+        await client.create(
+            Pod.Eviction(metadata=ObjectMeta(name="x", namespace="default")), name="x", namespace="default"
+        )
+        with pytest.raises(ClientApiError):
+            await client.delete(Pod, "x", namespace="default")
+    finally:
+        await client.close()
+    path = write_records(api.access_log, tmp_path / "access.json")
+    report = compare(read_records(path), granted())
+    assert (
+        f'ClusterRole "spotd-controller" grants {CONTROLLER} create "pods/eviction" (API group "")' not in report.unused
+    )
+    assert f'{CONTROLLER} cannot delete "pods" (API group "") in namespace "default"' in report.missing
