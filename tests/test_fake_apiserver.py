@@ -105,8 +105,8 @@ def watching(api: FakeApiServer) -> bool:
 
 @pytest.fixture
 async def api() -> AsyncIterator[FakeApiServer]:
-    # TLS: kubectl sends its token over TLS only; no PDB lag: these tests read budgets right after writes
-    server = FakeApiServer(termination_scale=0.02, tls=True, pdb_lag=0)
+    # no PDB lag: these tests read budgets right after the writes that change them
+    server = FakeApiServer(termination_scale=0.02, pdb_lag=0)
     await server.start()
     try:
         yield server

@@ -20,7 +20,7 @@ from lightkube.resources.coordination_v1 import Lease
 from lightkube.resources.core_v1 import Node, Pod
 from lightkube.types import PatchType
 
-from spotd.sim.kubeapi import ADMIN_TOKEN, AccessRecord, AdmissionAttributes, ApiError, FakeApiServer
+from spotd.sim.kubeapi import ADMIN_TOKEN, AccessRecord, AdmissionAttributes, ApiError, FakeApiServer, auth
 from spotd.sim.kubeapi.rbac import RequestAttributes, request_attributes
 from tests.permissions import Grant, compare, granted, read_records, write_records
 
@@ -57,7 +57,7 @@ async def until(condition: Callable[[], object], timeout: float = 5.0) -> None:
 async def api() -> AsyncIterator[FakeApiServer]:
     # report_access=False: these tests provoke denials for spotd's identities on purpose, which the
     # session-wide permission check would count as permissions the code lacks
-    server = FakeApiServer(termination_scale=0.01, tls=True, report_access=False)
+    server = FakeApiServer(termination_scale=0.01, report_access=False)
     await server.start()
     server.load_manifests([DEPLOY])
     server.create(node("node-a"))
@@ -256,7 +256,7 @@ async def test_access_sinks_collect_across_servers() -> None:
 
 
 async def test_lightkube_sends_its_token_over_plain_http(tmp_path: Path) -> None:
-    server = FakeApiServer()
+    server = FakeApiServer(tls=False)
     await server.start()
     client = client_for(server, tmp_path, server.service_account_token("spotd", "spotd-agent"))
     try:
@@ -486,3 +486,19 @@ async def test_records_of_a_real_server_mark_grants_used(api: FakeApiServer, tmp
         f'ClusterRole "spotd-controller" grants {CONTROLLER} create "pods/eviction" (API group "")' not in report.unused
     )
     assert f'{CONTROLLER} cannot delete "pods" (API group "") in namespace "default"' in report.missing
+
+
+async def test_certificate_made_with_openssl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the cryptography package the serving certificate comes from the openssl command."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not installed")
+    monkeypatch.setattr(auth, "_CERT", auth._with_openssl())
+    server = FakeApiServer()
+    await server.start()
+    client = client_for(server, tmp_path, ADMIN_TOKEN)
+    try:
+        assert [n async for n in client.list(Node)] == []
+        assert server.ca_certificate == auth._CERT[0]  # type: ignore[index]
+    finally:
+        await client.close()
+        await server.stop()

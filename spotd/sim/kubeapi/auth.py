@@ -149,45 +149,65 @@ class AdmissionAttributes:
 # ---- serving certificate ------------------------------------------------------------------------------
 
 _CERT: tuple[bytes, bytes] | None = None
+_CN = "spotd-fake-kube-apiserver"
 
 
 def self_signed_certificate() -> tuple[bytes, bytes]:
-    """(certificate PEM, key PEM) for 127.0.0.1 and localhost, made once per process. kubectl sends
-    bearer tokens over TLS only, hence a serving certificate. Needs the `cryptography` package."""
+    """(certificate PEM, key PEM) for 127.0.0.1 and localhost, made once per process: kubectl sends
+    credentials to TLS servers only. Made with the `cryptography` package when installed, else with the
+    `openssl` command."""
     global _CERT
     if _CERT is None:
-        import datetime as dt
-        import ipaddress
-
-        from cryptography import x509
-        from cryptography.hazmat.primitives import hashes, serialization
-        from cryptography.hazmat.primitives.asymmetric import ec
-        from cryptography.x509.oid import NameOID
-
-        key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "spotd-fake-kube-apiserver")])
-        now = dt.datetime.now(dt.UTC)
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(days=1))
-            .not_valid_after(now + dt.timedelta(days=365))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(
-                x509.SubjectAlternativeName(
-                    [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-                ),
-                critical=False,
-            )
-            .sign(key, hashes.SHA256())
-        )
-        _CERT = (
-            cert.public_bytes(serialization.Encoding.PEM),
-            key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            ),
-        )
+        try:
+            _CERT = _with_cryptography()
+        except ImportError:
+            _CERT = _with_openssl()
     return _CERT
+
+
+def _with_cryptography() -> tuple[bytes, bytes]:
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, _CN)])
+    now = dt.datetime.now(dt.UTC)
+    san = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=365))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.SubjectAlternativeName(san), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+def _with_openssl() -> tuple[bytes, bytes]:
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cert, key = Path(tmp, "tls.crt"), Path(tmp, "tls.key")
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+             "-keyout", str(key), "-out", str(cert), "-days", "365", "-subj", f"/CN={_CN}",
+             "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
+             "-addext", "basicConstraints=critical,CA:TRUE"],
+            check=True, capture_output=True, timeout=30,
+        )  # fmt: skip
+        return cert.read_bytes(), key.read_bytes()

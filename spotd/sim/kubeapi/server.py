@@ -65,8 +65,10 @@ class Fault:
 
 class FakeApiServer:
     """A Kubernetes API server good enough for kubectl, client-go style clients, the official Python
-    client and lightkube: plain HTTP on 127.0.0.1, bearer tokens mapped to identities, RBAC from the
-    Roles and bindings in its store, admission hooks.
+    client and lightkube: HTTPS on 127.0.0.1 with a self-signed certificate (kubectl sends credentials
+    to TLS servers only; `tls=False` for plain HTTP, which lightkube and the official client still
+    authenticate to), bearer tokens mapped to identities, RBAC from the Roles and bindings in its store,
+    admission hooks.
 
     `ADMIN_TOKEN` (system:masters) is what `write_kubeconfig` writes unless given another token: a test
     runs a program as its real identity by handing it `service_account_token(...)` instead.
@@ -84,7 +86,7 @@ class FakeApiServer:
         bookmark_interval: float = 60.0,
         pdb_lag: float = 0.05,
         report_access: bool = True,
-        tls: bool = False,
+        tls: bool = True,
     ) -> None:
         self.host = host
         self.port = port
@@ -162,8 +164,8 @@ class FakeApiServer:
         return self_signed_certificate()[0] if self.tls else None
 
     def write_kubeconfig(self, path: str | Path, namespace: str = "default", token: str | None = None) -> Path:
-        """A kubeconfig (JSON, which is YAML) for kubectl, lightkube and the official client, whose user
-        presents `token` (default: the admin's)."""
+        """A kubeconfig (JSON, which is YAML) for kubectl, lightkube and the official client, trusting the
+        serving certificate and presenting `token` (default: the admin's, ADMIN_TOKEN)."""
         path = Path(path)
         cluster: dict[str, str] = {"server": self.url}
         if self.tls:
