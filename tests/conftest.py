@@ -45,3 +45,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             print(line)
     if report:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture(scope="session")
+def access_records(pytestconfig: pytest.Config) -> set[AccessRecord]:
+    """Every authorization decision of every FakeApiServer so far in this session (grows as tests run)."""
+    return pytestconfig.stash[_RECORDS]
