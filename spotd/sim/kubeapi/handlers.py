@@ -122,8 +122,9 @@ class ResourceHandlers:
             kind=kind or t.res.kind,
             name=t.name or meta.get("name") or "",
             namespace=t.namespace or "",
-            obj=None if obj is None else clone(obj),
-            old_obj=None if old is None else clone(old),
+            # as the request's API group spells them (events.k8s.io Events are stored in the core shape)
+            obj=None if obj is None else clone(self.out(t.res, obj)),
+            old_obj=None if old is None else clone(self.out(t.res, old)),
             user=user,
             dry_run=dry_run,
         )
