@@ -19,11 +19,12 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def _records_path(config: pytest.Config) -> Path:
+    """$SPOTD_PERMISSIONS_FILE, else spotd-permissions.json in the session's pytest temporary directory."""
     if os.environ.get(permissions.FILE_ENV):
         return Path(os.environ[permissions.FILE_ENV])
-    cache = getattr(config, "cache", None)
-    if cache is not None:
-        return Path(cache.mkdir("spotd-permissions")) / "access.json"
+    factory = getattr(config, "_tmp_path_factory", None)  # tmp_path_factory's, set by pytest's tmpdir plugin
+    if factory is not None:
+        return Path(factory.getbasetemp()) / "spotd-permissions.json"
     return config.rootpath / ".pytest-permissions.json"
 
 
