@@ -19,13 +19,11 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def _records_path(config: pytest.Config) -> Path:
-    """$SPOTD_PERMISSIONS_FILE, else spotd-permissions.json in the session's pytest temporary directory."""
+    """$SPOTD_PERMISSIONS_FILE, else .pytest_cache/spotd-permissions.json (git ignores .pytest_cache; the
+    session's temporary directory would be pruned by concurrent pytest runs of the same user)."""
     if os.environ.get(permissions.FILE_ENV):
         return Path(os.environ[permissions.FILE_ENV])
-    factory = getattr(config, "_tmp_path_factory", None)  # tmp_path_factory's, set by pytest's tmpdir plugin
-    if factory is not None:
-        return Path(factory.getbasetemp()) / "spotd-permissions.json"
-    return config.rootpath / ".pytest-permissions.json"
+    return config.rootpath / ".pytest_cache" / "spotd-permissions.json"
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
