@@ -13,11 +13,9 @@ from typing import Any
 
 import pytest
 
-from spotd.sim.kubeapi.errors import ApiError
+from spotd.sim.kubeapi import ADMIN_TOKEN, STOP_SECONDS_ANNOTATION, ApiError, FakeApiServer
 from spotd.sim.kubeapi.patch import json_patch, merge_patch, strategic_merge
-from spotd.sim.kubeapi.policy import STOP_SECONDS_ANNOTATION
 from spotd.sim.kubeapi.selectors import labels_match, parse_field_selector, parse_label_selector
-from spotd.sim.kubeapi.server import FakeApiServer
 from tests.alertmanager import require_tool
 
 KUBECTL = shutil.which("kubectl")
@@ -113,7 +111,8 @@ def watching(api: FakeApiServer) -> bool:
 
 @pytest.fixture
 async def api() -> AsyncIterator[FakeApiServer]:
-    server = FakeApiServer(termination_scale=0.02)
+    # no PDB lag: these tests read budgets right after the writes that change them
+    server = FakeApiServer(termination_scale=0.02, pdb_lag=0)
     await server.start()
     try:
         yield server
@@ -399,11 +398,12 @@ async def http(api: FakeApiServer, method: str, path: str, body: Any = None, raw
     """One request; the body parsed as JSON unless `raw` (watch streams)."""
     import aiohttp
 
-    async with aiohttp.ClientSession() as session:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=False)) as session:
         kwargs: dict[str, Any] = {}
         if body is not None:
             kwargs["json"] = body
-        async with session.request(method, api.url + path, **kwargs) as resp:
+        headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        async with session.request(method, api.url + path, headers=headers, **kwargs) as resp:
             text = await resp.text()
             return resp.status, (text if raw else json.loads(text)), resp.headers
 

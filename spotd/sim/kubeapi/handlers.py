@@ -1,16 +1,18 @@
-"""Resource requests: path parsing, CRUD, PATCH, eviction and binding. Watches are in watch.py."""
+"""Resource requests: path parsing, CRUD, PATCH, eviction and binding, each write passed to the admission
+hooks before it is stored. Watches are in watch.py."""
 
 from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
 from . import errors, events, patch, protobuf
+from .auth import ADMIN, AdmissionAttributes, UserInfo
 from .codec import clone, dumps, loads
 from .policy import Disruption, check_preconditions
 from .resources import BY_PATH, EVENTS_V1_FIELD_ALIASES, Resource, field_labels
@@ -19,6 +21,9 @@ from .store import Matcher, Obj, Store
 from .tables import to_table, wants_table
 
 JSON = "application/json"
+# the authenticated UserInfo, set on each request by the server's middleware (RequestKey from aiohttp 3.12)
+USER_KEY: Any = web.RequestKey("spotd.user", UserInfo) if hasattr(web, "RequestKey") else "spotd.user"
+AdmissionHook = Callable[[AdmissionAttributes], None]
 
 
 def json_response(body: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
@@ -85,9 +90,46 @@ def decode_continue(token: str) -> tuple[str, str]:
 class ResourceHandlers:
     """One method per verb; each takes the parsed Target and returns a response."""
 
-    def __init__(self, store: Store, disruption: Disruption) -> None:
+    def __init__(
+        self, store: Store, disruption: Disruption, admission_hooks: list[AdmissionHook] | None = None
+    ) -> None:
         self.store = store
         self.disruption = disruption
+        self.admission_hooks = admission_hooks if admission_hooks is not None else []
+
+    def admit(
+        self,
+        request: web.Request,
+        t: Target,
+        operation: str,
+        obj: Obj | None,
+        old: Obj | None,
+        *,
+        kind: str | None = None,
+        dry_run: bool = False,
+    ) -> None:
+        """Every admission hook sees the write; the first to raise an ApiError refuses it."""
+        if not self.admission_hooks:
+            return
+        user: UserInfo = request.get(USER_KEY, ADMIN)
+        meta = (obj or old or {}).get("metadata") or {}
+        attrs = AdmissionAttributes(
+            operation=operation,
+            group=t.res.group,
+            version=t.res.version,
+            resource=t.res.plural,
+            subresource=t.subresource or "",
+            kind=kind or t.res.kind,
+            name=t.name or meta.get("name") or "",
+            namespace=t.namespace or "",
+            # as the request's API group spells them (events.k8s.io Events are stored in the core shape)
+            obj=None if obj is None else clone(self.out(t.res, obj)),
+            old_obj=None if old is None else clone(self.out(t.res, old)),
+            user=user,
+            dry_run=dry_run,
+        )
+        for hook in list(self.admission_hooks):
+            hook(attrs)
 
     # ---- conversions ---------------------------------------------------------------------------------
 
@@ -138,7 +180,7 @@ class ResourceHandlers:
 
     def get(self, request: web.Request, t: Target) -> web.Response:
         if t.res.kind == "PodDisruptionBudget":
-            self.disruption.flush()
+            self.disruption.before_read()
         return self.respond(request, t, self.existing(t))
 
     def selection(self, t: Target, query: Mapping[str, str]) -> tuple[Matcher | None, str | None]:
@@ -155,7 +197,7 @@ class ResourceHandlers:
         query = request.query
         matcher, node = self.selection(t, query)
         if t.res.kind == "PodDisruptionBudget":
-            self.disruption.flush()
+            self.disruption.before_read()
         try:
             limit = max(0, int(query.get("limit") or 0))
         except ValueError:
@@ -219,7 +261,9 @@ class ResourceHandlers:
             raise errors.bad_request("the body must be an object")
         obj = self.into(t.res, body)
         self._check_identity(t, obj)
-        if request.query.get("dryRun") == "All":
+        dry_run = request.query.get("dryRun") == "All"
+        self.admit(request, t, "CREATE", obj, None, dry_run=dry_run)
+        if dry_run:
             return json_response(self.out(t.res, obj), 201)
         created = self.store.create(obj)
         return json_response(self.out(t.res, created), 201)
@@ -246,7 +290,9 @@ class ResourceHandlers:
         for key in ("name", "namespace", "uid"):
             if key in old["metadata"]:
                 new["metadata"][key] = old["metadata"][key]
-        if request.query.get("dryRun") == "All":
+        dry_run = request.query.get("dryRun") == "All"
+        self.admit(request, t, "UPDATE", new, old, dry_run=dry_run)
+        if dry_run:
             return json_response(self.out(t.res, new))
         stored = self.store.update(new)
         return self.respond(request, t, stored)
@@ -268,6 +314,7 @@ class ResourceHandlers:
             if content_type == patch.APPLY_PATCH and isinstance(body, dict):
                 obj = self.into(t.res, body)
                 self._check_identity(t, obj)
+                self.admit(request, t, "CREATE", obj, None)
                 return json_response(self.out(t.res, self.store.create(obj)), 201)
             raise errors.not_found(t.res.group, t.res.plural, t.name or "")
         current = self.out(t.res, old)
@@ -293,6 +340,7 @@ class ResourceHandlers:
         dry_run = request.query.get("dryRun") == "All" or options.get("dryRun") == ["All"]
         old = self.existing(t)
         check_preconditions(old, options, t.res.plural, t.res.group)
+        self.admit(request, t, "DELETE", None, old, dry_run=dry_run)
         if t.res.kind == "Pod":
             obj = self.disruption.delete_pod(t.namespace or "", t.name or "", grace_seconds, dry_run)
         elif dry_run:
@@ -308,6 +356,8 @@ class ResourceHandlers:
         if not isinstance(body, dict) or body.get("kind", "Eviction") != "Eviction":
             raise errors.bad_request("the body must be a policy/v1 Eviction")
         dry_run = request.query.get("dryRun") == "All" or (body.get("deleteOptions") or {}).get("dryRun") == ["All"]
+        self.existing(t)
+        self.admit(request, t, "CREATE", body, None, kind="Eviction", dry_run=dry_run)
         self.disruption.evict(t.namespace or "", t.name or "", body, dry_run)
         return json_response(errors.status_body(201, ""), 201)
 
@@ -317,6 +367,7 @@ class ResourceHandlers:
         if not node:
             raise errors.bad_request("binding target name is required")
         pod = self.existing(t)
+        self.admit(request, t, "CREATE", body, None, kind="Binding")
         if pod.get("spec", {}).get("nodeName"):
             raise errors.conflict(
                 "",

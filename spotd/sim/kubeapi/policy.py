@@ -1,21 +1,24 @@
-"""What the disruption controller, the kubelet and the eviction subresource do for pods: PDB status kept
-current, graceful deletion that ends when the pod really stops, and evictions that respect budgets."""
+"""What the disruption controller, the kubelet and the eviction subresource do for pods: PDB status that
+follows the pods a short lag behind, graceful deletion that ends when the pod really stops, and evictions
+that respect budgets by their status (and decrement it, as the real eviction subresource does)."""
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import math
 import time
 from typing import Any
 
 from . import errors
-from .codec import now_rfc3339
+from .codec import now_rfc3339, parse_time
 from .selectors import Selector, from_label_selector_object, labels_match
 from .store import Change, Key, Obj, Store
 
 STOP_SECONDS_ANNOTATION = "sim.spotd.io/stop-seconds"
 DEFAULT_GRACE_SECONDS = 30
 _SCALED_KINDS = ("ReplicaSet", "Deployment", "StatefulSet", "ReplicationController")
+DELETION_TIMEOUT_SECONDS = 120  # an evicted pod not deleted by then counts as healthy again
 
 
 def is_terminating(pod: Obj) -> bool:
@@ -52,13 +55,16 @@ def _controller_of(pod: Obj) -> tuple[str, str] | None:
 
 
 class Disruption:
-    """Keeps every PodDisruptionBudget's status current and carries out pod deletions and evictions."""
+    """Keeps every PodDisruptionBudget's status following its pods `lag` seconds behind (as the disruption
+    controller does) and carries out pod deletions and evictions."""
 
-    def __init__(self, store: Store, termination_scale: float = 1.0) -> None:
+    def __init__(self, store: Store, termination_scale: float = 1.0, lag: float = 0.0) -> None:
         self.store = store
         self.termination_scale = termination_scale
+        self.lag = lag
         self._dirty: set[Key] = set()
         self._flush_scheduled = False
+        self._flush_handle: asyncio.TimerHandle | asyncio.Handle | None = None
         self._timers: dict[Key, tuple[float, str, asyncio.TimerHandle]] = {}
         store.hooks.append(self._on_change)
 
@@ -88,11 +94,23 @@ class Disruption:
             except RuntimeError:
                 return  # no loop: flushed lazily on the next PDB read
             self._flush_scheduled = True
-            loop.call_soon(self.flush)
+            if self.lag > 0:
+                self._flush_handle = loop.call_later(self.lag, self.flush)
+            else:
+                self._flush_handle = loop.call_soon(self.flush)
+
+    def before_read(self) -> None:
+        """A PDB is about to be read: without a lag (or without an event loop to run the recompute later)
+        its status is brought up to date first; with one, the reader sees the status as it stands."""
+        if self._dirty and (self.lag <= 0 or not self._flush_scheduled):
+            self.flush()
 
     def flush(self) -> None:
         """Recompute the status of every PDB touched since the last flush (coalesces bursts of pod writes)."""
         self._flush_scheduled = False
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
         dirty, self._dirty = self._dirty, set()
         for ns, name in sorted(dirty):
             pdb = self.store.get("PodDisruptionBudget", ns, name)
@@ -113,7 +131,8 @@ class Disruption:
             if sel is None
             else [p for p in self.store.iter_objects("Pod", ns) if labels_match(sel, p["metadata"].get("labels"))]
         )
-        healthy = sum(1 for p in pods if is_healthy(p))
+        disrupted = self._still_disrupted(pdb, pods)
+        healthy = sum(1 for p in pods if is_healthy(p) and p["metadata"]["name"] not in disrupted)
         if spec.get("maxUnavailable") is not None:
             expected = self._expected_scale(ns, pods)
             desired = max(0, expected - _scaled(spec["maxUnavailable"], expected))
@@ -139,7 +158,7 @@ class Disruption:
             "observedGeneration": generation,
             "lastTransitionTime": old.get("lastTransitionTime") if old.get("status") == state else now_rfc3339(),
         }
-        return {
+        status: dict[str, Any] = {
             "observedGeneration": generation,
             "disruptionsAllowed": allowed,
             "currentHealthy": healthy,
@@ -147,6 +166,27 @@ class Disruption:
             "expectedPods": expected,
             "conditions": [condition],
         }
+        if disrupted:
+            status["disruptedPods"] = disrupted
+        return status
+
+    @staticmethod
+    def _still_disrupted(pdb: Obj, pods: list[Obj]) -> dict[str, str]:
+        """status.disruptedPods kept for pods evicted but not yet terminating, for DELETION_TIMEOUT_SECONDS
+        (buildDisruptedPodMap): they count as unhealthy meanwhile."""
+        recorded = (pdb.get("status") or {}).get("disruptedPods") or {}
+        if not recorded:
+            return {}
+        now = dt.datetime.now(dt.UTC)
+        kept = {}
+        for pod in pods:
+            name = pod["metadata"]["name"]
+            when = parse_time(recorded.get(name, ""))
+            if when is None or is_terminating(pod):
+                continue
+            if (now - when).total_seconds() <= DELETION_TIMEOUT_SECONDS:
+                kept[name] = recorded[name]
+        return kept
 
     def _expected_scale(self, ns: str, pods: list[Obj]) -> int:
         controllers: dict[tuple[str, str], int] = {}
@@ -265,11 +305,13 @@ class Disruption:
         grace = options.get("gracePeriodSeconds")
         phase = pod.get("status", {}).get("phase")
         if not (is_terminating(pod) or phase in ("Succeeded", "Failed", "Pending")):
-            self.flush()
-            self._check_budget(pod)
+            self.before_read()
+            self._check_and_decrement(pod, dry_run)
         self.delete_pod(ns, name, grace, dry_run=dry_run)
 
-    def _check_budget(self, pod: Obj) -> None:
+    def _check_and_decrement(self, pod: Obj, dry_run: bool) -> None:
+        """The budget as its status last said (stale until the disruption controller catches up): 429 when
+        it allows no disruption; otherwise one disruption fewer and the pod in disruptedPods."""
         pdbs = self.matching_pdbs(pod)
         if len(pdbs) > 1:
             raise errors.ApiError(
@@ -278,7 +320,7 @@ class Disruption:
         if not pdbs:
             return
         pdb = pdbs[0]
-        status = pdb.get("status") or self.compute_status(pdb)
+        status = pdb.get("status") or {}
         healthy, desired = status.get("currentHealthy", 0), status.get("desiredHealthy", 0)
         policy = pdb.get("spec", {}).get("unhealthyPodEvictionPolicy") or "IfHealthyBudget"
         if not is_healthy(pod) and (policy == "AlwaysAllow" or (healthy >= desired and desired > 0)):
@@ -293,6 +335,21 @@ class Disruption:
             raise _too_many(
                 pdb, f"The disruption budget {name} needs {desired} healthy pods and has {healthy} currently"
             )
+        if dry_run:
+            return
+        new_status = {
+            **status,
+            "disruptionsAllowed": allowed - 1,
+            "disruptedPods": {**(status.get("disruptedPods") or {}), pod["metadata"]["name"]: now_rfc3339()},
+        }
+        if allowed - 1 == 0:
+            new_status["conditions"] = [
+                {**c, "status": "False", "reason": "InsufficientPods", "lastTransitionTime": now_rfc3339()}
+                if c.get("type") == "DisruptionAllowed"
+                else c
+                for c in status.get("conditions") or []
+            ]
+        self.store.update({**pdb, "status": new_status}, check_version=False)
 
 
 def _too_many(pdb: Obj, cause: str) -> errors.ApiError:

@@ -1,6 +1,7 @@
 """The little protobuf kubectl sends: client-go's typed clients (kubectl >= 1.31) encode request bodies as
 application/vnd.kubernetes.protobuf. `kubectl drain --disable-eviction` DELETEs with a protobuf
-DeleteOptions and `kubectl create namespace` POSTs a protobuf Namespace; both are decoded here. Any other
+DeleteOptions, `kubectl create namespace` POSTs a protobuf Namespace and `kubectl auth can-i` a protobuf
+SelfSubjectAccessReview; these are decoded here. Any other
 protobuf body gets 415, since decoding it would need the full schema."""
 
 from __future__ import annotations
@@ -93,6 +94,24 @@ def _delete_options(data: bytes) -> dict[str, Any]:
     return options
 
 
+_RESOURCE_ATTRIBUTES = ("namespace", "verb", "group", "version", "resource", "subresource", "name")
+
+
+def _self_subject_access_review(api_version: str, data: bytes) -> dict[str, Any]:
+    f = _fields(data)
+    spec_fields = _fields(f.get(2, [b""])[-1])
+    spec: dict[str, Any] = {}
+    if 1 in spec_fields:
+        attrs = _fields(spec_fields[1][-1])
+        spec["resourceAttributes"] = {
+            n: _str(attrs, i + 1) for i, n in enumerate(_RESOURCE_ATTRIBUTES) if i + 1 in attrs
+        }
+    if 2 in spec_fields:
+        attrs = _fields(spec_fields[2][-1])
+        spec["nonResourceAttributes"] = {"path": _str(attrs, 1) or "", "verb": _str(attrs, 2) or ""}
+    return {"apiVersion": api_version, "kind": "SelfSubjectAccessReview", "metadata": {}, "spec": spec}
+
+
 def decode(raw: bytes) -> dict[str, Any]:
     """A protobuf request body as JSON-shaped dict; 415 for kinds this fake cannot decode."""
     if not raw.startswith(_MAGIC):
@@ -106,6 +125,8 @@ def decode(raw: bytes) -> dict[str, Any]:
     if kind == "Namespace":
         fields = _fields(body)
         return {"apiVersion": api_version, "kind": kind, "metadata": _object_meta(fields.get(1, [b""])[-1])}
+    if kind == "SelfSubjectAccessReview":
+        return _self_subject_access_review(api_version, body)
     raise ApiError(
         415,
         f"the fake API server cannot decode a protobuf {kind}; send application/json",

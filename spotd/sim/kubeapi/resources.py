@@ -23,6 +23,7 @@ class Resource:
     categories: tuple[str, ...] = ()
     # field selector labels beyond metadata.name / metadata.namespace
     fields: tuple[str, ...] = ()
+    verbs: tuple[str, ...] = tuple(ALL_VERBS)
 
     @property
     def api_version(self) -> str:
@@ -84,6 +85,15 @@ RESOURCES: tuple[Resource, ...] = (
     Resource("apps", "v1", "statefulsets", "StatefulSet", True, ("sts",), ("status",), ("all",)),
     Resource("events.k8s.io", "v1", "events", "Event", True, fields=_EVENT_FIELDS),
     Resource("scheduling.k8s.io", "v1", "priorityclasses", "PriorityClass", False, ("pc",)),
+    Resource("", "v1", "serviceaccounts", "ServiceAccount", True, ("sa",)),
+    Resource("rbac.authorization.k8s.io", "v1", "roles", "Role", True),
+    Resource("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding", True),
+    Resource("rbac.authorization.k8s.io", "v1", "clusterroles", "ClusterRole", False),
+    Resource("rbac.authorization.k8s.io", "v1", "clusterrolebindings", "ClusterRoleBinding", False),
+    # not stored: answered at once from the requester's own permissions
+    Resource(
+        "authorization.k8s.io", "v1", "selfsubjectaccessreviews", "SelfSubjectAccessReview", False, verbs=("create",)
+    ),
 )
 
 # kind -> the resource whose apiVersion objects are stored in (core/v1 for Event)
@@ -170,7 +180,7 @@ def api_resource_list(group: str, version: str) -> dict[str, Any] | None:
             "singularName": r.kind.lower(),
             "namespaced": r.namespaced,
             "kind": r.kind,
-            "verbs": ALL_VERBS,
+            "verbs": list(r.verbs),
         }
         if r.short_names:
             entry["shortNames"] = list(r.short_names)
