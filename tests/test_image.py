@@ -214,6 +214,11 @@ class Container:
         (line,) = [x for x in status.splitlines() if x.startswith("VmRSS:")]
         return int(line.split()[1]) / 1024
 
+    async def cgroup_memory(self) -> str:
+        """What `podman stats` reports: the container's cgroup memory usage and limit."""
+        stats = await asyncio.to_thread(podman, "stats", "--no-stream", "--format", "{{.MemUsage}}", self.name)
+        return stats.strip()
+
     async def stop(self, grace: int) -> tuple[int, float]:
         """`podman stop -t grace` (SIGTERM, then SIGKILL after grace seconds): exit code and seconds taken."""
         started = time.monotonic()
@@ -346,6 +351,7 @@ async def test_agent_drains_its_node_on_a_spot_notice(
     with Container(image, options, args) as agent:
         ready_after = await agent.ready(port, timeout=startup_budget(ds))
         rss_idle = await agent.rss_mb()
+        cgroup_idle = await agent.cgroup_memory()
 
         imds.set_instance_action("terminate", datetime.now(UTC) + timedelta(seconds=120))
         await eventually(lambda: pods_on_node(api) == ["logs-agent"], timeout=30)
@@ -368,7 +374,8 @@ async def test_agent_drains_its_node_on_a_spot_notice(
             report(
                 capsys,
                 f"agent (as the DaemonSet): ready {ready_after:.1f}s after start, "
-                f"RSS {rss_idle:.1f} MB idle, {rss_drained:.1f} MB after draining 10 pods, stopped in {took:.1f}s",
+                f"RSS {rss_idle:.1f} MB idle (podman stats: {cgroup_idle}), {rss_drained:.1f} MB after draining "
+                f"10 pods, stopped in {took:.1f}s",
             )
 
 
