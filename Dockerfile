@@ -26,11 +26,16 @@ LABEL org.opencontainers.image.title="spotd" \
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1
 # Wheels only, from the builder stage through a bind mount, so they never land in a layer. Bytecode is
 # compiled here because the root filesystem is read-only at run time and the agent starts under a
-# 100m CPU limit; also for -OO, since the agent runs with PYTHONOPTIMIZE=2 (deploy/daemonset.yaml). pip, setuptools and wheel are not needed at run time: removed.
+# 100m CPU limit: for plain runs (the controller) and for -OO (the agent runs with PYTHONOPTIMIZE=2,
+# deploy/daemonset.yaml), and for the standard library too, since the python:*-slim images ship it without
+# any .pyc (site-packages sits inside it there; the two are named for other layouts). pip, setuptools and
+# wheel are not needed at run time: removed.
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
-    pip install --no-cache-dir --no-index --find-links=/wheels --compile "spotd[aws]==${VERSION}" \
-    && python -OO -m compileall -q "$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
-    && pip uninstall --yes pip setuptools wheel
+    pip install --no-cache-dir --no-index --find-links=/wheels "spotd[aws]==${VERSION}" \
+    && pip uninstall --yes pip setuptools wheel \
+    && python -m compileall -q -j 0 -o 0 -o 2 \
+        "$(python -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')" \
+        "$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
 # The numeric user of distroless "nonroot"; the manifests' runAsUser matches it.

@@ -1,6 +1,5 @@
 """The deployment: manifests valid against the Kubernetes schemas, hardened pods, least-privilege RBAC
-and IAM, and a clean Dockerfile. Offline except for the image build, which runs only where a container
-builder answers."""
+and IAM, and a clean Dockerfile. Offline: tests/test_image.py builds the image and runs it."""
 
 from __future__ import annotations
 
@@ -483,39 +482,3 @@ def test_dockerfile_matches_project_and_manifests() -> None:
     assert len(re.findall(r"^FROM ", text, re.M)) == 2, "multi-stage: builder and runtime"
     ignore = [line for line in (ROOT / ".dockerignore").read_text().splitlines() if line and line[0] != "#"]
     assert ignore[0] == "*" and "!spotd/" in ignore, ".dockerignore is an allow-list"
-
-
-def docker_works() -> bool:
-    docker = shutil.which("docker")
-    if docker is None:
-        return False
-    try:
-        return subprocess.run([docker, "info"], capture_output=True, timeout=20, check=False).returncode == 0
-    except subprocess.TimeoutExpired:
-        return False
-
-
-@pytest.mark.slow
-def test_docker_build() -> None:
-    if not docker_works():
-        pytest.skip("no container builder: `docker info` fails (no engine reachable from this machine)")
-    tag = "spotd:test-deploy"
-    build = subprocess.run(
-        ["docker", "build", "--tag", tag, str(ROOT)], capture_output=True, text=True, timeout=1200, check=False
-    )
-    assert build.returncode == 0, build.stderr[-4000:]
-    inspect = subprocess.run(
-        ["docker", "image", "inspect", "--format", "{{json .Config}}", tag],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    config = json.loads(inspect.stdout)
-    assert config["User"] == f"{NONROOT}:{NONROOT}"
-    assert config["Entrypoint"] == ["spotd"]
-    run = subprocess.run(
-        ["docker", "run", "--rm", "--read-only", tag, "--help"], capture_output=True, text=True, timeout=120
-    )
-    assert run.returncode == 0, run.stderr
-    for program in ("agent", "controller"):
-        assert program in run.stdout
