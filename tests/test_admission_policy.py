@@ -20,7 +20,8 @@ from lightkube.resources.core_v1 import Node
 from spotd.agent.node_patch import AgentState, NodeView, notice_patch, release_patch
 from spotd.agent.policy import default_policies, plan_response
 from spotd.notices.record import Notice, NoticeKind
-from spotd.sim.kubeapi.admission import AdmissionAttributes, Denial, UserInfo, ValidatingAdmissionPolicies
+from spotd.sim.kubeapi.admission import Denial, ValidatingAdmissionPolicies
+from spotd.sim.kubeapi.auth import AdmissionAttributes, UserInfo
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 AGENT = "system:serviceaccount:spotd:spotd-agent"
@@ -575,3 +576,39 @@ def test_a_failed_variable_fails_only_the_expressions_that_use_it() -> None:
     denial = ValidatingAdmissionPolicies([policy, binding()]).check(node_update())
     assert denial is not None
     assert "expression 'variables.derived > 0' resulted in error: variable 'broken' resulted in error" in denial.cause
+
+
+# ---- the fake API server applies the shipped policy, over a real socket ----
+
+
+async def test_the_fake_api_server_applies_the_shipped_policy(tmp_path: Path) -> None:
+    import httpx
+
+    from spotd.sim.kubeapi import FakeApiServer
+
+    api = FakeApiServer()
+    await api.start()
+    try:
+        api.load_manifests([DEPLOY])
+        for name in (A, "node-b"):
+            api.create(eks_node(name))
+        token = api.service_account_token("spotd", "spotd-agent", node_name=A)
+
+        async def patch(name: str, body: Doc) -> httpx.Response:
+            async with httpx.AsyncClient(base_url=api.url, verify=False) as http:
+                return await http.patch(
+                    f"/api/v1/nodes/{name}",
+                    json=body,
+                    headers={"Authorization": f"Bearer {token}", "Content-Type": "application/merge-patch+json"},
+                )
+
+        own = await patch(A, {"spec": {"unschedulable": True}})
+        assert own.status_code == 200, own.text
+        other = await patch("node-b", {"spec": {"unschedulable": True}})
+        assert other.status_code == 422
+        assert "ValidatingAdmissionPolicy 'spotd-agent-own-node'" in other.json()["message"]
+        beyond = await patch(A, {"metadata": {"labels": {"node-role.kubernetes.io/control-plane": ""}}})
+        assert beyond.status_code == 422
+        assert api.get("Node", "node-b")["spec"].get("unschedulable") is not True
+    finally:
+        await api.stop()

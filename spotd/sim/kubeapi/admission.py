@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
+
+from .auth import AdmissionAttributes
 
 # Kubernetes caps an evaluated messageExpression at 5 KiB and refuses multi-line ones.
 MAX_MESSAGE_BYTES = 5 * 1024
@@ -35,31 +37,6 @@ POLICY_KIND = "ValidatingAdmissionPolicy"
 BINDING_KIND = "ValidatingAdmissionPolicyBinding"
 # reasonToCode in the API server's policy plugin; a validation's reason must be one of these.
 _REASON_CODES = {"Unauthorized": 401, "Forbidden": 403, "Invalid": 422, "RequestEntityTooLarge": 413}
-
-
-@dataclass(frozen=True)
-class UserInfo:
-    username: str
-    uid: str = ""
-    groups: tuple[str, ...] = ()
-    extra: Mapping[str, list[str]] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class AdmissionAttributes:
-    """One request as admission sees it. A PATCH arrives as UPDATE, with obj the patched object."""
-
-    operation: str  # CREATE, UPDATE, DELETE, CONNECT
-    group: str
-    version: str
-    resource: str  # plural: "nodes"
-    subresource: str
-    kind: str
-    name: str
-    namespace: str
-    obj: dict[str, Any] | None
-    old_obj: dict[str, Any] | None
-    user: UserInfo
 
 
 @dataclass(frozen=True)

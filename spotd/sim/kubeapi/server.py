@@ -94,7 +94,10 @@ class FakeApiServer:
         self.bookmark_interval = bookmark_interval
         self.store = Store(history_size=history_size)
         self.disruption = Disruption(self.store, termination_scale, pdb_lag)
-        self.admission_hooks: list[Callable[[AdmissionAttributes], None]] = []
+        # ValidatingAdmissionPolicies stored in the fake apply to every request, as on a real server.
+        self.admission_hooks: list[Callable[[AdmissionAttributes], None]] = [self._admit_by_policies]
+        self._policies: Any = None
+        self._policies_key: tuple[tuple[str, str, str], ...] = ()
         self.handlers = ResourceHandlers(self.store, self.disruption, self.admission_hooks)
         self.authenticator = Authenticator()
         self.authenticator.add(ADMIN_TOKEN, ADMIN)
@@ -223,6 +226,20 @@ class FakeApiServer:
 
     def user_for(self, token: str) -> UserInfo | None:
         return self.authenticator.user_for(token)
+
+    def _admit_by_policies(self, attrs: AdmissionAttributes) -> None:
+        from .admission import BINDING_KIND, POLICY_KIND, ValidatingAdmissionPolicies
+
+        objs = [o for kind in (POLICY_KIND, BINDING_KIND) for o in self.store.iter_objects(kind)]
+        if not objs:
+            return
+        key = tuple(sorted((o["kind"], o["metadata"]["name"], o["metadata"]["resourceVersion"]) for o in objs))
+        if key != self._policies_key:  # compile the CEL once per change of the policies
+            self._policies, self._policies_key = ValidatingAdmissionPolicies(objs), key
+        denial = self._policies.check(attrs)
+        if denial is not None:
+            details = {"name": attrs.name, "kind": attrs.resource, "causes": [{"message": denial.cause}]}
+            raise errors.ApiError(denial.code, denial.message, denial.reason, details=details)
 
     def load_manifests(self, paths: Iterable[str | Path] | str | Path) -> list[Obj]:
         """Apply YAML files (or a kustomization directory, as `kubectl apply -k`): create each object, or
