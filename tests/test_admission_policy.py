@@ -22,6 +22,7 @@ from spotd.agent.policy import default_policies, plan_response
 from spotd.notices.record import Notice, NoticeKind
 from spotd.sim.kubeapi.admission import Denial, ValidatingAdmissionPolicies
 from spotd.sim.kubeapi.auth import AdmissionAttributes, UserInfo
+from spotd.sim.kubeapi.patch import merge_patch
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 AGENT = "system:serviceaccount:spotd:spotd-agent"
@@ -122,19 +123,6 @@ def eks_node(name: str = A, *, taints: list[Doc] | None = None, unschedulable: b
 
 DEDICATED = {"key": "dedicated", "value": "batch", "effect": "NoSchedule"}
 UNREACHABLE = {"key": "node.kubernetes.io/unreachable", "effect": "NoExecute", "timeAdded": "2026-11-30T09:58:00Z"}
-
-
-def merge_patch(target: Any, patch: Any) -> Any:
-    """RFC 7386, as the API server applies `application/merge-patch+json`."""
-    if not isinstance(patch, dict):
-        return patch
-    result = dict(target) if isinstance(target, dict) else {}
-    for key, value in patch.items():
-        if value is None:
-            result.pop(key, None)
-        else:
-            result[key] = merge_patch(result.get(key), value)
-    return result
 
 
 def combine(first: Doc, second: Doc) -> Doc:
