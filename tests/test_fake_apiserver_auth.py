@@ -328,7 +328,7 @@ async def test_load_manifests_applies_the_kustomization(api: FakeApiServer) -> N
     assert daemonset["spec"]["template"]["spec"]["containers"][0]["image"] == "ghcr.io/spotd/spotd:0.1.0"
     assert api.get("PodDisruptionBudget", "spotd-controller", "spotd") is not None
     again = api.load_manifests([DEPLOY])  # apply twice: replaces, no 409
-    assert len(again) == len(api.load_manifests(DEPLOY / "rbac.yaml")) + 6  # no PrometheusRule: not served
+    assert len(again) == len(api.load_manifests(DEPLOY / "rbac.yaml")) + 10  # no PrometheusRule: not served
 
 
 # ---- admission -----------------------------------------------------------------------------------------
