@@ -23,12 +23,14 @@ Any refused request (AccessDenied, a bad key) fails the test, even when the code
 test says it expects it (`with aws.expect_denied("sqs:ReceiveMessage"):`). Every request is recorded by
 identity (tests/aws_actions.py) for the end-of-session comparison with the policies.
 
-What moto does not evaluate, so `moto_policy` widens it (the static checks in tests/test_deploy.py hold it):
+What moto does not evaluate (the static checks in tests/test_deploy.py hold it instead):
 - Resource ARNs: moto authorises every service but SQS (which passes the queue's ARN) against "*", so a
-  statement naming ARNs would never match; its Resource becomes "*".
-- Conditions: moto reads an Allow whose Condition keys it has no value for as an explicit Deny; dropped.
+  statement naming ARNs would never match; `moto_policy` makes its Resource "*".
+- Conditions: moto has values for condition keys only in role trust policies; in an identity policy a
+  condition passes whatever it says. Left as written, and unchecked (e.g. the terminate statement's tags).
 - SQS batch operations: AWS authorises DeleteMessageBatch as sqs:DeleteMessage, moto as
-  sqs:DeleteMessageBatch; the batch name is added next to its action.
+  sqs:DeleteMessageBatch; `moto_policy` adds the batch name next to its action.
+- Dependent actions (iam:PassRole for the FIS template's role): moto checks none.
 """
 
 from __future__ import annotations
@@ -67,7 +69,6 @@ def moto_policy(policy: dict[str, Any]) -> dict[str, Any]:
         actions = [st["Action"]] if isinstance(st["Action"], str) else list(st["Action"])
         if not all(a.split(":")[0] in RESOURCE_CHECKED for a in actions):
             st["Resource"] = "*"
-            st.pop("Condition", None)
         st["Action"] = actions + [op for op, a in aws_actions.AUTHORISED_AS.items() if a in actions]
         statements.append(st)
     return {**policy, "Statement": statements}

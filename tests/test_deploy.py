@@ -431,8 +431,8 @@ def test_iam_terminate_needs_the_autoscaler_tag() -> None:
     (st,) = [s for s in iam_statements() if "autoscaling:TerminateInstanceInAutoScalingGroup" in s["Action"]]
     assert as_list(st["Action"]) == ["autoscaling:TerminateInstanceInAutoScalingGroup"]
     assert "TerminateDrained" in st["Sid"], "say in the Sid that only --terminate-drained uses it"
-    # moto evaluates no Condition (tests/moto_server.py): the tag the controller discovers its groups by
-    # is held here instead.
+    # moto passes any Condition of an identity policy (tests/moto_server.py): the tag the controller
+    # discovers its groups by is held here instead.
     ((key, value),) = DEFAULT_TAG_FILTERS
     assert st["Condition"]["StringEquals"][f"aws:ResourceTag/{key}"] == value
     assert as_list(st["Resource"])[0].startswith("arn:aws:autoscaling:")
