@@ -1,5 +1,6 @@
 """Session-wide: what spotd's identities used of every fake API server, written to JSON at the end and,
-with SPOTD_CHECK_PERMISSIONS=1, compared with deploy/rbac.yaml (tests/permissions.py)."""
+with SPOTD_CHECK_PERMISSIONS=1, compared with deploy/rbac.yaml (tests/permissions.py); likewise the AWS
+actions the code called, against deploy/iam*.json (tests/aws_actions.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from spotd.sim.kubeapi import AccessRecord
-from tests import permissions
+from spotd.sim.kubeapi.rbac import AccessRecord
+from tests import aws_actions, permissions
 
 _RECORDS = pytest.StashKey[set[AccessRecord]]()
 
@@ -27,6 +28,7 @@ def _records_path(config: pytest.Config) -> Path:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    aws_actions.check_at_session_end(session)
     records = session.config.stash.get(_RECORDS, set())
     permissions.stop_collecting(records)
     if hasattr(session.config, "workerinput"):

@@ -1,4 +1,5 @@
-"""The AWS readers against a moto server (SQS, Auto Scaling, EC2) through the standard boto3 chain.
+"""The AWS readers against a moto server (SQS, Auto Scaling, EC2) through the standard boto3 chain, signed
+as the controller's IAM user (deploy/iam-policy.json, enforced); set-up and checks go through `aws.client`.
 
 moto answers DescribeScalingActivities with no activities, so the activity cursor is fed recorded
 responses from tests/data/aws/ instead.
@@ -12,7 +13,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 from botocore.exceptions import ClientError
 
@@ -22,7 +22,7 @@ from spotd.capacity.sources.asg import ActivityCursor, AsgSource
 from spotd.capacity.sources.aws import AwsApi, InstanceLookup
 from spotd.capacity.sources.sqs import SqsSource
 from spotd.common.metrics import REGISTRY
-from tests.moto_server import aws, moto_endpoint  # noqa: F401  (pytest fixtures)
+from tests.moto_server import EVENTS_QUEUE, MotoAws, aws, moto_endpoint  # noqa: F401  (pytest fixtures)
 
 DATA = Path(__file__).parent / "data" / "aws"
 ZONES = ["us-east-1a", "us-east-1b"]
@@ -40,26 +40,27 @@ def load(name: str) -> str:
 
 
 @pytest.fixture
-def queue(aws: str) -> str:  # noqa: F811
-    sqs = boto3.client("sqs")
-    return str(sqs.create_queue(QueueName="spotd-capacity", Attributes={"VisibilityTimeout": "1"})["QueueUrl"])
+def queue(aws: MotoAws) -> str:  # noqa: F811
+    sqs = aws.client("sqs")
+    return str(sqs.create_queue(QueueName=EVENTS_QUEUE, Attributes={"VisibilityTimeout": "1"})["QueueUrl"])
 
 
-def queue_depth(queue_url: str) -> int:
-    attrs = boto3.client("sqs").get_queue_attributes(
+def queue_depth(aws: MotoAws, queue_url: str) -> int:  # noqa: F811
+    attrs = aws.client("sqs").get_queue_attributes(
         QueueUrl=queue_url, AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"]
     )["Attributes"]
     return int(attrs["ApproximateNumberOfMessages"]) + int(attrs["ApproximateNumberOfMessagesNotVisible"])
 
 
-def send(queue_url: str, *bodies: str) -> None:
-    sqs = boto3.client("sqs")
+def send(aws: MotoAws, queue_url: str, *bodies: str) -> None:  # noqa: F811
+    sqs = aws.client("sqs")
     for body in bodies:
         sqs.send_message(QueueUrl=queue_url, MessageBody=body)
 
 
-async def test_sqs_handled_then_deleted_malformed_and_unknown_deleted(queue: str) -> None:
+async def test_sqs_handled_then_deleted_malformed_and_unknown_deleted(aws: MotoAws, queue: str) -> None:  # noqa: F811
     send(
+        aws,
         queue,
         load("event_launch_unsuccessful_ice.json"),
         "{not json",
@@ -74,7 +75,7 @@ async def test_sqs_handled_then_deleted_malformed_and_unknown_deleted(queue: str
 
     def on_signals(signals: list[CapacitySignal]) -> None:
         # handed over before the delete: the message is still in the queue now
-        assert queue_depth(queue) >= 1
+        assert queue_depth(aws, queue) >= 1
         received.extend(signals)
 
     total = 0
@@ -83,15 +84,15 @@ async def test_sqs_handled_then_deleted_malformed_and_unknown_deleted(queue: str
     assert total == 4
     assert source.initial_read_done
     assert [(s.pool, s.kind) for s in received] == [(Pool("m5.large", "us-east-1a"), SignalKind.ICE)]
-    assert queue_depth(queue) == 0
+    assert queue_depth(aws, queue) == 0
     after = {o: sample("spotd_sqs_messages_total", {"outcome": o}) for o in ("handled", "malformed", "ignored")}
     assert {o: after[o] - before[o] for o in after} == {"handled": 2, "malformed": 1, "ignored": 1}
     assert sample("spotd_ice_signals_total", {"pool": "m5.large/us-east-1a", "source": "sqs"}) == ice_before + 1
     assert sample("spotd_aws_requests_total", {"service": "sqs", "operation": "ReceiveMessage", "outcome": "ok"}) >= 2
 
 
-async def test_sqs_message_whose_handling_raised_is_not_deleted(queue: str) -> None:
-    send(queue, load("event_launch_unsuccessful_ice.json"))
+async def test_sqs_message_whose_handling_raised_is_not_deleted(aws: MotoAws, queue: str) -> None:  # noqa: F811
+    send(aws, queue, load("event_launch_unsuccessful_ice.json"))
     source = SqsSource(queue, wait_seconds=1)
     failed_before = sample("spotd_sqs_messages_total", {"outcome": "failed"})
 
@@ -100,7 +101,7 @@ async def test_sqs_message_whose_handling_raised_is_not_deleted(queue: str) -> N
 
     assert await source.poll_once(broken) == 1
     assert sample("spotd_sqs_messages_total", {"outcome": "failed"}) == failed_before + 1
-    assert queue_depth(queue) == 1  # back after the visibility timeout
+    assert queue_depth(aws, queue) == 1  # back after the visibility timeout
 
     got: list[CapacitySignal] = []
 
@@ -111,23 +112,23 @@ async def test_sqs_message_whose_handling_raised_is_not_deleted(queue: str) -> N
         if await source.poll_once(works) and got:
             break
     assert len(got) == 1
-    assert queue_depth(queue) == 0
+    assert queue_depth(aws, queue) == 0
 
 
-async def test_sqs_backlog_read_without_an_empty_receive(queue: str) -> None:
-    send(queue, load("event_instance_terminate_successful.json"))  # the backlog: sent before the start
+async def test_sqs_backlog_read_without_an_empty_receive(aws: MotoAws, queue: str) -> None:  # noqa: F811
+    send(aws, queue, load("event_instance_terminate_successful.json"))  # the backlog: sent before the start
     await asyncio.sleep(0.05)
     source = SqsSource(queue, wait_seconds=1)
     await asyncio.sleep(0.05)
     assert await source.poll_once(lambda signals: None) == 1
     assert not source.initial_read_done
-    send(queue, load("event_instance_terminate_successful.json"))  # a busy queue: never empty
+    send(aws, queue, load("event_instance_terminate_successful.json"))  # a busy queue: never empty
     assert await source.poll_once(lambda signals: None) == 1
     assert source.initial_read_done
 
 
-async def test_sqs_run_hands_signals_over_until_cancelled(queue: str) -> None:
-    send(queue, load("event_launch_unsuccessful_spot_mixed.json"))
+async def test_sqs_run_hands_signals_over_until_cancelled(aws: MotoAws, queue: str) -> None:  # noqa: F811
+    send(aws, queue, load("event_launch_unsuccessful_spot_mixed.json"))
     got: asyncio.Queue[CapacitySignal] = asyncio.Queue()
 
     def on_signals(signals: list[CapacitySignal]) -> None:
@@ -142,8 +143,8 @@ async def test_sqs_run_hands_signals_over_until_cancelled(queue: str) -> None:
         await task
 
 
-async def test_sqs_uses_the_asg_view_and_the_instance_lookup(queue: str) -> None:
-    ec2 = boto3.client("ec2")
+async def test_sqs_uses_the_asg_view_and_the_instance_lookup(aws: MotoAws, queue: str) -> None:  # noqa: F811
+    ec2 = aws.client("ec2")
     image = ec2.describe_images()["Images"][0]["ImageId"]
     inst = ec2.run_instances(
         ImageId=image,
@@ -156,7 +157,7 @@ async def test_sqs_uses_the_asg_view_and_the_instance_lookup(queue: str) -> None
     body = json.loads(load("event_launch_successful.json"))
     body["detail"].update(AutoScalingGroupName="eks-spot-mixed", EC2InstanceId=inst["InstanceId"])
     body["detail"]["Details"]["Availability Zone"] = "us-east-1b"
-    send(queue, json.dumps(body))
+    send(aws, queue, json.dumps(body))
     asgs = {"eks-spot-mixed": AsgInfo("eks-spot-mixed", ("c5.xlarge", "m5.xlarge"), tuple(ZONES), spot=True)}
     got: list[CapacitySignal] = []
     source = SqsSource(queue, wait_seconds=1, lookup=InstanceLookup())
@@ -172,9 +173,9 @@ async def test_sqs_uses_the_asg_view_and_the_instance_lookup(queue: str) -> None
 # --- Auto Scaling -----------------------------------------------------------------------------------
 
 
-def make_asgs() -> dict[str, str]:
+def make_asgs(aws: MotoAws) -> dict[str, str]:  # noqa: F811
     """A mixed-instances Spot ASG, a plain-template Spot ASG, an on-demand ASG, and an untagged one."""
-    ec2 = boto3.client("ec2")
+    ec2 = aws.client("ec2")
     image = ec2.describe_images()["Images"][0]["ImageId"]
     lt_spot = ec2.create_launch_template(
         LaunchTemplateName="spot-lt",
@@ -187,7 +188,7 @@ def make_asgs() -> dict[str, str]:
     lt_plain = ec2.create_launch_template(
         LaunchTemplateName="plain-lt", LaunchTemplateData={"ImageId": image, "InstanceType": "m5.large"}
     )["LaunchTemplate"]["LaunchTemplateId"]
-    autoscaling = boto3.client("autoscaling")
+    autoscaling = aws.client("autoscaling")
     tags: list[Any] = [
         {"Key": "k8s.io/cluster-autoscaler/enabled", "Value": "true", "PropagateAtLaunch": False},
         {"Key": "k8s.io/cluster-autoscaler/prod", "Value": "owned", "PropagateAtLaunch": False},
@@ -240,8 +241,8 @@ def make_asgs() -> dict[str, str]:
     return {"spot": lt_spot, "plain": lt_plain}
 
 
-async def test_discover_by_tag(aws: str) -> None:  # noqa: F811
-    make_asgs()
+async def test_discover_by_tag(aws: MotoAws) -> None:  # noqa: F811
+    make_asgs(aws)
     source = AsgSource()
     found = await source.discover()
     assert sorted(found) == ["on-demand", "spot-mixed", "spot-template"]
@@ -259,9 +260,9 @@ async def test_discover_by_tag(aws: str) -> None:  # noqa: F811
     assert await AsgSource(tag_filters=[("k8s.io/cluster-autoscaler/prod", "shared")]).discover() == {}
 
 
-async def test_discover_launch_configuration_spot_price(aws: str) -> None:  # noqa: F811
-    image = boto3.client("ec2").describe_images()["Images"][0]["ImageId"]
-    autoscaling = boto3.client("autoscaling")
+async def test_discover_launch_configuration_spot_price(aws: MotoAws) -> None:  # noqa: F811
+    image = aws.client("ec2").describe_images()["Images"][0]["ImageId"]
+    autoscaling = aws.client("autoscaling")
     autoscaling.create_launch_configuration(
         LaunchConfigurationName="lc-spot", ImageId=image, InstanceType="c5.large", SpotPrice="0.05"
     )
@@ -278,8 +279,8 @@ async def test_discover_launch_configuration_spot_price(aws: str) -> None:  # no
     assert found == {"legacy-spot": AsgInfo("legacy-spot", ("c5.large",), tuple(ZONES), spot=True, on_demand=False)}
 
 
-async def test_read_activities_against_moto_and_initial_read(aws: str) -> None:  # noqa: F811
-    make_asgs()
+async def test_read_activities_against_moto_and_initial_read(aws: MotoAws) -> None:  # noqa: F811
+    make_asgs(aws)
     source = AsgSource()
     assert not source.initial_read_done
     assert await source.poll_once() == []  # moto records no launch activities
@@ -290,9 +291,9 @@ async def test_read_activities_against_moto_and_initial_read(aws: str) -> None: 
     assert sample("spotd_aws_requests_total", ok) == before + 2  # the two Spot ASGs, not the on-demand one
 
 
-async def test_terminate_with_decrement(aws: str) -> None:  # noqa: F811
-    make_asgs()
-    autoscaling = boto3.client("autoscaling")
+async def test_terminate_with_decrement(aws: MotoAws) -> None:  # noqa: F811
+    make_asgs(aws)
+    autoscaling = aws.client("autoscaling")
     group = autoscaling.describe_auto_scaling_groups(AutoScalingGroupNames=["spot-mixed"])["AutoScalingGroups"][0]
     victim = group["Instances"][0]["InstanceId"]
     await AsgSource().terminate_instance(victim, decrement_desired=True)
@@ -301,15 +302,17 @@ async def test_terminate_with_decrement(aws: str) -> None:  # noqa: F811
     assert victim not in [i["InstanceId"] for i in group["Instances"]]
 
 
-async def test_client_errors_are_counted_not_retried(aws: str) -> None:  # noqa: F811
+async def test_client_errors_are_counted_not_retried(aws: MotoAws) -> None:  # noqa: F811
+    """A queue the policy does not grant: AccessDenied, a client error, counted once and not retried."""
     labels = {"service": "sqs", "operation": "ReceiveMessage", "outcome": "client_error"}
+    other = aws.client("sqs").create_queue(QueueName="someone-elses-queue")["QueueUrl"]
     before = sample("spotd_aws_requests_total", labels)
-    with pytest.raises(ClientError):
-        await SqsSource(f"{aws}/123456789012/no-such-queue", wait_seconds=0).receive()
+    with aws.expect_denied("sqs:ReceiveMessage"), pytest.raises(ClientError, match="AccessDenied"):
+        await SqsSource(other, wait_seconds=0).receive()
     assert sample("spotd_aws_requests_total", labels) == before + 1
 
 
-async def test_throttling_is_retried(aws: str, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+async def test_throttling_is_retried(aws: MotoAws, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
     monkeypatch.setattr(capacity_aws, "RETRY_WAIT_MAX", 0.01)
     client = capacity_aws.make_client("sqs")
     calls = {"n": 0}
@@ -381,8 +384,8 @@ def test_cursor_window_limits_the_first_read() -> None:
     assert not more
 
 
-async def test_instance_lifecycle_lookup_and_cache(aws: str) -> None:  # noqa: F811
-    ec2 = boto3.client("ec2")
+async def test_instance_lifecycle_lookup_and_cache(aws: MotoAws) -> None:  # noqa: F811
+    ec2 = aws.client("ec2")
     image = ec2.describe_images()["Images"][0]["ImageId"]
     spot = ec2.run_instances(
         ImageId=image, MinCount=1, MaxCount=1, InstanceType="m5.large", InstanceMarketOptions={"MarketType": "spot"}

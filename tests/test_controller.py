@@ -4,6 +4,7 @@ Covers: only the lease holder acts and a standby takes over after kill -9; an IC
 on-demand nodes of its pool; a new Spot node plus the cooldown lets the oldest on-demand node go, with
 its PDB honoured; malformed and unknown SQS messages are counted and deleted; SIGTERM mid-drain
 uncordons; a restart after kill -9 mid-drain recovers the node; --dry-run changes nothing.
+The controller processes sign as the IAM user whose only policy is deploy/iam-policy.json (tests/moto_server.py).
 """
 
 from __future__ import annotations
@@ -20,13 +21,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 
 from spotd.common.parsing import format_time
 from spotd.sim.kubeapi.server import FakeApiServer
 from tests.agent_harness import AgentProcess, eventually, free_port, pdb_obj, pod_obj
-from tests.moto_server import aws, moto_endpoint  # noqa: F401  (pytest fixtures)
+from tests.moto_server import EVENTS_QUEUE, MotoAws, aws, moto_endpoint  # noqa: F401  (pytest fixtures)
 
 OLD = timedelta(hours=5)
 LEASE = {"duration": 3.0, "retry": 0.3}
@@ -164,9 +164,9 @@ def procs() -> Iterator[list[ControllerProcess]]:
 
 
 @pytest.fixture
-def queue(aws: str) -> Any:  # noqa: F811
-    sqs = boto3.client("sqs")
-    url = sqs.create_queue(QueueName="spotd-events")["QueueUrl"]
+def queue(aws: MotoAws) -> Any:  # noqa: F811
+    sqs = aws.client("sqs")  # the test's hand; the controller signs as its own IAM user (the environment)
+    url = sqs.create_queue(QueueName=EVENTS_QUEUE)["QueueUrl"]
     return sqs, url
 
 
@@ -575,11 +575,13 @@ def test_decision_pass_signals_verdicts_metrics_and_alerts(tmp_path: Path) -> No
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("aws")
 async def test_unlabelled_node_typed_by_ec2_is_drained_and_terminated_through_its_asg(
-    api: FakeApiServer, tmp_path: Path, procs: list[ControllerProcess]
+    aws: MotoAws,  # noqa: F811
+    api: FakeApiServer,
+    tmp_path: Path,
+    procs: list[ControllerProcess],
 ) -> None:
-    ec2, autoscaling = boto3.client("ec2"), boto3.client("autoscaling")
+    ec2, autoscaling = aws.client("ec2"), aws.client("autoscaling")
     image = ec2.describe_images()["Images"][0]["ImageId"]
     ec2.create_launch_template(
         LaunchTemplateName="od-lt", LaunchTemplateData={"ImageId": image, "InstanceType": "m5.large"}

@@ -398,21 +398,16 @@ def test_only_the_controller_has_an_aws_role() -> None:
 
 
 # --- IAM -------------------------------------------------------------------------------------------
+# Which actions the policies grant is checked against what the code calls (tests/aws_actions.py, with
+# SPOTD_CHECK_PERMISSIONS=1), under IAM enforced by moto (tests/moto_server.py); here only their shape.
 
-IAM_ACTIONS = {
-    "sqs:ReceiveMessage",
-    "sqs:DeleteMessage",
-    "sqs:GetQueueAttributes",
-    "autoscaling:DescribeAutoScalingGroups",
-    "autoscaling:DescribeScalingActivities",
-    "autoscaling:TerminateInstanceInAutoScalingGroup",
-    "ec2:DescribeInstances",
-}
+POLICIES = ("iam-policy.json", "iam-rehearsal-policy.json")
 READ_ONLY = re.compile(r"^[a-z0-9-]+:(Describe|Get|List|Receive)")
+PLACEHOLDER_ACCOUNT = "111122223333"  # the tests' moto account (tests/moto_server.py ACCOUNT)
 
 
-def iam_statements() -> list[Doc]:
-    policy = json.loads((DEPLOY / "iam-policy.json").read_text())
+def iam_statements(name: str = "iam-policy.json") -> list[Doc]:
+    policy = json.loads((DEPLOY / name).read_text())
     assert policy["Version"] == "2012-10-17"
     return list(policy["Statement"])
 
@@ -421,26 +416,37 @@ def as_list(value: str | list[str]) -> list[str]:
     return [value] if isinstance(value, str) else value
 
 
-def test_iam_policy_is_least_privilege() -> None:
-    statements = iam_statements()
-    actions: set[str] = set()
-    for st in statements:
+@pytest.mark.parametrize("name", POLICIES)
+def test_iam_policy_is_least_privilege(name: str) -> None:
+    for st in iam_statements(name):
         assert st["Effect"] == "Allow"
         assert re.fullmatch(r"[A-Za-z0-9]+", st["Sid"]), "Sid must be alphanumeric"
         assert "NotAction" not in st and "NotResource" not in st
         for action in as_list(st["Action"]):
             assert "*" not in action, f"wildcard action {action}"
-            actions.add(action)
             if not READ_ONLY.match(action):
                 assert "*" not in as_list(st["Resource"]), f"write action {action} on Resource *"
-    assert actions == IAM_ACTIONS
+
+
+@pytest.mark.parametrize("name", POLICIES)
+def test_iam_arns_name_the_placeholder_account(name: str) -> None:
+    """The docs' sed replaces it; the tests run moto as that account, so the ARNs are enforced as written."""
+    for st in iam_statements(name):
+        for arn in as_list(st["Resource"]):
+            if arn != "*":
+                assert arn.split(":")[4] == PLACEHOLDER_ACCOUNT, arn
 
 
 def test_iam_terminate_needs_the_autoscaler_tag() -> None:
+    from spotd.capacity.sources.asg import DEFAULT_TAG_FILTERS
+
     (st,) = [s for s in iam_statements() if "autoscaling:TerminateInstanceInAutoScalingGroup" in s["Action"]]
     assert as_list(st["Action"]) == ["autoscaling:TerminateInstanceInAutoScalingGroup"]
     assert "TerminateDrained" in st["Sid"], "say in the Sid that only --terminate-drained uses it"
-    assert st["Condition"]["StringEquals"]["aws:ResourceTag/k8s.io/cluster-autoscaler/enabled"] == "true"
+    # moto passes any Condition of an identity policy (tests/moto_server.py): the tag the controller
+    # discovers its groups by is held here instead.
+    ((key, value),) = DEFAULT_TAG_FILTERS
+    assert st["Condition"]["StringEquals"][f"aws:ResourceTag/{key}"] == value
     assert as_list(st["Resource"])[0].startswith("arn:aws:autoscaling:")
 
 
@@ -449,6 +455,13 @@ def test_iam_sqs_is_scoped_to_the_queue() -> None:
         if any(a.startswith("sqs:") for a in as_list(st["Action"])):
             assert all(a.startswith("sqs:") for a in as_list(st["Action"]))
             assert [r.split(":")[2] for r in as_list(st["Resource"])] == ["sqs"]
+
+
+def test_iam_rehearsal_passes_its_role_to_fis_only() -> None:
+    (st,) = [s for s in iam_statements("iam-rehearsal-policy.json") if "iam:PassRole" in s["Action"]]
+    assert as_list(st["Action"]) == ["iam:PassRole"]
+    assert st["Condition"]["StringEquals"]["iam:PassedToService"] == "fis.amazonaws.com"
+    assert all(":role/" in arn for arn in as_list(st["Resource"]))
 
 
 # --- image -----------------------------------------------------------------------------------------

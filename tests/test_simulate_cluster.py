@@ -1,7 +1,8 @@
 """`spotd simulate-reclaim --kubeconfig`: the rehearsal as a subprocess against a FakeApiServer (with the
 embedded cluster's controllers, so evicted pods come back), a real `spotd agent` subprocess for the chosen
 node, everything over real sockets. Also: Ctrl-C cleans up, an unreschedulable reclaim is not ok, non-Spot
-nodes are refused, and the AWS calls of --terminate and --via fis against moto."""
+nodes are refused, and the AWS calls of --terminate and --via fis against moto, signed as the operator
+whose only policy is deploy/iam-rehearsal-policy.json."""
 
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 
 from spotd.kube.keys import SIMULATION_ANNOTATION
@@ -24,7 +24,7 @@ from spotd.sim.cluster import ClusterSpec, EmbeddedCluster
 from spotd.sim.imds import FakeImds
 from spotd.sim.kubeapi.server import FakeApiServer
 from tests.agent_harness import AgentProcess, eventually
-from tests.moto_server import aws, moto_endpoint  # noqa: F401  (pytest fixtures)
+from tests.moto_server import ACCOUNT, MotoAws, aws, moto_endpoint  # noqa: F401  (pytest fixtures)
 
 NODE = "spot-01"
 
@@ -158,17 +158,18 @@ async def test_refuses_non_spot_nodes_unless_asked(cluster: Cluster) -> None:
 # ---- AWS: --terminate and --via fis against moto ---------------------------------------------------------
 
 
-def _instances(count: int) -> list[Target]:
-    ec2 = boto3.client("ec2", region_name="us-east-1")
+def _instances(aws: MotoAws, count: int) -> list[Target]:  # noqa: F811
+    ec2 = aws.client("ec2")
     image = ec2.describe_images()["Images"][0]["ImageId"]
     ids = [i["InstanceId"] for i in ec2.run_instances(ImageId=image, MinCount=count, MaxCount=count)["Instances"]]
     return [Target(f"n{i}", "spot", f"aws:///us-east-1a/{iid}", "us-east-1a") for i, iid in enumerate(ids)]
 
 
-def test_terminate_instances_through_ec2(aws: str) -> None:  # noqa: F811
-    targets = _instances(2)
+def test_terminate_instances_through_ec2(aws: MotoAws) -> None:  # noqa: F811
+    targets = _instances(aws, 2)
+    aws.act_as(aws.operator)  # the rehearsal runs as an operator: deploy/iam-rehearsal-policy.json
     terminate_instances(targets)
-    ec2 = boto3.client("ec2", region_name="us-east-1")
+    ec2 = aws.client("ec2")
     states = [
         i["State"]["Name"]
         for r in ec2.describe_instances(InstanceIds=[t.instance_id for t in targets])["Reservations"]
@@ -177,12 +178,16 @@ def test_terminate_instances_through_ec2(aws: str) -> None:  # noqa: F811
     assert states and all(s in ("shutting-down", "terminated") for s in states)
 
 
-def test_fis_experiment_targets_exactly_the_instances(aws: str) -> None:  # noqa: F811
-    targets = _instances(2)
-    experiment = start_fis_experiment(targets, "arn:aws:iam::123456789012:role/fis", 120)
-    fis = boto3.client("fis", region_name="us-east-1")
-    found = fis.get_experiment(id=experiment)["experiment"]
-    template = fis.get_experiment_template(id=found["experimentTemplateId"])["experimentTemplate"]
+def test_fis_experiment_targets_exactly_the_instances(aws: MotoAws) -> None:  # noqa: F811
+    targets = _instances(aws, 2)
+    aws.act_as(aws.operator)
+    experiment = start_fis_experiment(targets, f"arn:aws:iam::{ACCOUNT}:role/spotd-fis", 120)
+    fis = aws.client("fis")
+    # moto checks the signature of a body-less FIS request against the wrong payload (SignatureDoesNotMatch
+    # even for admin), so the test's own reads go with IAM off; the rehearsal's calls above were enforced.
+    with aws.unenforced():
+        found = fis.get_experiment(id=experiment)["experiment"]
+        template = fis.get_experiment_template(id=found["experimentTemplateId"])["experimentTemplate"]
     action = template["actions"]["interrupt"]
     assert action["actionId"] == "aws:ec2:send-spot-instance-interruptions"
     assert action["parameters"] == {"durationBeforeInterruption": "PT2M"}
