@@ -192,7 +192,7 @@ class Rehearsal:
                 fact = {"DrainComplete": Fact.DRAINED, "DrainIncomplete": Fact.DRAIN_INCOMPLETE}.get(obj.reason or "")
                 if fact is not None:
                     self.observe(fact, name, detail=obj.message or "")
-                elif obj.reason == "PodsForceDeleted":
+                elif obj.reason in ("PodsForceDeleted", "PodsDeletedAtDeadline"):
                     self.notes.append(f"{name}: {obj.message}")
         elif kind == "ReplicaSet":
             parent = next((r.name for r in meta.ownerReferences or [] if r.controller and r.kind == "Deployment"), None)
