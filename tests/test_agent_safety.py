@@ -197,6 +197,10 @@ async def test_the_node_annotation_changes_nothing_and_a_past_rehearsal_is_refus
         {"kind": "spot-itn", "deadline": past}
     )
     api.update(n)
+    polls = imds.count(path="spot/instance-action")
+    await eventually(lambda: imds.count(path="spot/instance-action") >= polls + 5, timeout=10)
+    assert pods_on_node(api) == ["logs-agent", "web-0", "web-1", "web-2"]
+    assert our_taint(api) is None
     await eventually(lambda: node_events(api, "SimulationAnnotationIgnored"), timeout=10)
 
     rehearsal_request(api, "rehearsal-past", datetime.now(UTC) - timedelta(seconds=30))
