@@ -30,7 +30,7 @@ from spotd.drain.plan import (
 from spotd.notices.record import (
     Notice,
     NoticeKind,
-    RehearsalRefused,
+    RehearsalRequestRefused,
     parse_rehearsal_request,
     rehearsal_nodes,
 )
@@ -292,7 +292,7 @@ def test_rehearsal_request(data: dict[str, str], refusal: str | None) -> None:
         assert got.source == "simulation" and got.event_id == "rehearsal-req-1"
         assert plan_response(got, default_policies()).deadline_action is False
     else:
-        with pytest.raises(RehearsalRefused, match=refusal):
+        with pytest.raises(RehearsalRequestRefused, match=refusal):
             parse_rehearsal_request(data, "req-1", NOW)
 
 
@@ -300,7 +300,7 @@ def test_rehearsal_nodes() -> None:
     assert rehearsal_nodes({"nodes": "a, b\nc"}) == ["a", "b", "c"]
     assert rehearsal_nodes({"nodes": '["a", "b"]'}) == ["a", "b"]
     assert rehearsal_nodes({}) == []
-    with pytest.raises(RehearsalRefused):
+    with pytest.raises(RehearsalRequestRefused):
         rehearsal_nodes({"nodes": "[1, 2]"})
 
 

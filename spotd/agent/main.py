@@ -42,7 +42,7 @@ from spotd.notices.metrics import NOTICES_MALFORMED
 from spotd.notices.record import (
     Notice,
     NoticeKind,
-    RehearsalRefused,
+    RehearsalRequestRefused,
     parse_rehearsal_request,
     rehearsal_nodes,
 )
@@ -244,13 +244,13 @@ class Agent:
             if self.config.node_name not in rehearsal_nodes(data):
                 return self.requests.pop(name, None) is not None
             notice: Notice | None = parse_rehearsal_request(data, meta.uid or name, datetime.now(UTC))
-        except RehearsalRefused as exc:
+        except RehearsalRequestRefused as exc:
             notice = None
             NOTICES_MALFORMED.labels("rehearsal").inc()
             self.log.warning("rehearsal_refused", request=f"{self.config.namespace}/{name}", reason=str(exc))
             self.events.record(
                 self.config.node_name,
-                "RehearsalRefused",
+                "RehearsalRequestRefused",
                 f"rehearsal request {self.config.namespace}/{name} refused: {exc}",
                 "Warning",
             )

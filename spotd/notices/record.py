@@ -201,7 +201,7 @@ def parse_target_lifecycle_state(body: str, now: datetime, window: timedelta, so
 REHEARSAL_MAX_AHEAD = timedelta(minutes=15)
 
 
-class RehearsalRefused(ValueError):
+class RehearsalRequestRefused(ValueError):
     """A rehearsal request the agent will not act on; the message is the reason its Event gives."""
 
 
@@ -212,32 +212,32 @@ def rehearsal_nodes(data: Mapping[str, str]) -> list[str]:
         try:
             names = json.loads(text)
         except ValueError:
-            raise RehearsalRefused("nodes is not a JSON list") from None
+            raise RehearsalRequestRefused("nodes is not a JSON list") from None
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-            raise RehearsalRefused("nodes is not a list of node names")
+            raise RehearsalRequestRefused("nodes is not a list of node names")
         return [n.strip() for n in names if n.strip()]
     return [n for n in text.replace(",", " ").split() if n]
 
 
 def parse_rehearsal_request(data: Mapping[str, str], request_id: str, now: datetime) -> Notice:
     """A rehearsal request (ConfigMap data: nodes, kind, deadline, optional id) as a Notice with source
-    "simulation". Raises RehearsalRefused when it is malformed, its deadline is past or more than
+    "simulation". Raises RehearsalRequestRefused when it is malformed, its deadline is past or more than
     REHEARSAL_MAX_AHEAD ahead: a rehearsal can never be made into an immediate deadline."""
     try:
         kind = NoticeKind(str(data.get("kind", "")).strip())
     except ValueError:
-        raise RehearsalRefused(f"unknown kind {data.get('kind')!r}") from None
+        raise RehearsalRequestRefused(f"unknown kind {data.get('kind')!r}") from None
     text = str(data.get("deadline", "")).strip()
     if not text:
-        raise RehearsalRefused("no deadline")
+        raise RehearsalRequestRefused("no deadline")
     try:
         deadline = parse_iso_time(text)
     except ValueError as exc:
-        raise RehearsalRefused(f"deadline: {exc}") from None
+        raise RehearsalRequestRefused(f"deadline: {exc}") from None
     if deadline <= now:
-        raise RehearsalRefused(f"deadline {format_time(deadline)} is in the past")
+        raise RehearsalRequestRefused(f"deadline {format_time(deadline)} is in the past")
     if deadline > now + REHEARSAL_MAX_AHEAD:
-        raise RehearsalRefused(f"deadline {format_time(deadline)} is more than 15 minutes ahead")
+        raise RehearsalRequestRefused(f"deadline {format_time(deadline)} is more than 15 minutes ahead")
     ident = str(data.get("id", "")).strip() or request_id
     action = "terminate" if kind in (NoticeKind.SPOT_ITN, NoticeKind.ASG_TERMINATION) else ""
     if kind == NoticeKind.REBALANCE:  # advice only: the deadline just bounds how long the request may be
