@@ -239,3 +239,30 @@ async def test_long_graces_end_before_the_deadline_terminating_pods_included(api
     assert pod_deletes(api) == []
     assert len([r for r in evictions(api) if "/pods/going/" in r.path]) == 1
     assert agent.metric("spotd_drains_total", outcome="complete") == 1
+
+
+async def test_a_maintenance_ahead_does_not_hide_a_rebalance_recommendation(apis, imds, agents, tmp_path) -> None:
+    api, kubeconfig = await cluster(apis, 0.05, tmp_path)
+    api.create(pod_obj("web-0", NODE))
+    imds.set_scheduled_events([maintenance_event("active", datetime.now(UTC) + timedelta(hours=3))])
+    imds.set_rebalance(datetime.now(UTC))
+    agent = run_agent(agents, tmp_path, kubeconfig, imds)
+    await agent.ready()
+    await eventually(lambda: our_taint(api), timeout=10)
+    assert our_taint(api) == {"key": TAINT, "value": "rebalance", "effect": "PreferNoSchedule"}
+    assert agent.events("notice_scheduled")  # the maintenance waits for its lead time, and says so
+    assert pods_on_node(api) == ["logs-agent", "web-0"]
+
+
+async def test_malformed_and_far_rehearsal_requests_are_refused(apis, imds, agents, tmp_path) -> None:
+    api, kubeconfig = await cluster(apis, 0.05, tmp_path)
+    api.create(pod_obj("web-0", NODE))
+    agent = run_agent(agents, tmp_path, kubeconfig, imds)
+    await agent.ready()
+    rehearsal_request(api, "too-far", datetime.now(UTC) + timedelta(hours=1))
+    rehearsal_request(api, "nonsense", datetime.now(UTC) + timedelta(minutes=2), kind="explode")
+    await eventually(lambda: len(node_events(api, "RehearsalRefused")) == 2, timeout=10)
+    messages = sorted(e["message"] for e in node_events(api, "RehearsalRefused"))
+    assert "more than 15 minutes ahead" in messages[1] and "unknown kind" in messages[0]
+    assert agent.metric("spotd_notices_malformed_total", source="rehearsal") == 2
+    assert our_taint(api) is None and evictions(api) == []

@@ -250,7 +250,7 @@ class Agent:
             self.log.warning("rehearsal_refused", request=f"{self.config.namespace}/{name}", reason=str(exc))
             self.events.record(
                 self.config.node_name,
-                "RehearsalRequestRefused",
+                "RehearsalRefused",
                 f"rehearsal request {self.config.namespace}/{name} refused: {exc}",
                 "Warning",
             )

@@ -142,6 +142,7 @@ class _Drain:
         self.untried: set[str] = set()  # evictions launched but not yet answered once
         self.first_round = asyncio.Event()
         self.first_round.set()
+        self.overdue_reported = False
         self.changed = asyncio.Event()
         self.watch_broken = False
         self.tasks: set[asyncio.Task[None]] = set()
@@ -198,6 +199,8 @@ class _Drain:
     def gone(self, uid: str) -> None:
         if self.pending.pop(uid, None) is not None:
             self.changed.set()
+            if self.overdue_reported:  # past the time pods should be gone: the gauge follows them out
+                PODS_LEFT.set(len(self.pending))
 
     def tried(self, uid: str) -> None:
         self.untried.discard(uid)
@@ -413,6 +416,7 @@ class _Drain:
             return
         left = tuple(sorted(p.ref for p in self.pending.values()))
         PODS_LEFT.set(len(left))
+        self.overdue_reported = True
         self.log.warning("drain_overdue", pods=list(left))
         if self.on_overdue is not None:
             self.on_overdue(left)
