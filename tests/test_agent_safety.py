@@ -266,3 +266,22 @@ async def test_malformed_and_far_rehearsal_requests_are_refused(apis, imds, agen
     assert "more than 15 minutes ahead" in messages[1] and "unknown kind" in messages[0]
     assert agent.metric("spotd_notices_malformed_total", source="rehearsal") == 2
     assert our_taint(api) is None and evictions(api) == []
+
+
+async def test_a_forged_notice_annotation_is_dropped_once_imds_answers_without_it(apis, imds, agents, tmp_path) -> None:
+    """Anyone who may patch a Node can write spotd.io/notice; a restarted agent acts on it only until IMDS says
+    otherwise, and a late deadline never means more than an eviction (PDBs honoured)."""
+    api, kubeconfig = await cluster(apis, 0.05, tmp_path)
+    api.create(pod_obj("web-0", NODE))
+    n = api.get("Node", NODE)
+    assert n is not None
+    past = (datetime.now(UTC) - timedelta(minutes=5)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    forged = {"kind": "spot-itn", "source": "imds", "seen_at": past, "deadline": past, "action": "terminate"}
+    n["metadata"].setdefault("annotations", {})["spotd.io/notice"] = json.dumps(forged)
+    api.update(n)
+    agent = run_agent(agents, tmp_path, kubeconfig, imds)
+    await agent.ready()
+    await eventually(lambda: agent.events("notice_released"), timeout=10)
+    assert "not in IMDS" in agent.events("notice_released")[0]["reason"]
+    assert pods_on_node(api) == ["logs-agent", "web-0"]
+    assert evictions(api) == [] and pod_deletes(api) == []

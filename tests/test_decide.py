@@ -309,3 +309,11 @@ def test_retry_delay_starts_well_under_a_second_and_grows_to_a_cap() -> None:
     assert delays[0] < 0.5
     assert all(b >= a for a, b in itertools.pairwise(delays))
     assert max(delays) == 2.0
+
+
+def test_a_resumed_notice_no_source_confirms_is_released_after_a_complete_poll() -> None:
+    """A notice read back from the node's annotation could have been written by anyone who may patch a Node."""
+    assert plan_release(ITN, [], True, False, unconfirmed=True).release is True
+    assert plan_release(ITN, [], False, False, unconfirmed=True).release is False  # IMDS failing: resume
+    assert plan_release(ITN, [ITN], True, False, unconfirmed=True).release is False
+    assert plan_release(ITN, [], True, False, unconfirmed=False).release is False

@@ -179,11 +179,15 @@ def plan_release(
     current: Sequence[Notice],
     complete: bool,
     boot_changed: bool,
+    unconfirmed: bool = False,
 ) -> Release:
     """Whether to undo what was done for `acting` (uncordon, untaint).
 
     Only a scheduled-maintenance or a simulated notice ever ends with the node alive, or a Spot
     stop/hibernate after which the instance booted again. An incomplete poll never releases.
+    unconfirmed: `acting` was only read back from the node's annotation (a restart) and no source has
+    shown it since; anyone who may patch the Node could have written it, so a complete poll without it
+    ends it.
     """
     same = [n for n in current if n.key == acting.key]
     if acting.source == "simulation":
@@ -192,6 +196,8 @@ def plan_release(
         return Release(False, "simulated notice still present")
     if not complete:
         return Release(False, "poll incomplete")
+    if unconfirmed and not same:
+        return Release(True, f"the {acting.kind} read back from the node is not in IMDS")
     if acting.kind == NoticeKind.SCHEDULED_MAINTENANCE:
         if same and same[0].state in ("completed", "canceled"):
             return Release(True, f"maintenance event {acting.event_id} {same[0].state}")

@@ -77,6 +77,7 @@ class Responder:
         self.node_wake = asyncio.Event()
         self.node_task: asyncio.Task[None] | None = None
         self.node_failures = 0
+        self.unconfirmed = False  # the acting notice was resumed from the node and not seen since
 
     # ---- state ----
     def resume_from(self, view: NodeView) -> None:
@@ -92,6 +93,7 @@ class Responder:
             return
         self.state = AgentState.from_json(view.annotations.get(STATE_ANNOTATION))
         self.anchor = (time.monotonic(), datetime.now(UTC))
+        self.unconfirmed = True  # until a source shows it again
         NOTICE_ACTIVE.labels(str(self.acting.kind)).set(1)
         self.log.info("notice_resumed", notice=self.acting.key, source=self.acting.source)
 
@@ -116,8 +118,10 @@ class Responder:
 
     async def _reconcile(self, seen: Sighting, now: datetime) -> None:
         if self.acting is not None:
+            if any(n.key == self.acting.key for n in seen.notices):
+                self.unconfirmed = False
             complete = self.acting.kind in seen.complete_for
-            verdict = plan_release(self.acting, seen.notices, complete, self.boot_changed)
+            verdict = plan_release(self.acting, seen.notices, complete, self.boot_changed, self.unconfirmed)
             if verdict.release:
                 await self._release(verdict.reason)
         acting = self.acting
@@ -377,7 +381,7 @@ class Responder:
         self.events.record(self.nodes.name, "NoticeReleased", f"{acting.kind}: {reason}; node uncordoned")
         self.alerter.resolve("SpotInterruptionNotice", spot_interruption_alert(acting, self.node_info()).labels)
         NOTICE_ACTIVE.labels(str(acting.kind)).set(0)
-        self.acting, self.state, self.drained_key = None, None, None
+        self.acting, self.state, self.drained_key, self.unconfirmed = None, None, None, False
 
     async def close(self) -> None:
         """On shutdown: stop the drain in flight; the node annotation records where it stopped."""
