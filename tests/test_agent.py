@@ -92,6 +92,10 @@ def populate(api: FakeApiServer, web: int = 10) -> None:
     )
 
 
+# DaemonSet and mirror pods stay to the end; a completed pod is left alone (no pod delete power).
+LEFT_ALONE = ["job-done", "kube-proxy-x", "logs-agent"]
+
+
 def soon(seconds: float) -> datetime:
     return datetime.now(UTC) + timedelta(seconds=seconds)
 
@@ -111,13 +115,13 @@ async def test_spot_itn_taints_cordons_labels_and_drains(api, imds, kubeconfig, 
     notice = json.loads(n["metadata"]["annotations"]["spotd.io/notice"])
     assert notice["kind"] == "spot-itn" and notice["source"] == "imds" and notice["action"] == "terminate"
 
-    # DaemonSet and mirror pods stay; the completed pod is deleted; the rest are evicted.
-    await eventually(lambda: pods_on_node(api) == ["kube-proxy-x", "logs-agent"], timeout=15)
+    # DaemonSet and mirror pods stay; the completed pod is left alone; the rest are evicted.
+    await eventually(lambda: pods_on_node(api) == LEFT_ALONE, timeout=15)
     wanted = {"SpotInterruptionNotice", "NodeTainted", "NodeCordoned", "DrainStarted", "DrainComplete"}
     await eventually(lambda: wanted <= set(node_events(api)), timeout=5)
     assert agent.metric("spotd_notices_total", kind="spot-itn", source="imds") == 1
     assert agent.metric("spotd_evictions_total", outcome="evicted") == 10
-    assert agent.metric("spotd_evictions_total", outcome="deleted") == 1
+    assert not [r for r in api.requests if r[0] == "DELETE" and "/pods/" in r[1]]
     assert agent.metric("spotd_drains_total", outcome="complete") == 1
     assert (agent.metric("spotd_imds_last_success_timestamp_seconds") or 0) > 0
     finished = agent.events("drain_finished")[-1]
@@ -142,7 +146,7 @@ async def test_rebalance_only_prefers_no_schedule(api, imds, kubeconfig, agents,
     imds.set_instance_action("terminate", soon(120))
     await eventually(lambda: (our_taint(api) or {}).get("effect") == "NoSchedule", timeout=10)
     await eventually(lambda: node(api)["spec"].get("unschedulable"), timeout=5)
-    await eventually(lambda: pods_on_node(api) == ["kube-proxy-x", "logs-agent"], timeout=15)
+    await eventually(lambda: pods_on_node(api) == LEFT_ALONE, timeout=15)
 
 
 def maintenance_event(state: str, not_before: datetime) -> dict[str, Any]:
@@ -171,7 +175,7 @@ async def test_scheduled_maintenance_drains_at_lead_time_and_uncordons_when_comp
     # Within the lead time: cordon and drain, no taint by default.
     imds.set_scheduled_events([maintenance_event("active", datetime.now(UTC) + timedelta(minutes=10))])
     await eventually(lambda: node(api)["spec"].get("unschedulable"), timeout=10)
-    await eventually(lambda: pods_on_node(api) == ["kube-proxy-x", "logs-agent"], timeout=15)
+    await eventually(lambda: pods_on_node(api) == LEFT_ALONE, timeout=15)
     assert our_taint(api) is None
     # Completed: the node is uncordoned and our annotations go.
     imds.set_scheduled_events([maintenance_event("completed", datetime.now(UTC) - timedelta(minutes=1))])
@@ -186,24 +190,26 @@ async def test_asg_termination(api, imds, kubeconfig, agents, tmp_path) -> None:
     await agent.ready()
     imds.set_lifecycle_state("Terminated")
     await eventually(lambda: (our_taint(api) or {}).get("value") == "asg-termination", timeout=10)
-    await eventually(lambda: pods_on_node(api) == ["kube-proxy-x", "logs-agent"], timeout=15)
+    await eventually(lambda: pods_on_node(api) == LEFT_ALONE, timeout=15)
     assert agent.metric("spotd_notices_total", kind="asg-termination", source="imds") == 1
 
 
 async def test_pdb_refusal_retried_then_forced_at_the_deadline(api, imds, kubeconfig, agents, tmp_path) -> None:
     populate(api, web=2)
     api.create(pdb_obj("web", min_available=2))
-    agent = run_agent(agents, tmp_path, kubeconfig, imds, "--safety-margin", "3s")
+    agent = run_agent(agents, tmp_path, kubeconfig, imds, "--safety-margin", "3s", "--deadline-action", "delete")
     await agent.ready()
     imds.set_instance_action("terminate", soon(7))
     await eventually(lambda: agent.events("eviction_refused"), timeout=10)
-    assert pods_on_node(api)[:2] == ["kube-proxy-x", "logs-agent"] or "web-0" in pods_on_node(api)
+    assert "web-0" in pods_on_node(api)
     # refused evictions are retried quickly (well under kubectl's 5 s)
     await eventually(lambda: (agent.metric("spotd_evictions_total", outcome="pdb_blocked") or 0) >= 6, timeout=5)
-    # at deadline - margin the node dies anyway: the pods are deleted and it is said loudly
+    # at deadline - margin, with --deadline-action delete: the pods are deleted (never with grace 0), loudly
     await eventually(lambda: "web-0" not in pods_on_node(api), timeout=10)
-    assert "PodsForceDeleted" in node_events(api) or agent.events("deadline_force_delete")
+    await eventually(lambda: "PodsDeletedAtDeadline" in node_events(api), timeout=5)
     assert agent.metric("spotd_evictions_total", outcome="forced") == 2
+    deletes = [r for r in api.requests if r[0] == "DELETE" and "/pods/" in r[1]]
+    assert deletes and all(int(r[2]["gracePeriodSeconds"]) >= 1 for r in deletes)
 
 
 async def test_pdb_refusal_left_at_the_deadline_is_named(api, imds, kubeconfig, agents, tmp_path) -> None:
@@ -235,7 +241,7 @@ async def test_restart_mid_drain_resumes_from_the_node_annotation(api, imds, kub
     await second.ready()
     await eventually(lambda: second.events("notice_resumed"), timeout=10)
     api.delete("PodDisruptionBudget", "web", "default")
-    await eventually(lambda: pods_on_node(api) == ["kube-proxy-x", "logs-agent"], timeout=15)
+    await eventually(lambda: pods_on_node(api) == LEFT_ALONE, timeout=15)
 
 
 async def test_imds_errors_and_token_expiry_never_miss_a_notice(api, imds, kubeconfig, agents, tmp_path) -> None:
@@ -280,7 +286,7 @@ async def test_api_conflict_throttling_and_errors_are_retried(api, imds, kubecon
     api.inject_fault("POST", r"/pods/web-1/eviction", 429, times=2, retry_after=1)
     imds.set_instance_action("terminate", soon(120))
     await eventually(lambda: our_taint(api), timeout=10)
-    await eventually(lambda: pods_on_node(api) == ["kube-proxy-x", "logs-agent"], timeout=15)
+    await eventually(lambda: pods_on_node(api) == LEFT_ALONE, timeout=15)
     assert (agent.metric("spotd_node_actions_total", action="notice", outcome="conflict") or 0) >= 1
 
 
@@ -297,24 +303,32 @@ async def test_dry_run_changes_nothing(api, imds, kubeconfig, agents, tmp_path) 
     assert node_events(api) == []
 
 
-async def test_simulation_annotation_is_a_notice_and_withdrawing_it_releases(
+def rehearsal_request(api: FakeApiServer, name: str, deadline: datetime, kind: str = "spot-itn") -> None:
+    """What `spotd simulate-reclaim` writes, as the operator: a labelled ConfigMap in spotd's namespace."""
+    if api.get("Namespace", "spotd") is None:
+        api.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "spotd"}})
+    api.create(
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": name, "namespace": "spotd", "labels": {"spotd.io/rehearsal": "true"}},
+            "data": {"nodes": NODE, "kind": kind, "deadline": deadline.strftime("%Y-%m-%dT%H:%M:%SZ")},
+        }
+    )
+
+
+async def test_rehearsal_request_is_a_notice_and_withdrawing_it_releases(
     api, imds, kubeconfig, agents, tmp_path
 ) -> None:
     populate(api, web=2)
     api.create(pdb_obj("web", min_available=2))  # hold the drain so the withdrawal happens mid-drain
     agent = run_agent(agents, tmp_path, kubeconfig, imds)
     await agent.ready()
-    n = node(api)
-    n["metadata"].setdefault("annotations", {})["spotd.io/simulate-reclaim"] = json.dumps(
-        {"kind": "spot-itn", "deadline": soon(60).strftime("%Y-%m-%dT%H:%M:%SZ")}
-    )
-    api.update(n)
+    rehearsal_request(api, "rehearsal-1", soon(60))
     await eventually(lambda: our_taint(api), timeout=10)
     assert json.loads(node(api)["metadata"]["annotations"]["spotd.io/notice"])["source"] == "simulation"
     assert agent.metric("spotd_notices_total", kind="spot-itn", source="simulation") == 1
-    n = node(api)
-    del n["metadata"]["annotations"]["spotd.io/simulate-reclaim"]
-    api.update(n)
+    api.delete("ConfigMap", "rehearsal-1", "spotd")
     await eventually(lambda: our_taint(api) is None and not node(api)["spec"].get("unschedulable"), timeout=10)
     await eventually(lambda: "NoticeReleased" in node_events(api), timeout=5)
 
@@ -401,7 +415,7 @@ async def test_dead_alertmanager_does_not_slow_the_drain(api, imds, kubeconfig, 
     agent = run_agent(agents, tmp_path, kubeconfig, imds, "--alertmanager-url", dead)
     await agent.ready()
     imds.set_instance_action("terminate", soon(120))
-    await eventually(lambda: pods_on_node(api) == ["kube-proxy-x", "logs-agent"], timeout=15)
+    await eventually(lambda: pods_on_node(api) == LEFT_ALONE, timeout=15)
     finished = (await eventually(lambda: agent.events("drain_finished"), timeout=5))[-1]
     assert finished["outcome"] == "complete"
     assert (agent.metric("spotd_alerts_sent_total", outcome="error") or 0) >= 1  # it did try, and failed
@@ -461,18 +475,19 @@ async def test_api_server_restart_does_not_kill_the_agent(api, imds, kubeconfig,
     await agent.ready(timeout=15)
     assert agent.proc is not None and agent.proc.poll() is None
     imds.set_instance_action("terminate", soon(120))
-    await eventually(lambda: pods_on_node(api) == ["kube-proxy-x", "logs-agent"], timeout=15)
+    await eventually(lambda: pods_on_node(api) == LEFT_ALONE, timeout=15)
     assert agent.events("watch_failed")
 
 
-async def test_notice_inside_the_safety_margin_still_empties_the_node(api, imds, kubeconfig, agents, tmp_path) -> None:
-    """Seen (or resumed) with less time left than the safety margin: no time to evict, so delete at once."""
+async def test_notice_inside_the_safety_margin_still_evicts(api, imds, kubeconfig, agents, tmp_path) -> None:
+    """Seen (or resumed) with less time left than the safety margin: evictions still, with what time is left."""
     populate(api, web=3)
     agent = run_agent(agents, tmp_path, kubeconfig, imds, "--safety-margin", "10s")
     await agent.ready()
     imds.set_instance_action("terminate", soon(6))
-    await eventually(lambda: pods_on_node(api) == ["kube-proxy-x", "logs-agent"], timeout=10)
-    assert agent.metric("spotd_evictions_total", outcome="forced") == 3
+    await eventually(lambda: pods_on_node(api) == LEFT_ALONE, timeout=10)
+    assert agent.metric("spotd_evictions_total", outcome="evicted") == 3
+    assert not [r for r in api.requests if r[0] == "DELETE" and "/pods/" in r[1]]
 
 
 async def test_a_drain_that_cannot_start_is_retried(api, imds, kubeconfig, agents, tmp_path) -> None:
@@ -481,6 +496,6 @@ async def test_a_drain_that_cannot_start_is_retried(api, imds, kubeconfig, agent
     await agent.ready()
     api.inject_fault("GET", r"^/api/v1/pods$", 500, times=2)  # the drain's pod list fails twice
     imds.set_instance_action("terminate", soon(120))
-    await eventually(lambda: pods_on_node(api) == ["kube-proxy-x", "logs-agent"], timeout=15)
+    await eventually(lambda: pods_on_node(api) == LEFT_ALONE, timeout=15)
     assert len(agent.events("drain_failed")) == 2
     assert node_events(api).count("DrainFailed") == 1  # said once, not on every retry

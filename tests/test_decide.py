@@ -7,9 +7,33 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from spotd.agent.policy import Step, default_policies, governing_notice, parse_steps, plan_release, plan_response
-from spotd.drain.plan import PodFacts, PodPolicy, PodVerdict, decide_pod, eviction_grace, plan_drain, retry_delay
-from spotd.notices.record import Notice, NoticeKind
+from spotd.agent.policy import (
+    Step,
+    choose_response,
+    default_policies,
+    governing_notice,
+    parse_steps,
+    plan_release,
+    plan_response,
+    safe_deadline,
+)
+from spotd.drain.plan import (
+    PodFacts,
+    PodPolicy,
+    PodVerdict,
+    decide_pod,
+    eviction_grace,
+    plan_drain,
+    retry_delay,
+    shorter_grace,
+)
+from spotd.notices.record import (
+    Notice,
+    NoticeKind,
+    RehearsalRequestRefused,
+    parse_rehearsal_request,
+    rehearsal_nodes,
+)
 
 NOW = datetime(2026, 11, 25, 10, 0, 0, tzinfo=UTC)
 
@@ -142,9 +166,11 @@ VOLUNTARY = PodPolicy(voluntary=True, evict_unreplicated=False, evict_local_stor
         (pod("web", owner_kinds=("ReplicaSet",)), EMERGENCY, PodVerdict.EVICT),
         (pod("ds", owner_kinds=("DaemonSet",)), EMERGENCY, PodVerdict.SKIP),
         (pod("static", mirror=True), EMERGENCY, PodVerdict.SKIP),
-        (pod("going", owner_kinds=("ReplicaSet",), terminating=True), EMERGENCY, PodVerdict.SKIP),
-        (pod("job", owner_kinds=("Job",), phase="Succeeded"), EMERGENCY, PodVerdict.DELETE),
-        (pod("failed", phase="Failed"), EMERGENCY, PodVerdict.DELETE),
+        (pod("going", owner_kinds=("ReplicaSet",), terminating=True), EMERGENCY, PodVerdict.WAIT),
+        (pod("going", owner_kinds=("ReplicaSet",), terminating=True), VOLUNTARY, PodVerdict.WAIT),
+        (pod("ds-going", owner_kinds=("DaemonSet",), terminating=True), EMERGENCY, PodVerdict.SKIP),
+        (pod("job", owner_kinds=("Job",), phase="Succeeded"), EMERGENCY, PodVerdict.SKIP),  # no pod delete power
+        (pod("failed", phase="Failed"), EMERGENCY, PodVerdict.SKIP),
         (pod("bare"), EMERGENCY, PodVerdict.EVICT),  # the node dies anyway
         (pod("bare"), VOLUNTARY, PodVerdict.BLOCK),
         (pod("cache", owner_kinds=("ReplicaSet",), local_storage=True), VOLUNTARY, PodVerdict.BLOCK),
@@ -182,7 +208,11 @@ def test_plan_drain_orders_low_priority_first_and_lists_blockers() -> None:
         (30, 120.0, 10.0, None),  # plenty of time: the pod's own grace
         (300, 120.0, 10.0, 110),  # capped at the time left minus the margin
         (30, 25.0, 10.0, 15),
-        (30, 5.0, 10.0, 0),
+        (30, 5.0, 10.0, 5),  # inside the margin: what is left, not a force delete
+        (30, 0.4, 10.0, 1),  # never below 1 s
+        (30, -30.0, 10.0, 1),  # first seen (or resumed) after its deadline
+        (30, 0.5, 0.0, 1),  # --safety-margin 0
+        (1, 0.5, 0.0, 1),
         (30, None, 10.0, None),  # no deadline
     ],
 )
@@ -190,8 +220,100 @@ def test_eviction_grace(grace: int, left: float | None, margin: float, expected:
     assert eviction_grace(pod("p", grace_seconds=grace), left, margin) == expected
 
 
+@pytest.mark.parametrize(
+    ("deletion_grace", "left", "margin", "expected"),
+    [
+        (600, 60.0, 10.0, 50),  # its deletion would outlive the node: asked again, shorter
+        (30, 60.0, 10.0, None),  # its deletion fits before the deadline whenever it began
+        (600, -5.0, 10.0, 1),
+        (1, -5.0, 10.0, None),  # nothing shorter to ask for
+        (600, None, 10.0, None),  # no deadline (maintenance, voluntary): wait for it
+        (None, 60.0, 10.0, None),
+    ],
+)
+def test_shorter_grace_for_a_terminating_pod(
+    deletion_grace: int | None, left: float | None, margin: float, expected: int | None
+) -> None:
+    facts = pod("p", grace_seconds=600, terminating=True, deletion_grace_seconds=deletion_grace)
+    assert shorter_grace(facts, left, margin) == expected
+
+
+@pytest.mark.parametrize(
+    ("time_in", "expected_in"),
+    [
+        (120, 120),
+        (100, 100),  # AWS's time, when earlier
+        (180, 120),  # a node clock a minute behind: the first sighting + 2 minutes bounds it
+        (-30, -30),  # first seen after its time
+    ],
+)
+def test_spot_itn_deadline_is_the_earlier_of_its_time_and_two_minutes_after_first_sighting(
+    time_in: float, expected_in: float
+) -> None:
+    n = notice(NoticeKind.SPOT_ITN, time_in, action="terminate")
+    assert safe_deadline(n) == NOW + timedelta(seconds=expected_in)
+    assert plan_response(n, default_policies()).deadline == NOW + timedelta(seconds=expected_in)
+
+
+def test_maintenance_is_voluntary_and_rehearsals_never_take_the_deadline_action() -> None:
+    started = notice(NoticeKind.SCHEDULED_MAINTENANCE, -600, event_id="open", action="system-reboot")
+    response = plan_response(started, default_policies())
+    assert response.due(NOW)
+    assert response.deadline is None  # no cutoff: PDBs honoured until the event ends
+    assert response.report_at == started.deadline
+    assert response.deadline_action is False
+    assert plan_response(ITN, default_policies()).deadline_action is True
+    assert plan_response(notice(NoticeKind.SPOT_ITN, source="simulation"), default_policies()).deadline_action is False
+
+
+def test_a_maintenance_ahead_does_not_hide_a_rebalance_now() -> None:
+    choice = choose_response([MAINT, REBALANCE], default_policies(), NOW)
+    assert choice.due is not None and choice.due.notice == REBALANCE
+    assert choice.waiting is not None and choice.waiting.notice == MAINT
+    later = choose_response([MAINT, REBALANCE], default_policies(), NOW + timedelta(minutes=50))
+    assert later.due is not None and later.due.notice == MAINT and later.waiting is None
+
+
+@pytest.mark.parametrize(
+    ("data", "refusal"),
+    [
+        ({"nodes": "n1", "kind": "spot-itn", "deadline": "2026-11-25T10:02:00Z"}, None),
+        ({"nodes": "n1", "kind": "spot-itn", "deadline": "2026-11-25T09:59:59Z"}, "in the past"),
+        ({"nodes": "n1", "kind": "spot-itn", "deadline": "2026-11-25T10:15:01Z"}, "more than 15 minutes"),
+        ({"nodes": "n1", "kind": "spot-itn"}, "no deadline"),
+        ({"nodes": "n1", "kind": "spot-itn", "deadline": "soon"}, "deadline"),
+        ({"nodes": "n1", "kind": "nuke", "deadline": "2026-11-25T10:02:00Z"}, "unknown kind"),
+        ({"nodes": "n1", "kind": "rebalance", "deadline": "2026-11-25T10:10:00Z"}, None),
+    ],
+)
+def test_rehearsal_request(data: dict[str, str], refusal: str | None) -> None:
+    if refusal is None:
+        got = parse_rehearsal_request(data, "req-1", NOW)
+        assert got.source == "simulation" and got.event_id == "rehearsal-req-1"
+        assert plan_response(got, default_policies()).deadline_action is False
+    else:
+        with pytest.raises(RehearsalRequestRefused, match=refusal):
+            parse_rehearsal_request(data, "req-1", NOW)
+
+
+def test_rehearsal_nodes() -> None:
+    assert rehearsal_nodes({"nodes": "a, b\nc"}) == ["a", "b", "c"]
+    assert rehearsal_nodes({"nodes": '["a", "b"]'}) == ["a", "b"]
+    assert rehearsal_nodes({}) == []
+    with pytest.raises(RehearsalRequestRefused):
+        rehearsal_nodes({"nodes": "[1, 2]"})
+
+
 def test_retry_delay_starts_well_under_a_second_and_grows_to_a_cap() -> None:
     delays = [retry_delay(i) for i in range(12)]
     assert delays[0] < 0.5
     assert all(b >= a for a, b in itertools.pairwise(delays))
     assert max(delays) == 2.0
+
+
+def test_a_resumed_notice_no_source_confirms_is_released_after_a_complete_poll() -> None:
+    """A notice read back from the node's annotation could have been written by anyone who may patch a Node."""
+    assert plan_release(ITN, [], True, False, unconfirmed=True).release is True
+    assert plan_release(ITN, [], False, False, unconfirmed=True).release is False  # IMDS failing: resume
+    assert plan_release(ITN, [ITN], True, False, unconfirmed=True).release is False
+    assert plan_release(ITN, [], True, False, unconfirmed=False).release is False

@@ -329,10 +329,11 @@ def grants(group: str, resource: str, verbs: str, name: str | None = None) -> se
 EVENTS = grants("", "events", "create patch") | grants("events.k8s.io", "events", "create patch")
 AGENT_RULES = (
     grants("", "nodes", "get list watch patch")
-    | grants("", "pods", "get list watch delete")
+    | grants("", "pods", "get list watch")
     | grants("", "pods/eviction", "create")
     | EVENTS
 )
+AGENT_REHEARSAL_RULES = grants("", "configmaps", "get list watch")
 CONTROLLER_RULES = (
     grants("", "nodes", "get list watch patch")
     | grants("", "pods", "get list watch")
@@ -351,6 +352,7 @@ LEASE_RULES = grants("coordination.k8s.io", "leases", "get update", "spotd-contr
         ("ClusterRole", "spotd-agent", AGENT_RULES),
         ("ClusterRole", "spotd-controller", CONTROLLER_RULES),
         ("Role", "spotd-controller-lease", LEASE_RULES),
+        ("Role", "spotd-agent-rehearsals", AGENT_REHEARSAL_RULES),
     ],
 )
 def test_rbac_is_exactly_the_least_set(kind: str, name: str, expected: set[Rule]) -> None:
@@ -361,12 +363,14 @@ def test_rbac_is_exactly_the_least_set(kind: str, name: str, expected: set[Rule]
 
 def test_rbac_has_no_wildcards_or_secrets() -> None:
     roles = [d for d in load("rbac.yaml") if d["kind"] in ("ClusterRole", "Role")]
-    assert len(roles) == 3
+    assert len(roles) == 4
     for role in roles:
         assert "aggregationRule" not in role
         for group, resource, verb, _ in granted(role):
             assert "*" not in (group, resource, verb), role["metadata"]["name"]
-            assert resource not in ("secrets", "configmaps", "serviceaccounts/token"), role["metadata"]["name"]
+            assert resource not in ("secrets", "serviceaccounts/token"), role["metadata"]["name"]
+            if resource == "configmaps":  # rehearsal requests: read, in spotd's namespace only
+                assert role["kind"] == "Role" and verb in ("get", "list", "watch"), role["metadata"]["name"]
             assert verb not in ("escalate", "bind", "impersonate"), role["metadata"]["name"]
 
 
@@ -376,6 +380,7 @@ def test_rbac_has_no_wildcards_or_secrets() -> None:
         ("ClusterRoleBinding", "spotd-agent", "ClusterRole", "spotd-agent"),
         ("ClusterRoleBinding", "spotd-controller", "ClusterRole", "spotd-controller"),
         ("RoleBinding", "spotd-controller-lease", "Role", "spotd-controller"),
+        ("RoleBinding", "spotd-agent-rehearsals", "Role", "spotd-agent"),
     ],
 )
 def test_bindings(binding_kind: str, name: str, role_kind: str, account: str) -> None:
@@ -495,3 +500,23 @@ def test_dockerfile_matches_project_and_manifests() -> None:
     assert len(re.findall(r"^FROM ", text, re.M)) == 2, "multi-stage: builder and runtime"
     ignore = [line for line in (ROOT / ".dockerignore").read_text().splitlines() if line and line[0] != "#"]
     assert ignore[0] == "*" and "!spotd/" in ignore, ".dockerignore is an allow-list"
+
+
+def test_the_agent_has_no_pod_delete_by_default() -> None:
+    """Evictions (bounded by PDBs) are the agent's only power over pods; delete is a separate, knowing choice."""
+    docs = load("rbac.yaml")
+    agent_roles = [
+        find(docs, b["roleRef"]["kind"], b["roleRef"]["name"])
+        for b in docs
+        if b["kind"] in ("ClusterRoleBinding", "RoleBinding")
+        and any(s.get("name") == "spotd-agent" for s in b.get("subjects") or [])
+    ]
+    assert agent_roles
+    for role in agent_roles:
+        for _, resource, verb, _ in granted(role):
+            assert not (resource.startswith("pods") and verb in ("delete", "deletecollection", "*")), role
+    optional = yaml.safe_load_all((DEPLOY / "optional" / "agent-deadline-delete.yaml").read_text())
+    role = next(d for d in optional if d["kind"] == "ClusterRole")
+    assert granted(role) == grants("", "pods", "delete")
+    kustomization = yaml.safe_load((DEPLOY / "kustomization.yaml").read_text())
+    assert not any("optional" in r for r in kustomization["resources"])

@@ -460,12 +460,12 @@ def test_deploy_rbac_grants_what_the_check_expects() -> None:
 def test_permission_check_names_a_missing_and_an_unused_grant() -> None:
     grants = granted()
     records = uses(grants)
-    records.discard(AccessRecord(AGENT, "delete", "", "pods", "", "default", True))
+    records.discard(AccessRecord(AGENT, "create", "", "pods", "eviction", "default", True))
     records.add(AccessRecord(CONTROLLER, "delete", "", "pods", "", "default", False))
     records.add(AccessRecord("kubernetes-admin", "delete", "", "nodes", "", "", False))  # not spotd's: ignored
     report = compare(records, grants)
     assert report.missing == [f'{CONTROLLER} cannot delete "pods" (API group "") in namespace "default"']
-    assert report.unused == [f'ClusterRole "spotd-agent" grants {AGENT} delete "pods" (API group "")']
+    assert report.unused == [f'ClusterRole "spotd-agent" grants {AGENT} create "pods/eviction" (API group "")']
     assert "Granted in deploy/rbac.yaml but never used by any test:" in report.lines()
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from spotd.kube.keys import SIMULATION_ANNOTATION
+from spotd.kube.keys import REHEARSAL_LABEL
 from spotd.rehearsal.aws import fis_template, start_fis_experiment, terminate_instances
 from spotd.rehearsal.targets import Target
 from spotd.sim.cluster import ClusterSpec, EmbeddedCluster
@@ -33,10 +33,13 @@ class Cluster:
     def __init__(self, api: FakeApiServer, sim: EmbeddedCluster, kubeconfig: str, tmp: Path) -> None:
         self.api, self.sim, self.kubeconfig, self.tmp = api, sim, kubeconfig, tmp
 
-    def annotation(self, node: str = NODE) -> str | None:
-        obj = self.api.get("Node", node)
-        assert obj is not None
-        return (obj["metadata"].get("annotations") or {}).get(SIMULATION_ANNOTATION)
+    def request(self) -> dict[str, str] | None:
+        """The data of the rehearsal request in spotd's namespace, if one is there."""
+        found = [
+            c for c in self.api.list("ConfigMap", "spotd") if REHEARSAL_LABEL in (c["metadata"].get("labels") or {})
+        ]
+        assert len(found) <= 1
+        return dict(found[0]["data"]) if found else None
 
     def cordon_all_but(self, node: str) -> None:
         for obj in self.api.list("Node"):
@@ -115,26 +118,26 @@ async def test_rehearsal_reports_the_real_agent_draining_and_workloads_recoverin
         assert w["ok"], w
         if w["min_ready"] < w["desired"] and w["counted"]:
             assert w["recovered_at"] is not None
-    assert cluster.annotation() is None  # cleaned up at the end, and the agent releases the node
+    assert cluster.request() is None  # cleaned up at the end, and the agent releases the node
     await eventually(lambda: not (cluster.api.get("Node", NODE) or {}).get("spec", {}).get("unschedulable"), 10)
 
 
 @pytest.mark.parametrize(("sig", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-async def test_interruption_removes_the_annotation(cluster: Cluster, sig: int, status: int) -> None:
-    # no agent: the rehearsal would wait for the deadline; interrupt it once the notice is on the node
+async def test_interruption_removes_the_request(cluster: Cluster, sig: int, status: int) -> None:
+    # no agent: the rehearsal would wait for the deadline; interrupt it once the request is written
     proc = await cluster.rehearse("--node", NODE, "--notice", "60s")
-    await eventually(lambda: cluster.annotation() is not None, 15)
-    notice = json.loads(cluster.annotation() or "{}")
-    assert notice["kind"] == "spot-itn" and notice["deadline"] and notice["notice_at"]
+    await eventually(lambda: cluster.request() is not None, 15)
+    request = cluster.request() or {}
+    assert request["kind"] == "spot-itn" and request["deadline"] and request["nodes"] == NODE
     proc.send_signal(sig)
     code, _, output = await finish(proc, 15)
     assert code == status, output
     assert "interrupted" in output
-    assert cluster.annotation() is None
+    assert cluster.request() is None, output
 
 
 async def test_pods_that_cannot_be_rescheduled_make_the_rehearsal_not_ok(cluster: Cluster, agent: AgentProcess) -> None:
-    cluster.cordon_all_but(NODE)  # nowhere else to go: PDBs hold the drain until the cut-off, then force
+    cluster.cordon_all_but(NODE)  # nowhere else to go: PDBs hold the drain; a rehearsal never deletes
     proc = await cluster.rehearse("--node", NODE, "--notice", "6s", "--recovery-timeout", "2s", "--output", "json")
     code, report, output = await finish(proc)
     assert code == 1, output
@@ -143,14 +146,14 @@ async def test_pods_that_cannot_be_rescheduled_make_the_rehearsal_not_ok(cluster
     assert failing, output
     assert all(w["recovered_at"] is None for w in failing)
     assert any(w["pending"] > 0 for w in failing)
-    assert cluster.annotation() is None
+    assert cluster.request() is None
 
 
 async def test_refuses_non_spot_nodes_unless_asked(cluster: Cluster) -> None:
     code, _, output = await finish(await cluster.rehearse("--node", "ondemand-01"))
     assert code == 2
     assert "ondemand-01 (on-demand)" in output and "--any-capacity-type" in output
-    assert cluster.annotation("ondemand-01") is None
+    assert cluster.request() is None
     code, _, output = await finish(await cluster.rehearse("--count", "5"))
     assert code == 2 and "only 4 Spot nodes" in output
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -15,9 +16,9 @@ from datetime import UTC, datetime, timedelta
 
 import aiohttp
 import httpx
-from lightkube import AsyncClient
+from lightkube import AsyncClient, operators
 from lightkube.core.exceptions import ApiError
-from lightkube.resources.core_v1 import Node
+from lightkube.resources.core_v1 import ConfigMap, Node
 
 from spotd.agent.node_client import NodeClient
 from spotd.agent.node_patch import NodeView
@@ -34,12 +35,18 @@ from spotd.drain.executor import DrainOptions
 from spotd.drain.plan import PodPolicy
 from spotd.kube.client import KubeConfigError, load_config, make_client
 from spotd.kube.events import EventRecorder
-from spotd.kube.keys import SIMULATION_ANNOTATION
+from spotd.kube.keys import REHEARSAL_LABEL, SIMULATION_ANNOTATION
 from spotd.kube.ratelimit import RateLimiter
 from spotd.kube.watch import RESYNC, resilient_watch
 from spotd.notices.imds import ImdsClient, NoticePoller, PollResult
 from spotd.notices.metrics import NOTICES_MALFORMED
-from spotd.notices.record import MalformedNotice, Notice, NoticeKind, parse_simulation_annotation
+from spotd.notices.record import (
+    Notice,
+    NoticeKind,
+    RehearsalRequestRefused,
+    parse_rehearsal_request,
+    rehearsal_nodes,
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -54,8 +61,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--deadline-action",
         choices=("delete", "leave"),
-        default="delete",
-        help="pods still refused at deadline minus safety margin: delete them (the node dies anyway) or leave",
+        default="leave",
+        help="pods still refused at deadline minus safety margin: leave them (default) or delete them "
+        "(needs the optional pods/delete ClusterRole, deploy/optional/agent-deadline-delete.yaml)",
+    )
+    p.add_argument(
+        "--namespace",
+        default=os.environ.get("POD_NAMESPACE") or "spotd",
+        help="spotd's own namespace, where rehearsal requests are read (POD_NAMESPACE, else spotd)",
     )
     p.add_argument(
         "--safety-margin",
@@ -111,6 +124,7 @@ class AgentConfig:
     api_burst: int
     alerts: AlertConfig
     log_level: str
+    namespace: str = "spotd"
 
 
 def config_from_args(args: argparse.Namespace) -> AgentConfig:
@@ -152,6 +166,7 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         api_burst=args.api_burst,
         alerts=alert_config_from_args(args),
         log_level=args.log_level,
+        namespace=args.namespace.strip() or "spotd",
     )
 
 
@@ -187,7 +202,8 @@ class Agent:
         self.imds_result = PollResult((), False)
         self.polled = False
         self.simulated: Notice | None = None
-        self.simulation_text: str | None = None
+        self.requests: dict[str, tuple[str, Notice | None]] = {}  # ConfigMap name -> (resourceVersion, notice)
+        self.annotation_warned: str | None = None
         self.node_ready = False
 
     def sighting(self) -> Sighting:
@@ -198,20 +214,54 @@ class Agent:
             notices.append(self.simulated)
         return Sighting(tuple(notices), frozenset(complete))
 
-    def read_simulation(self, view: NodeView) -> None:
+    def warn_annotation(self, view: NodeView) -> None:
+        """The old `spotd.io/simulate-reclaim` annotation triggers nothing: anyone who may patch a Node could
+        write one. Say so once per value."""
         text = view.annotations.get(SIMULATION_ANNOTATION)
-        if text == self.simulation_text:
+        if not text or text == self.annotation_warned:
             return
-        self.simulation_text = text
-        if not text:
-            self.simulated = None
-            return
+        self.annotation_warned = text
+        self.log.warning("simulation_annotation_ignored", annotation=SIMULATION_ANNOTATION)
+        self.events.record(
+            self.config.node_name,
+            "SimulationAnnotationIgnored",
+            f"{SIMULATION_ANNOTATION} triggers nothing; rehearsals are ConfigMaps labelled {REHEARSAL_LABEL} "
+            f"in namespace {self.config.namespace} (spotd simulate-reclaim writes them)",
+            "Warning",
+        )
+
+    def read_request(self, event: str, cm: ConfigMap) -> bool:
+        """Take in one rehearsal request (a ConfigMap event); True when the notice for this node changed."""
+        meta = cm.metadata
+        if meta is None or not meta.name:
+            return False
+        name, version = meta.name, meta.resourceVersion or ""
+        if event == "DELETED":
+            return self.requests.pop(name, None) is not None
+        known = self.requests.get(name)
+        if known is not None and known[0] == version:
+            return False
+        data = dict(cm.data or {})
         try:
-            self.simulated = parse_simulation_annotation(text, datetime.now(UTC))
-        except MalformedNotice as exc:
-            NOTICES_MALFORMED.labels("simulation").inc()
-            self.log.warning("notice_malformed", source="simulation", error=str(exc))
-            self.simulated = None
+            if self.config.node_name not in rehearsal_nodes(data):
+                return self.requests.pop(name, None) is not None
+            notice: Notice | None = parse_rehearsal_request(data, meta.uid or name, datetime.now(UTC))
+        except RehearsalRequestRefused as exc:
+            notice = None
+            NOTICES_MALFORMED.labels("rehearsal").inc()
+            self.log.warning("rehearsal_refused", request=f"{self.config.namespace}/{name}", reason=str(exc))
+            self.events.record(
+                self.config.node_name,
+                "RehearsalRefused",
+                f"rehearsal request {self.config.namespace}/{name} refused: {exc}",
+                "Warning",
+            )
+        self.requests[name] = (version, notice)
+        return True
+
+    def choose_rehearsal(self) -> None:
+        accepted = [n for _, (_, n) in sorted(self.requests.items()) if n is not None]
+        self.simulated = accepted[0] if accepted else None
 
     async def start(self) -> None:
         """Read the node once (retrying until the API server answers) and resume any notice in flight."""
@@ -225,7 +275,7 @@ class Agent:
                 self.log.warning("node_read_failed", error=repr(exc), attempt=attempt)
                 await asyncio.sleep(min(5.0, 0.2 * 2**attempt))
         self.node_ready = True
-        self.read_simulation(view)
+        self.warn_annotation(view)
         self.responder.resume_from(view)
 
     async def learn_instance(self) -> None:
@@ -250,8 +300,45 @@ class Agent:
             self.heartbeat.beat("poll", 30 + 10 * interval)
             await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
 
+    async def rehearsal_loop(self) -> None:
+        """One namespaced watch, by label, of the rehearsal requests (ConfigMaps only operators may write)."""
+        watch = resilient_watch(
+            self.client,
+            ConfigMap,
+            log=self.log,
+            what="rehearsals",
+            namespace=self.config.namespace,
+            labels={REHEARSAL_LABEL: operators.exists()},
+        )
+        async for event, cm in watch:
+            if event == RESYNC:  # requests deleted while the watch was down: list and drop them
+                changed = await self.relist_requests()
+            else:
+                changed = self.read_request(event, cm)
+            if changed:
+                self.choose_rehearsal()
+                try:
+                    await self.responder.reconcile(self.sighting())
+                except Exception as exc:  # the watch never dies of it; the next poll cycle tries again
+                    LOOP_ERRORS.labels("rehearsal").inc()
+                    self.log.warning("reconcile_failed", error=repr(exc))
+
+    async def relist_requests(self) -> bool:
+        try:
+            listing = self.client.list(
+                ConfigMap, namespace=self.config.namespace, labels={REHEARSAL_LABEL: operators.exists()}
+            )
+            present = {cm.metadata.name async for cm in listing if cm.metadata and cm.metadata.name}
+        except Exception as exc:  # the next reconnect tries again
+            self.log.warning("rehearsal_list_failed", error=repr(exc))
+            return False
+        gone = set(self.requests) - present
+        for name in gone:
+            del self.requests[name]
+        return bool(gone)
+
     async def node_loop(self) -> None:
-        """Watch our own Node: the simulation annotation, and the view the responder patches from."""
+        """Watch our own Node: the view the responder patches from (and the old annotation, to warn)."""
         watch = resilient_watch(
             self.client, Node, log=self.log, what="node", fields={"metadata.name": self.config.node_name}
         )
@@ -265,14 +352,7 @@ class Agent:
             view = NodeView.from_node(node)
             if self.responder.view is None or newer(view, self.responder.view):
                 self.responder.view = view
-            before = self.simulation_text
-            self.read_simulation(view)
-            if self.simulation_text != before:
-                try:
-                    await self.responder.reconcile(self.sighting())
-                except Exception as exc:  # the watch never dies of it; the next poll cycle tries again
-                    LOOP_ERRORS.labels("node").inc()
-                    self.log.warning("reconcile_failed", error=repr(exc))
+            self.warn_annotation(view)
 
 
 async def serve(config: AgentConfig, *, health_server: bool = True) -> None:
@@ -298,6 +378,7 @@ async def serve(config: AgentConfig, *, health_server: bool = True) -> None:
                 tasks.create_task(agent.learn_instance())
                 tasks.create_task(agent.poll_loop())
                 tasks.create_task(agent.node_loop())
+                tasks.create_task(agent.rehearsal_loop())
                 tasks.create_task(alerter.run())
         finally:
             log.info("agent_stopping")

@@ -89,9 +89,30 @@ def governing_notice(notices: Iterable[Notice]) -> Notice | None:
     return min(active, key=rank)
 
 
+# AWS gives a Spot interruption two minutes: a `time` further than that from our first sighting says more
+# about this node's clock than about AWS.
+SPOT_ITN_WARNING = timedelta(minutes=2)
+
+
+def safe_deadline(notice: Notice) -> datetime | None:
+    """The deadline the agent counts down to: for a Spot interruption, the earlier of its `time` and the
+    first sighting + 2 minutes (both read on this node's clock, so a skewed clock cancels out)."""
+    if notice.deadline is None:
+        return None
+    if notice.kind == NoticeKind.SPOT_ITN:
+        return min(notice.deadline, notice.seen_at + SPOT_ITN_WARNING)
+    return notice.deadline
+
+
 @dataclass(frozen=True)
 class Response:
-    """What the node should look like for a notice, and from when."""
+    """What the node should look like for a notice, and from when.
+
+    deadline: when the node is expected to go (the drain's cutoff, the deadline action's moment); None
+    for a voluntary drain (scheduled maintenance: PDBs honoured until the event ends, never a deadline
+    action). report_at: when pods still on the node are worth an Event and an alert (maintenance's
+    NotBefore). deadline_action: whether --deadline-action may apply at all (never for rehearsals).
+    """
 
     notice: Notice
     steps: tuple[Step, ...]
@@ -100,6 +121,8 @@ class Response:
     act_at: datetime
     deadline: datetime | None
     reason: str
+    report_at: datetime | None = None
+    deadline_action: bool = True
 
     def due(self, now: datetime) -> bool:
         return now >= self.act_at
@@ -111,10 +134,38 @@ def plan_response(notice: Notice, policies: Mapping[NoticeKind, NoticePolicy]) -
     act_at = notice.seen_at
     if policy.lead_time is not None and notice.deadline is not None:
         act_at = max(notice.seen_at, notice.deadline - policy.lead_time)
-    when = f"deadline {notice.deadline:%H:%M:%S}Z" if notice.deadline else "no deadline"
+    deadline = safe_deadline(notice)
+    when = f"deadline {deadline:%H:%M:%S}Z" if deadline else "no deadline"
     action = f" ({notice.action})" if notice.action else ""
     reason = f"{notice.kind}{action} from {notice.source}, {when}"
-    return Response(notice, steps, str(notice.kind), policy.taint_effect, act_at, notice.deadline, reason)
+    if notice.kind == NoticeKind.SCHEDULED_MAINTENANCE:
+        # A voluntary disruption: evictions honour PDBs until the event ends; NotBefore is when to tell.
+        return Response(
+            notice, steps, str(notice.kind), policy.taint_effect, act_at, None, reason, deadline, deadline_action=False
+        )
+    rehearsal = notice.source == "simulation"
+    return Response(
+        notice, steps, str(notice.kind), policy.taint_effect, act_at, deadline, reason, deadline_action=not rehearsal
+    )
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The response to act on now (None: nothing due), and the next one waiting for its time."""
+
+    due: Response | None
+    waiting: Response | None
+
+
+def choose_response(notices: Iterable[Notice], policies: Mapping[NoticeKind, NoticePolicy], now: datetime) -> Choice:
+    """The governing notice among those due now; one not due yet (a maintenance hours ahead) never hides
+    one that is (a rebalance recommendation now)."""
+    responses = [plan_response(n, policies) for n in notices if n.state == "active"]
+    due = [r for r in responses if r.due(now)]
+    waiting = [r for r in responses if not r.due(now)]
+    governing = governing_notice(r.notice for r in due)
+    first_waiting = min(waiting, key=lambda r: r.act_at.replace(tzinfo=None), default=None)
+    return Choice(next((r for r in due if r.notice is governing), None), first_waiting)
 
 
 @dataclass(frozen=True)
@@ -128,11 +179,15 @@ def plan_release(
     current: Sequence[Notice],
     complete: bool,
     boot_changed: bool,
+    unconfirmed: bool = False,
 ) -> Release:
     """Whether to undo what was done for `acting` (uncordon, untaint).
 
     Only a scheduled-maintenance or a simulated notice ever ends with the node alive, or a Spot
     stop/hibernate after which the instance booted again. An incomplete poll never releases.
+    unconfirmed: `acting` was only read back from the node's annotation (a restart) and no source has
+    shown it since; anyone who may patch the Node could have written it, so a complete poll without it
+    ends it.
     """
     same = [n for n in current if n.key == acting.key]
     if acting.source == "simulation":
@@ -141,6 +196,8 @@ def plan_release(
         return Release(False, "simulated notice still present")
     if not complete:
         return Release(False, "poll incomplete")
+    if unconfirmed and not same:
+        return Release(True, f"the {acting.kind} read back from the node is not in IMDS")
     if acting.kind == NoticeKind.SCHEDULED_MAINTENANCE:
         if same and same[0].state in ("completed", "canceled"):
             return Release(True, f"maintenance event {acting.event_id} {same[0].state}")

@@ -1,32 +1,37 @@
 """The agent's node responder: turns the notices present now into node changes and a drain.
 
 It holds what the agent is acting on (also kept on the node as annotations, so a restarted agent resumes),
-asks spotd.decide what to do, and has spotd.kube do it. Alerts and Events are fire-and-forget.
+asks spotd.agent.policy what to do, and has spotd.kube do it. Alerts and Events are fire-and-forget, and so
+are the node's taint, cordon, label and annotations: a background writer retries them, and the drain
+starts at once whatever they answer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from spotd.agent.metrics import NOTICE_ACTIVE, NOTICES
 from spotd.agent.node_client import NodeClient
 from spotd.agent.node_patch import AgentState, NodeView, notice_patch, release_patch
-from spotd.agent.policy import NoticePolicy, Response, Step, governing_notice, plan_release, plan_response
+from spotd.agent.policy import NoticePolicy, Response, Step, choose_response, plan_release
 from spotd.alerts.model import AlertNode, node_drain_incomplete_alert, spot_interruption_alert
 from spotd.alerts.sender import Alerter
 from spotd.common.metrics import LOOP_ERRORS
 from spotd.drain.executor import DrainOptions, DrainResult, drain_node
+from spotd.drain.metrics import PODS_LEFT
 from spotd.kube.events import EventRecorder
 from spotd.kube.keys import NOTICE_ANNOTATION, STATE_ANNOTATION
 from spotd.kube.ratelimit import RateLimiter
 from spotd.notices.record import MalformedNotice, Notice, NoticeKind
 
 _PATCH_TRIES = 5
+_PatchGoal = tuple[Callable[[NodeView], dict[str, Any] | None], str, Response | None]
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,13 @@ class Responder:
         self.drained_key: str | None = None
         self.waiting_key: str | None = None
         self.lock = asyncio.Lock()
+        # When the acting notice was taken up, on both clocks: deadlines are counted down on the monotonic one.
+        self.anchor: tuple[float, datetime] = (time.monotonic(), datetime.now(UTC))
+        self.node_goal: _PatchGoal | None = None  # what the background writer is to make true on the node
+        self.node_wake = asyncio.Event()
+        self.node_task: asyncio.Task[None] | None = None
+        self.node_failures = 0
+        self.unconfirmed = False  # the acting notice was resumed from the node and not seen since
 
     # ---- state ----
     def resume_from(self, view: NodeView) -> None:
@@ -80,6 +92,8 @@ class Responder:
             self.log.warning("notice_annotation_unreadable", error=str(exc))
             return
         self.state = AgentState.from_json(view.annotations.get(STATE_ANNOTATION))
+        self.anchor = (time.monotonic(), datetime.now(UTC))
+        self.unconfirmed = True  # until a source shows it again
         NOTICE_ACTIVE.labels(str(self.acting.kind)).set(1)
         self.log.info("notice_resumed", notice=self.acting.key, source=self.acting.source)
 
@@ -104,31 +118,32 @@ class Responder:
 
     async def _reconcile(self, seen: Sighting, now: datetime) -> None:
         if self.acting is not None:
+            if any(n.key == self.acting.key for n in seen.notices):
+                self.unconfirmed = False
             complete = self.acting.kind in seen.complete_for
-            verdict = plan_release(self.acting, seen.notices, complete, self.boot_changed)
+            verdict = plan_release(self.acting, seen.notices, complete, self.boot_changed, self.unconfirmed)
             if verdict.release:
                 await self._release(verdict.reason)
-        candidates = list(seen.notices)
-        if self.acting is not None:
-            candidates.append(self.acting)
-        notice = governing_notice(candidates)
-        if notice is None:
+        acting = self.acting
+        # The acting notice stands for its own key: its first sighting is kept, so nothing churns.
+        candidates = [n for n in seen.notices if acting is None or n.key != acting.key]
+        if acting is not None:
+            candidates.append(acting)
+        choice = choose_response(candidates, self.policies, now)
+        waiting = choice.waiting
+        if waiting is not None and self.waiting_key != waiting.notice.key:
+            self.waiting_key = waiting.notice.key
+            self.log.info("notice_scheduled", notice=waiting.notice.key, act_at=waiting.act_at.isoformat())
+            self.events.record(
+                self.nodes.name, "NoticeScheduled", f"{waiting.reason}; acting at {waiting.act_at:%H:%M:%S}Z"
+            )
+        response = choice.due
+        if response is None:
             return
-        if self.acting is not None and notice.key == self.acting.key:
-            notice = self.acting  # keep the first sighting, so the annotation does not churn
-        response = plan_response(notice, self.policies)
-        if not response.due(now):
-            if self.waiting_key != notice.key:
-                self.waiting_key = notice.key
-                self.log.info("notice_scheduled", notice=notice.key, act_at=response.act_at.isoformat())
-                self.events.record(
-                    self.nodes.name, "NoticeScheduled", f"{response.reason}; acting at {response.act_at:%H:%M:%S}Z"
-                )
-            return
-        if self.acting is None or notice.key != self.acting.key:
+        if acting is None or response.notice.key != acting.key:
             await self._act(response)
         elif self.view is not None and notice_patch(self.view, response, self._state_for(response)) is not None:
-            await self._apply(response)  # someone undid a step (kubectl uncordon): do it again
+            self._apply(response)  # someone undid a step (kubectl uncordon): do it again
         if Step.DRAIN in response.steps:
             self._ensure_drain(response)
 
@@ -167,41 +182,81 @@ class Responder:
         )
         if previous is not None and self.drain_task is not None and previous.deadline != notice.deadline:
             await self._stop_drain()  # a new deadline: restart the drain with it
-        await self._apply(response)
         self.acting = notice
+        self.anchor = (time.monotonic(), datetime.now(UTC))
+        self._apply(response)
 
-    async def _apply(self, response: Response) -> None:
+    def _apply(self, response: Response) -> None:
+        """Hand the node's new look to the background writer; returns at once."""
         if self.nodes.dry_run and self.dry_run_shown == response.notice.key:
             return  # nothing changes in a dry run: say it once per notice, not every poll
         self.dry_run_shown = response.notice.key if self.nodes.dry_run else None
         state = self._state_for(response)
-        before, after = await self._patch_node(lambda view: notice_patch(view, response, state), "notice")
-        if before is not None and after is not None:
-            self._log_steps(before, after, response)
         self.state = state
+        self._want_node(lambda view: notice_patch(view, response, state), "notice", response)
+
+    def _want_node(
+        self, compute: Callable[[NodeView], dict[str, Any] | None], action: str, response: Response | None
+    ) -> None:
+        self.node_goal = (compute, action, response)
+        self.node_wake.set()
+        if self.node_task is None or self.node_task.done():
+            self.node_task = asyncio.get_running_loop().create_task(self._write_node())
+
+    async def _write_node(self) -> None:
+        """Make the latest goal true on the node, retrying with back-off; failures are logged, counted
+        (spotd_node_actions_total{outcome="error"}) and said once per run of failures in an Event."""
+        while True:
+            await self.node_wake.wait()
+            self.node_wake.clear()
+            goal = self.node_goal
+            if goal is None:
+                continue
+            compute, action, response = goal
+            try:
+                done, before, after = await self._patch_node(compute, action)
+            except Exception as exc:  # 5xx, 403, a webhook down, the API server away
+                done, before, after = False, None, None
+                self.log.warning("node_patch_failed", action=action, error=repr(exc), failures=self.node_failures + 1)
+                if self.node_failures == 0:
+                    self.events.record(
+                        self.nodes.name, "NodePatchFailed", f"{action}: {exc!r} (retrying)"[:500], "Warning"
+                    )
+            if not done:
+                self.node_failures += 1
+                LOOP_ERRORS.labels("node_patch").inc()
+                with contextlib.suppress(TimeoutError):  # a new goal ends the back-off early
+                    await asyncio.wait_for(self.node_wake.wait(), min(5.0, 0.1 * 2**self.node_failures))
+                self.node_wake.set()
+                continue
+            self.node_failures = 0
+            if self.node_goal is goal:
+                self.node_goal = None
+            if response is not None and before is not None and after is not None:
+                self._log_steps(before, after, response)
 
     async def _patch_node(
         self, compute: Callable[[NodeView], dict[str, Any] | None], action: str
-    ) -> tuple[NodeView | None, NodeView | None]:
-        """Patch from the freshest view, re-reading on 409; (view patched from, result) or Nones if nothing
-        was needed, it was a dry run, or it gave up."""
+    ) -> tuple[bool, NodeView | None, NodeView | None]:
+        """Patch from the freshest view, re-reading on 409: (done, view patched from, result); done is
+        False when it gave up on conflicts. API errors raise."""
         for _ in range(_PATCH_TRIES):
             if self.view is None:
                 self.view = await self.nodes.get()
             before = self.view  # the node watch may replace self.view while the patch is in flight
             patch = compute(before)
             if patch is None:
-                return None, None
+                return True, None, None
             updated = await self.nodes.patch(patch, action)
             if updated is None and self.nodes.dry_run:
-                return None, None
+                return True, None, None
             if updated is None:  # 409: someone changed the node; read it again and recompute
                 self.view = await self.nodes.get()
                 continue
             self.view = updated
-            return before, updated
+            return True, before, updated
         self.log.error("node_patch_gave_up", action=action, notice=self.acting.key if self.acting else None)
-        return None, None
+        return False, None, None
 
     def _log_steps(self, before: NodeView, after: NodeView, response: Response) -> None:
         node = self.nodes.name
@@ -240,17 +295,34 @@ class Responder:
                 await asyncio.wait_for(self.drain_stop.wait(), min(30.0, 0.5 * 2**self.drain_failures))
             return None
 
+    def _counted_down(self, when: datetime | None) -> datetime | None:
+        """`when` as read at the anchor, moved by the monotonic time since: a wall-clock step does not move it."""
+        if when is None:
+            return None
+        mono, wall = self.anchor
+        return datetime.now(UTC) + (when - wall) - timedelta(seconds=time.monotonic() - mono)
+
+    def _overdue(self, response: Response, left: tuple[str, ...]) -> None:
+        """Pods still on the node at a maintenance's NotBefore: say so; the drain goes on."""
+        self.events.record(self.nodes.name, "DrainIncomplete", f"pods left at NotBefore: {', '.join(left)}", "Warning")
+        self.alerter.fire(node_drain_incomplete_alert(self.node_info(), left, response.report_at))
+
     async def _drain_once(self, response: Response) -> DrainResult:
         node, notice = self.nodes.name, response.notice
         self.events.record(node, "DrainStarted", f"draining for {response.reason}")
+        options = self.drain_options
+        if not response.deadline_action:  # rehearsals and maintenance never delete
+            options = replace(options, deadline_action="leave")
         result = await drain_node(
             self.nodes.client,
             node,
-            self.drain_options,
-            response.deadline,
+            options,
+            self._counted_down(response.deadline),
             log=self.log.bind(notice=notice.key),
             limiter=self.limiter,
             stop=self.drain_stop,
+            overdue_at=self._counted_down(response.report_at),
+            on_overdue=lambda left: self._overdue(response, left),
         )
         self.log.info(
             "drain_finished",
@@ -258,18 +330,12 @@ class Responder:
             outcome=result.outcome,
             seconds=round(result.duration, 3),
             evicted=len(result.evicted),
-            deleted=len(result.deleted),
             forced=list(result.forced),
             left=list(result.left),
             skipped=len(result.skipped),
         )
         if result.outcome == "complete":
-            self.events.record(
-                node,
-                "DrainComplete",
-                f"{len(result.evicted)} pods evicted, "
-                f"{len(result.deleted)} completed pods deleted in {result.duration:.1f}s",
-            )
+            self.events.record(node, "DrainComplete", f"{len(result.evicted)} pods evicted in {result.duration:.1f}s")
         elif result.outcome in ("incomplete", "blocked"):
             pods = ", ".join(result.left or result.blocked)
             self.events.record(node, "DrainIncomplete", f"pods left at the deadline: {pods}", "Warning")
@@ -278,7 +344,7 @@ class Responder:
             )
         if result.forced:
             self.events.record(
-                node, "PodsForceDeleted", "deleted at the deadline: " + ", ".join(result.forced), "Warning"
+                node, "PodsDeletedAtDeadline", "deleted at the deadline: " + ", ".join(result.forced), "Warning"
             )
         if result.outcome != "interrupted":
             self.drained_key = notice.key
@@ -296,15 +362,32 @@ class Responder:
         assert acting is not None
         await self._stop_drain()
         state = self.state
-        await self._patch_node(lambda view: release_patch(view, state), "release")
+
+        def compute(view: NodeView) -> dict[str, Any] | None:
+            return release_patch(view, state)
+
+        try:  # once in line, so that a notice coming next computes from the released node
+            done, _, _ = await self._patch_node(compute, "release")
+        except Exception as exc:
+            done = False
+            self.log.warning("node_patch_failed", action="release", error=repr(exc))
+        if done:
+            if self.node_goal is not None and self.node_goal[1] == "notice":
+                self.node_goal = None  # what the released notice wanted is moot
+        else:
+            self._want_node(compute, "release", None)
+        PODS_LEFT.set(0)
         self.log.info("notice_released", notice=acting.key, reason=reason)
         self.events.record(self.nodes.name, "NoticeReleased", f"{acting.kind}: {reason}; node uncordoned")
         self.alerter.resolve("SpotInterruptionNotice", spot_interruption_alert(acting, self.node_info()).labels)
         NOTICE_ACTIVE.labels(str(acting.kind)).set(0)
-        self.acting, self.state, self.drained_key = None, None, None
+        self.acting, self.state, self.drained_key, self.unconfirmed = None, None, None, False
 
     async def close(self) -> None:
         """On shutdown: stop the drain in flight; the node annotation records where it stopped."""
         if self.drain_task is not None and not self.drain_task.done():
             self.log.warning("drain_interrupted_by_shutdown", notice=self.acting.key if self.acting else None)
         await self._stop_drain()
+        if self.node_task is not None:
+            self.node_task.cancel()
+            await asyncio.gather(self.node_task, return_exceptions=True)

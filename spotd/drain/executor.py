@@ -1,12 +1,16 @@
 """The drain engine: evict every pod of a node at once, follow their deletion with a watch.
 
-Decisions (which pods, what grace, how long to back off) come from spotd.decide; this module executes.
+Decisions (which pods, what grace, how long to back off) come from spotd.drain.plan; this module executes.
+Time is counted on the monotonic clock from the drain's start: a wall-clock step does not move the deadline.
+It never asks for a grace period below MIN_GRACE_SECONDS (0 would be a force delete), and deletes a pod only
+with `deadline_action="delete"`, for pods still refused at the cutoff.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -18,7 +22,16 @@ from lightkube.models.meta_v1 import DeleteOptions, ObjectMeta
 from lightkube.resources.core_v1 import Pod
 
 from spotd.drain.metrics import DRAIN_DURATION, DRAINS, EVICTIONS, PODS_LEFT
-from spotd.drain.plan import PodFacts, PodPolicy, PodVerdict, eviction_grace, plan_drain, retry_delay
+from spotd.drain.plan import (
+    MIN_GRACE_SECONDS,
+    PodFacts,
+    PodPolicy,
+    PodVerdict,
+    eviction_grace,
+    plan_drain,
+    retry_delay,
+    shorter_grace,
+)
 from spotd.kube.keys import MIRROR_ANNOTATION, SAFE_TO_EVICT_ANNOTATION
 from spotd.kube.ratelimit import RateLimiter
 from spotd.kube.watch import RESYNC, resilient_watch
@@ -28,13 +41,14 @@ _RETRYABLE = frozenset({409, 429, 500, 502, 503, 504})
 
 @dataclass(frozen=True)
 class DrainOptions:
-    """deadline_action: what to do at deadline - safety_margin with pods still refused ('delete' or 'leave').
+    """deadline_action: what to do at deadline - safety_margin with pods still refused ('leave', the
+    default, or 'delete', which needs the optional pods/delete ClusterRole).
 
     Voluntary drains (the controller's) never delete: PDBs are honoured to the letter.
     """
 
     policy: PodPolicy = PodPolicy()  # noqa: RUF009 - frozen, so sharing the default is safe
-    deadline_action: str = "delete"
+    deadline_action: str = "leave"
     safety_margin: float = 10.0
     dry_run: bool = False
 
@@ -72,6 +86,7 @@ def pod_facts(pod: Pod) -> PodFacts:
         safe_to_evict=annotations.get(SAFE_TO_EVICT_ANNOTATION),
         priority=(spec.priority or 0) if spec else 0,
         grace_seconds=_grace(spec),
+        deletion_grace_seconds=meta.deletionGracePeriodSeconds if meta else None,
     )
 
 
@@ -104,8 +119,15 @@ class _Drain:
         log: Any,
         limiter: RateLimiter,
         stop: asyncio.Event,
+        overdue_at: datetime | None = None,
+        on_overdue: Callable[[tuple[str, ...]], None] | None = None,
     ) -> None:
-        self.client, self.node, self.options, self.deadline = client, node, options, deadline
+        self.client, self.node, self.options = client, node, options
+        # The wall clock is read once, here; from now on only the monotonic clock counts.
+        now, mono = datetime.now(UTC), time.monotonic()
+        self.deadline = None if deadline is None else mono + (deadline - now).total_seconds()
+        self.overdue_at = None if overdue_at is None else mono + (overdue_at - now).total_seconds()
+        self.on_overdue = on_overdue
         self.log = log.bind(node=node)
         self.limiter = limiter
         self.stop = stop
@@ -116,13 +138,18 @@ class _Drain:
         self.forced: list[str] = []
         self.refusal_logged: set[str] = set()  # uids whose PDB refusal was logged (once a pod)
         self.evicted_uids: set[str] = set()  # eviction accepted: the pod is on its way out
+        self.refused: set[str] = set()  # the last eviction of these was refused: the deadline action's pods
+        self.untried: set[str] = set()  # evictions launched but not yet answered once
+        self.first_round = asyncio.Event()
+        self.first_round.set()
+        self.overdue_reported = False
         self.changed = asyncio.Event()
         self.watch_broken = False
         self.tasks: set[asyncio.Task[None]] = set()
 
     # -- time --
     def seconds_left(self) -> float | None:
-        return None if self.deadline is None else (self.deadline - datetime.now(UTC)).total_seconds()
+        return None if self.deadline is None else self.deadline - time.monotonic()
 
     def cutoff_left(self) -> float | None:
         """Seconds until refused evictions stop being retried."""
@@ -157,14 +184,14 @@ class _Drain:
             return
         facts = pod_facts(pod)
         verdict = plan_drain([facts], self.options.policy).decisions[0].verdict
-        if verdict == PodVerdict.EVICT:
+        if verdict in (PodVerdict.EVICT, PodVerdict.WAIT):  # a terminating pod counts until it is gone
             self.launch(uid, facts, self.evict(uid, facts))
-        elif verdict == PodVerdict.DELETE:
-            self.launch(uid, facts, self.delete(uid, facts, None, forced=False))
 
     def launch(self, uid: str, facts: PodFacts, work: Any) -> None:
         self.started.add(uid)
         self.pending[uid] = facts
+        self.untried.add(uid)
+        self.first_round.clear()
         task = asyncio.get_running_loop().create_task(work)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
@@ -172,15 +199,33 @@ class _Drain:
     def gone(self, uid: str) -> None:
         if self.pending.pop(uid, None) is not None:
             self.changed.set()
+            if self.overdue_reported:  # past the time pods should be gone: the gauge follows them out
+                PODS_LEFT.set(len(self.pending))
+
+    def tried(self, uid: str) -> None:
+        self.untried.discard(uid)
+        if not self.untried:
+            self.first_round.set()
 
     async def evict(self, uid: str, pod: PodFacts) -> None:
+        """Evict until accepted, gone, or the cutoff; always once, even when the notice came too late."""
+        try:
+            await self._evict(uid, pod)
+        finally:
+            self.tried(uid)
+
+    async def _evict(self, uid: str, pod: PodFacts) -> None:
         attempt = 0
         while uid in self.pending and not self.stop.is_set():
-            cutoff = self.cutoff_left()
-            if cutoff is not None and cutoff <= 0:
-                return
             left = self.seconds_left()
-            grace = None if self.options.voluntary else eviction_grace(pod, left, self.options.safety_margin)
+            margin = self.options.safety_margin
+            if pod.terminating:
+                # Asked again only when its deletion would end too late: the shorter grace shortens it.
+                grace = None if self.options.voluntary else shorter_grace(pod, left, margin)
+                if grace is None:
+                    return
+            else:
+                grace = None if self.options.voluntary else eviction_grace(pod, left, margin)
             eviction = Pod.Eviction(
                 metadata=ObjectMeta(name=pod.name, namespace=pod.namespace),
                 deleteOptions=DeleteOptions(gracePeriodSeconds=grace) if grace is not None else None,
@@ -194,6 +239,7 @@ class _Drain:
                 if code == 404:
                     self.gone(uid)
                     return
+                self.refused.add(uid)
                 if code == 429 and _is_pdb_refusal(exc):
                     EVICTIONS.labels("pdb_blocked").inc()
                     if uid not in self.refusal_logged:
@@ -208,28 +254,33 @@ class _Drain:
                     self.log.error("eviction_failed", pod=pod.ref, status=code, message=exc.status.message)
                     return  # left to the deadline action
             except (httpx.HTTPError, OSError) as exc:
+                self.refused.add(uid)
                 delay = retry_delay(attempt)
                 self.log.warning("eviction_retry", pod=pod.ref, error=repr(exc))
             else:
                 EVICTIONS.labels("evicted").inc()
+                self.refused.discard(uid)
                 self.evicted_uids.add(uid)
                 self.evicted.append(pod.ref)
-                self.log.info("pod_evicted", pod=pod.ref, grace=grace)
+                self.log.info("pod_evicted", pod=pod.ref, grace=grace, terminating=pod.terminating)
                 return
+            self.tried(uid)
             attempt += 1
+            cutoff = self.cutoff_left()
             if cutoff is not None:
-                delay = min(delay, max(cutoff, 0.0))
+                if cutoff <= 0:
+                    return  # left to the deadline action
+                delay = min(delay, cutoff)
             await self.pause(delay)
 
-    async def delete(self, uid: str, pod: PodFacts, grace: int | None, forced: bool) -> None:
+    async def delete(self, uid: str, pod: PodFacts, grace: int) -> None:
+        """--deadline-action delete: a graceful delete, never below MIN_GRACE_SECONDS."""
+        grace = max(MIN_GRACE_SECONDS, grace)
         attempt = 0
         while uid in self.pending and not self.stop.is_set():
             await self.limiter.acquire()
             try:
-                if grace is None:
-                    await self.client.delete(Pod, pod.name, namespace=pod.namespace)
-                else:
-                    await self.client.delete(Pod, pod.name, namespace=pod.namespace, grace_period=grace)
+                await self.client.delete(Pod, pod.name, namespace=pod.namespace, grace_period=grace)
             except ApiError as exc:
                 if exc.status.code == 404:
                     self.gone(uid)
@@ -243,10 +294,10 @@ class _Drain:
                     self.log.error("pod_delete_failed", pod=pod.ref, error=repr(exc))
                     return
             else:
-                EVICTIONS.labels("forced" if forced else "deleted").inc()
-                (self.forced if forced else self.deleted).append(pod.ref)
+                EVICTIONS.labels("forced").inc()
+                self.forced.append(pod.ref)
                 self.evicted_uids.add(uid)
-                self.log.info("pod_deleted", pod=pod.ref, forced=forced, grace=grace)
+                self.log.info("pod_deleted", pod=pod.ref, forced=True, grace=grace)
                 return
             await self.pause(retry_delay(attempt))
             attempt += 1
@@ -274,12 +325,16 @@ class _Drain:
                 self.gone(uid)
             elif event == "ADDED":
                 self.consider(pod)
+            elif uid in self.pending and pod.status is not None and pod.status.phase in ("Succeeded", "Failed"):
+                self.gone(uid)  # finished: nothing runs in it any more, it no longer holds the node up
 
     async def reconcile(self) -> None:
         """After a broken watch, deletions may have been missed: list once and settle."""
         self.watch_broken = False
         pods, _ = await self.list_pods()
-        present = {p.metadata.uid for p in pods if p.metadata}
+        present = {
+            p.metadata.uid for p in pods if p.metadata and not (p.status and p.status.phase in ("Succeeded", "Failed"))
+        }
         for uid in list(self.pending):
             if uid not in present:
                 self.gone(uid)
@@ -324,6 +379,8 @@ class _Drain:
         try:
             for pod in pods:
                 self.consider(pod)
+            if self.overdue_at is not None:
+                await self.report_overdue()
             await self.wait_until(self.cutoff_left())
             if self.pending and not self.stop.is_set() and not self.options.voluntary:
                 await self.at_cutoff()
@@ -339,19 +396,45 @@ class _Drain:
             await asyncio.gather(watcher, *self.tasks, return_exceptions=True)
         return self.result(time.monotonic() - start, skipped)
 
+    async def wait_first_round(self) -> None:
+        """Until every eviction launched so far was answered once (or the drain stops)."""
+        stopper = asyncio.ensure_future(self.stop.wait())
+        rounder = asyncio.ensure_future(self.first_round.wait())
+        try:
+            await asyncio.wait({stopper, rounder}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopper.cancel()
+            rounder.cancel()
+
+    async def report_overdue(self) -> None:
+        """At `overdue_at` (a maintenance's NotBefore; at once after the first round when it is past), name
+        the pods still on the node. The drain goes on."""
+        assert self.overdue_at is not None
+        await self.wait_until(self.overdue_at - time.monotonic())
+        await self.wait_first_round()
+        if not self.pending or self.stop.is_set():
+            return
+        left = tuple(sorted(p.ref for p in self.pending.values()))
+        PODS_LEFT.set(len(left))
+        self.overdue_reported = True
+        self.log.warning("drain_overdue", pods=list(left))
+        if self.on_overdue is not None:
+            self.on_overdue(left)
+
     async def at_cutoff(self) -> None:
-        """Pods not evicted by deadline - margin: refused by a PDB, stuck on API errors, or never tried
-        because the notice came (or was resumed) too late."""
-        refused = {uid: pod for uid, pod in self.pending.items() if uid not in self.evicted_uids}
-        if not refused:
+        """Pods not evicted by deadline - margin: refused by a PDB or stuck on API errors. Every pod was
+        tried at least once first, also when the notice came (or was resumed) too late."""
+        await self.wait_first_round()
+        refused = {uid: pod for uid, pod in self.pending.items() if uid in self.refused}
+        if not refused or self.stop.is_set():
             return
         if self.options.deadline_action != "delete":
             self.log.warning("deadline_pods_left", pods=[p.ref for p in refused.values()])
             return
         left = self.seconds_left() or 0.0
-        grace = max(0, int(left) - 1)
-        self.log.warning("deadline_force_delete", pods=[p.ref for p in refused.values()], grace=grace)
-        await asyncio.gather(*(self.delete(uid, pod, grace, forced=True) for uid, pod in refused.items()))
+        grace = max(MIN_GRACE_SECONDS, int(left) - 1)
+        self.log.warning("deadline_delete", pods=[p.ref for p in refused.values()], grace=grace)
+        await asyncio.gather(*(self.delete(uid, pod, grace) for uid, pod in refused.items()))
 
     def result(self, duration: float, skipped: tuple[str, ...]) -> DrainResult:
         left = tuple(sorted(p.ref for p in self.pending.values()))
@@ -387,12 +470,26 @@ async def drain_node(
     log: Any,
     limiter: RateLimiter | None = None,
     stop: asyncio.Event | None = None,
+    overdue_at: datetime | None = None,
+    on_overdue: Callable[[tuple[str, ...]], None] | None = None,
 ) -> DrainResult:
     """Evict every evictable pod of the node and wait until they are gone, the deadline passes, or stop is set.
 
     deadline: when the node goes away (None: no limit; voluntary drains pass their drain timeout here).
     Refused evictions are retried with short growing back-off until deadline - safety_margin; then
-    options.deadline_action applies (never for voluntary drains).
+    options.deadline_action applies (never for voluntary drains) to the pods still refused.
+    overdue_at: when pods still on the node are worth saying so (on_overdue gets their names); the drain
+    goes on. "Empty" means no evictable pod left that is not finished: completed pods are left alone.
     """
-    drain = _Drain(client, node_name, options, deadline, log, limiter or RateLimiter(0, 1), stop or asyncio.Event())
+    drain = _Drain(
+        client,
+        node_name,
+        options,
+        deadline,
+        log,
+        limiter or RateLimiter(0, 1),
+        stop or asyncio.Event(),
+        overdue_at,
+        on_overdue,
+    )
     return await drain.run()

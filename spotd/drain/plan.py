@@ -6,7 +6,7 @@ Nothing here does I/O. Each verdict carries its reason: the reason is what Event
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 from spotd.kube.keys import SAFE_TO_EVICT_ANNOTATION
@@ -14,9 +14,13 @@ from spotd.kube.keys import SAFE_TO_EVICT_ANNOTATION
 
 class PodVerdict(StrEnum):
     EVICT = "evict"
-    DELETE = "delete"  # completed pods: nothing to protect, nothing to evict
-    SKIP = "skip"  # left on the node on purpose (DaemonSet, mirror, already terminating)
+    WAIT = "wait"  # already terminating: counted as left until gone; asked again if its grace ends too late
+    SKIP = "skip"  # left on the node on purpose (DaemonSet, mirror, completed)
     BLOCK = "block"  # voluntary drains refuse to touch it, and so refuse to drain the node
+
+
+# The least grace period spotd ever asks for: 0 is a force delete (kubectl refuses it without --force).
+MIN_GRACE_SECONDS = 1
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,7 @@ class PodFacts:
     safe_to_evict: str | None = None
     priority: int = 0
     grace_seconds: int = 30
+    deletion_grace_seconds: int | None = None  # of a terminating pod: the grace its deletion was given
 
     @property
     def ref(self) -> str:
@@ -60,10 +65,11 @@ def decide_pod(pod: PodFacts, policy: PodPolicy) -> PodDecision:
         return PodDecision(pod, PodVerdict.SKIP, "mirror pod (managed by the kubelet)")
     if "DaemonSet" in pod.owner_kinds:
         return PodDecision(pod, PodVerdict.SKIP, "DaemonSet pod")
-    if pod.terminating:
-        return PodDecision(pod, PodVerdict.SKIP, "already terminating")
     if pod.phase in ("Succeeded", "Failed"):
-        return PodDecision(pod, PodVerdict.DELETE, f"completed ({pod.phase})")
+        # Nothing runs in it: it does not hold the node up, and spotd has no power to delete pods.
+        return PodDecision(pod, PodVerdict.SKIP, f"completed ({pod.phase}), left alone")
+    if pod.terminating:
+        return PodDecision(pod, PodVerdict.WAIT, "already terminating")
     if policy.voluntary:
         if pod.safe_to_evict == "false":
             return PodDecision(pod, PodVerdict.BLOCK, f"annotated {SAFE_TO_EVICT_ANNOTATION}=false")
@@ -91,13 +97,31 @@ def plan_drain(pods: Iterable[PodFacts], policy: PodPolicy) -> DrainPlan:
 
 
 def eviction_grace(pod: PodFacts, seconds_left: float | None, safety_margin: float) -> int | None:
-    """Grace period to ask for: the pod's own, capped at the time left before the deadline minus margin."""
+    """Grace period to ask for (None: the pod's own).
+
+    The pod's own, capped at the time left before the deadline minus the margin; inside the margin (or
+    past the deadline) what is left, and never less than MIN_GRACE_SECONDS: no path asks for a force delete.
+    """
     if seconds_left is None:
         return None
     room = int(seconds_left - safety_margin)
+    if room < MIN_GRACE_SECONDS:
+        room = int(seconds_left)
     if room >= pod.grace_seconds:
         return None
-    return max(0, room)
+    return max(MIN_GRACE_SECONDS, room)
+
+
+def shorter_grace(pod: PodFacts, seconds_left: float | None, safety_margin: float) -> int | None:
+    """For a pod already terminating: the shorter grace to ask again with, or None when its deletion's
+    grace already fits before the deadline (an eviction with a shorter grace shortens a deletion; a longer
+    one never extends it). Compares grace periods only, so the node's clock does not matter."""
+    if not pod.terminating or pod.deletion_grace_seconds is None:
+        return None
+    wanted = eviction_grace(replace(pod, grace_seconds=pod.deletion_grace_seconds), seconds_left, safety_margin)
+    if wanted is None or wanted >= pod.deletion_grace_seconds:
+        return None
+    return wanted
 
 
 def retry_delay(attempt: int, first: float = 0.1, factor: float = 1.6, cap: float = 2.0) -> float:

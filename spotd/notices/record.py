@@ -1,12 +1,13 @@
 """The Notice record and the parsing of every IMDS payload that can carry one (pure).
 
-A notice source (IMDS, the simulation annotation) produces Notices; the node actions consume them.
+A notice source (IMDS, a rehearsal request) produces Notices; the node actions consume them.
 Neither side knows the other: this record is all that passes between them.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -197,26 +198,48 @@ def parse_target_lifecycle_state(body: str, now: datetime, window: timedelta, so
     return Notice(NoticeKind.ASG_TERMINATION, source, now, now + window, action="terminate")
 
 
-def parse_simulation_annotation(text: str, now: datetime) -> Notice:
-    """The `spotd.io/simulate-reclaim` node annotation written by `spotd simulate-reclaim`.
+REHEARSAL_MAX_AHEAD = timedelta(minutes=15)
 
-    {"kind": "spot-itn", "deadline": "2026-11-25T10:02:00Z", "notice_at": "2026-11-25T10:00:00Z"}
-    The agent treats it exactly as an IMDS notice, with source "simulation".
-    """
-    data = _load_json(text, "simulate-reclaim annotation")
-    if not isinstance(data, dict):
-        raise MalformedNotice("simulate-reclaim annotation is not a JSON object")
+
+class RehearsalRequestRefused(ValueError):
+    """A rehearsal request the agent will not act on; the message is the reason its Event gives."""
+
+
+def rehearsal_nodes(data: Mapping[str, str]) -> list[str]:
+    """The `nodes` of a rehearsal request: a JSON list, or names separated by commas, spaces or lines."""
+    text = str(data.get("nodes", "")).strip()
+    if text.startswith("["):
+        try:
+            names = json.loads(text)
+        except ValueError:
+            raise RehearsalRequestRefused("nodes is not a JSON list") from None
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise RehearsalRequestRefused("nodes is not a list of node names")
+        return [n.strip() for n in names if n.strip()]
+    return [n for n in text.replace(",", " ").split() if n]
+
+
+def parse_rehearsal_request(data: Mapping[str, str], request_id: str, now: datetime) -> Notice:
+    """A rehearsal request (ConfigMap data: nodes, kind, deadline, optional id) as a Notice with source
+    "simulation". Raises RehearsalRequestRefused when it is malformed, its deadline is past or more than
+    REHEARSAL_MAX_AHEAD ahead: a rehearsal can never be made into an immediate deadline."""
     try:
-        kind = NoticeKind(data.get("kind", ""))
+        kind = NoticeKind(str(data.get("kind", "")).strip())
     except ValueError:
-        raise MalformedNotice(f"simulate-reclaim annotation has unknown kind {data.get('kind')!r}") from None
+        raise RehearsalRequestRefused(f"unknown kind {data.get('kind')!r}") from None
+    text = str(data.get("deadline", "")).strip()
+    if not text:
+        raise RehearsalRequestRefused("no deadline")
     try:
-        deadline = parse_iso_time(data["deadline"]) if data.get("deadline") else None
-        seen_at = parse_iso_time(data["notice_at"]) if data.get("notice_at") else now
+        deadline = parse_iso_time(text)
     except ValueError as exc:
-        raise MalformedNotice(f"simulate-reclaim annotation: {exc}") from None
-    if deadline is None and kind != NoticeKind.REBALANCE:
-        raise MalformedNotice(f"simulate-reclaim annotation for {kind} has no deadline")
-    action = str(data.get("action", "terminate" if kind in (NoticeKind.SPOT_ITN, NoticeKind.ASG_TERMINATION) else ""))
-    event_id = str(data.get("event_id", "")) or (f"simulated-{format_time(seen_at)}" if deadline is None else "")
-    return Notice(kind, "simulation", seen_at, deadline, action=action, event_id=event_id)
+        raise RehearsalRequestRefused(f"deadline: {exc}") from None
+    if deadline <= now:
+        raise RehearsalRequestRefused(f"deadline {format_time(deadline)} is in the past")
+    if deadline > now + REHEARSAL_MAX_AHEAD:
+        raise RehearsalRequestRefused(f"deadline {format_time(deadline)} is more than 15 minutes ahead")
+    ident = str(data.get("id", "")).strip() or request_id
+    action = "terminate" if kind in (NoticeKind.SPOT_ITN, NoticeKind.ASG_TERMINATION) else ""
+    if kind == NoticeKind.REBALANCE:  # advice only: the deadline just bounds how long the request may be
+        return Notice(kind, "simulation", now, None, event_id=f"rehearsal-{ident}")
+    return Notice(kind, "simulation", now, deadline, action=action, event_id=f"rehearsal-{ident}")

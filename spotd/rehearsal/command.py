@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import signal
 import sys
 import tempfile
@@ -65,12 +66,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--yes", action="store_true", help="confirm --terminate")
     p.add_argument(
         "--via",
-        choices=("annotation", "fis", "imds"),
-        default="annotation",
-        help="annotation: the agents read the notice from the node; fis: an AWS FIS Spot interruption "
+        choices=("request", "annotation", "fis", "imds"),
+        default="request",
+        help="request: a rehearsal request (a ConfigMap in spotd's namespace) the agents read, removed at the "
+        "end ('annotation' is its former name); fis: an AWS FIS Spot interruption "
         "experiment; imds (embedded): the notice is set in each node's fake IMDS",
     )
     p.add_argument("--fis-role-arn", help="IAM role FIS assumes (--via fis)")
+    p.add_argument(
+        "--namespace",
+        default=os.environ.get("POD_NAMESPACE") or "spotd",
+        help="spotd's namespace, where the agents read rehearsal requests (POD_NAMESPACE, else spotd)",
+    )
     add_cluster_arguments(p)
     p.add_argument("--agent-log", help="embedded: file for the agents' logs (a temporary file)")
 
@@ -111,6 +118,9 @@ def config_from_args(args: argparse.Namespace) -> SimulateConfig:
             raise ValueError("--via imds: only in embedded mode (on a cluster, --via fis)")
         if args.kind not in (NoticeKind.SPOT_ITN, NoticeKind.REBALANCE):
             raise ValueError("--via imds: only --kind spot-itn or rebalance")
+    via = "request" if args.via == "annotation" else args.via
+    if via == "request" and args.notice > 900:
+        raise ValueError("--notice: the agents refuse a rehearsal whose deadline is more than 15 minutes ahead")
     if args.via == "fis":
         if embedded:
             raise ValueError("--via fis: needs a real cluster (--kubeconfig)")
@@ -130,9 +140,10 @@ def config_from_args(args: argparse.Namespace) -> SimulateConfig:
         recovery_timeout=args.recovery_timeout,
         any_capacity_type=args.any_capacity_type,
         terminate=args.terminate,
-        via=args.via,
+        via=via,
         fis_role_arn=args.fis_role_arn,
         seed=args.seed if args.seed is not None else (1 if embedded else None),
+        namespace=args.namespace.strip() or "spotd",
     )
     return SimulateConfig(
         rehearsal=rehearsal,
@@ -180,7 +191,7 @@ async def run(config: SimulateConfig) -> int:
         print(f"spotd simulate-reclaim: cannot reach the API server: {exc!r}", file=sys.stderr)
         return 2
     except asyncio.CancelledError:
-        print("spotd simulate-reclaim: interrupted; simulation annotations removed", file=sys.stderr)
+        print("spotd simulate-reclaim: interrupted; rehearsal request removed", file=sys.stderr)
         if terminated.is_set():
             return 143
         raise  # Ctrl-C: asyncio.run turns it into KeyboardInterrupt, the CLI exits 130

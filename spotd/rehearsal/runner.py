@@ -13,13 +13,14 @@ from typing import Any, TextIO
 
 from lightkube import ALL_NS, AsyncClient
 from lightkube.core.exceptions import ApiError
+from lightkube.models.meta_v1 import ObjectMeta
 from lightkube.resources.apps_v1 import Deployment, ReplicaSet, StatefulSet
-from lightkube.resources.core_v1 import Event, Node, Pod
-from lightkube.types import OnErrorAction, OnErrorResult, PatchType
+from lightkube.resources.core_v1 import ConfigMap, Event, Node, Pod
+from lightkube.types import OnErrorAction, OnErrorResult
 
 from spotd.common.parsing import format_time
 from spotd.kube.client import make_client
-from spotd.kube.keys import INTERRUPTION_TAINT_KEY, SIMULATION_ANNOTATION
+from spotd.kube.keys import INTERRUPTION_TAINT_KEY, REHEARSAL_LABEL
 from spotd.notices.record import NoticeKind
 from spotd.rehearsal.aws import start_fis_experiment, terminate_instances
 from spotd.rehearsal.report import Fact, NodePlan, Observation, Report, WorkloadPlan, WorkloadRef, build_report
@@ -31,7 +32,7 @@ from spotd.rehearsal.targets import (
     pod_pending,
     pod_ready,
     pod_ref,
-    simulation_annotation,
+    rehearsal_request_data,
     workload_of,
 )
 
@@ -47,9 +48,10 @@ class RehearsalConfig:
     recovery_timeout: float = 60.0
     any_capacity_type: bool = False
     terminate: bool = False
-    via: str = "annotation"  # annotation | fis | imds (embedded)
+    via: str = "request"  # request (a ConfigMap the agents read) | fis | imds (embedded)
     fis_role_arn: str | None = None
     seed: int | None = None
+    namespace: str = "spotd"  # spotd's own: where the agents read rehearsal requests
 
 
 # ---- the engine -------------------------------------------------------------------------------------------
@@ -92,7 +94,7 @@ class Rehearsal:
         self.timeline: list[Observation] = []
         self.plans: dict[str, NodePlan] = {}
         self.targets: list[Target] = []
-        self.annotated: list[str] = []
+        self.request: str | None = None  # the rehearsal request (ConfigMap) we wrote, until removed
         self.changed = asyncio.Event()
         self.started_at = datetime.now(UTC)
         self.fis_experiment: str | None = None
@@ -108,7 +110,7 @@ class Rehearsal:
         self.changed.set()
 
     async def run(self) -> Report:
-        """Rehearse; the report of what was seen. Cancelling removes the annotations before re-raising."""
+        """Rehearse; the report of what was seen. Cancelling removes the rehearsal request before re-raising."""
         self.client = client = make_client(self.config.kubeconfig)
         watchers: list[asyncio.Task[None]] = []
         try:
@@ -192,7 +194,7 @@ class Rehearsal:
                 fact = {"DrainComplete": Fact.DRAINED, "DrainIncomplete": Fact.DRAIN_INCOMPLETE}.get(obj.reason or "")
                 if fact is not None:
                     self.observe(fact, name, detail=obj.message or "")
-                elif obj.reason == "PodsForceDeleted":
+                elif obj.reason in ("PodsForceDeleted", "PodsDeletedAtDeadline"):
                     self.notes.append(f"{name}: {obj.message}")
         elif kind == "ReplicaSet":
             parent = next((r.name for r in meta.ownerReferences or [] if r.controller and r.kind == "Deployment"), None)
@@ -273,11 +275,26 @@ class Rehearsal:
             await self.notifier(self.targets, self.config.kind, now, deadline)
             self.say(f"{self.config.kind} notice set in the IMDS of {len(self.targets)} nodes at {format_time(now)}")
             return
-        text = simulation_annotation(self.config.kind, now, deadline)
-        patch = {"metadata": {"annotations": {SIMULATION_ANNOTATION: text}}}
-        for t in self.targets:
-            self.annotated.append(t.name)
-            await self.client.patch(Node, t.name, patch, patch_type=PatchType.MERGE)
+        # As the operator: a request only spotd's namespace can hold, which RBAC lets only operators write.
+        name = f"spotd-rehearsal-{now:%Y%m%d-%H%M%S}-{random.randrange(16**4):04x}"
+        data = rehearsal_request_data(
+            [t.name for t in self.targets], self.config.kind, deadline or now + timedelta(seconds=self.config.notice)
+        )
+        request = ConfigMap(
+            metadata=ObjectMeta(name=name, namespace=self.config.namespace, labels={REHEARSAL_LABEL: "true"}),
+            data=data,
+        )
+        # Ours before the answer comes: a signal during the create must still remove it (404 if it never was).
+        self.request = name
+        try:
+            await self.client.create(request)
+        except ApiError as exc:
+            self.request = None
+            if exc.status.code == 404:
+                raise RehearsalRefused(
+                    f"namespace {self.config.namespace!r} not found: is spotd deployed there? (--namespace)"
+                ) from None
+            raise
         when = f"deadline {format_time(deadline)}" if deadline else "no deadline"
         self.say(f"{self.config.kind} notice given to {len(self.targets)} nodes at {format_time(now)}, {when}")
 
@@ -298,7 +315,7 @@ class Rehearsal:
         warned = False
         while True:
             now = datetime.now(UTC)
-            if not warned and self.config.via == "annotation" and now - self.started_at > timedelta(seconds=15):
+            if not warned and self.config.via == "request" and now - self.started_at > timedelta(seconds=15):
                 idle = [n for n in self.plans if not any(o.subject == n for o in self.timeline)]
                 if idle:
                     self.say(f"no agent has acted yet on {', '.join(idle)}: is the spotd agent running there?")
@@ -349,24 +366,22 @@ class Rehearsal:
         else:
             await self.terminator(self.targets)
         self.say(f"terminated {', '.join(t.instance_id or t.name for t in self.targets)}")
-        self.annotated.clear()  # the nodes are gone; nothing to clean up
 
     async def clean_up(self) -> None:
-        """Remove our annotation from every node we gave it to (the agents then release them)."""
-        if self.client is None or not self.annotated:
+        """Remove our rehearsal request (the agents then release the nodes still alive)."""
+        if self.client is None or self.request is None:
             return
-        patch = {"metadata": {"annotations": {SIMULATION_ANNOTATION: None}}}
-        for name in list(self.annotated):
-            try:
-                await self.client.patch(Node, name, patch, patch_type=PatchType.MERGE)
-                self.annotated.remove(name)
-            except ApiError as exc:
-                if exc.status.code == 404:
-                    self.annotated.remove(name)
-                else:
-                    self.say(f"could not remove {SIMULATION_ANNOTATION} from {name}: {exc}")
-            except OSError as exc:
-                self.say(f"could not remove {SIMULATION_ANNOTATION} from {name}: {exc!r}")
+        where = f"{self.config.namespace}/{self.request}"
+        try:
+            await self.client.delete(ConfigMap, self.request, namespace=self.config.namespace)
+            self.request = None
+        except ApiError as exc:
+            if exc.status.code == 404:
+                self.request = None
+            else:
+                self.say(f"could not remove the rehearsal request {where}: {exc}")
+        except OSError as exc:
+            self.say(f"could not remove the rehearsal request {where}: {exc!r}")
 
 
 def _version(listing: Any) -> str | None:

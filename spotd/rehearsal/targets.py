@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -141,11 +140,9 @@ def choose_nodes(
     return sorted(chosen, key=lambda t: t.name)
 
 
-def simulation_annotation(kind: NoticeKind, notice_at: datetime, deadline: datetime | None) -> str:
-    data = {"kind": str(kind), "notice_at": format_time(notice_at)}
-    if deadline is not None:
-        data["deadline"] = format_time(deadline)
-    return json.dumps(data, separators=(",", ":"))
+def rehearsal_request_data(nodes: Sequence[str], kind: NoticeKind, deadline: datetime) -> dict[str, str]:
+    """The data of a rehearsal request ConfigMap, as the agents read it (spotd.notices.record)."""
+    return {"nodes": "\n".join(nodes), "kind": str(kind), "deadline": format_time(deadline)}
 
 
 def workload_of(pod: Pod, rs_parent: Mapping[tuple[str, str], str]) -> WorkloadRef | None:

@@ -232,7 +232,7 @@ class EmbeddedCluster:
             )
         for node in node_objects(self.spec, self.rng):
             self.api.create(node)
-        for ns in sorted({w.namespace for w in MIX}):
+        for ns in sorted({w.namespace for w in MIX} | {"spotd"}):  # spotd's own: rehearsal requests
             if self.api.get("Namespace", ns) is None:
                 self.api.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
         for w in MIX:
