@@ -17,6 +17,17 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+
+
+def agent_kubeconfig(api: Any, path: Path, node: str) -> str:
+    """A kubeconfig for `node`'s agent as deployed: its ServiceAccount's node-bound token, under the RBAC and
+    the admission policies of deploy/ (loaded into the fake once)."""
+    if api.get("ClusterRole", "spotd-agent") is None:
+        api.load_manifests([DEPLOY])
+    token = api.service_account_token("spotd", "spotd-agent", node_name=node)
+    return str(api.write_kubeconfig(path, token=token))
+
 
 def free_port() -> int:
     with socket.socket() as s:

@@ -15,7 +15,7 @@ import pytest
 
 from spotd.sim.imds import FakeImds
 from spotd.sim.kubeapi.server import FakeApiServer
-from tests.agent_harness import AgentProcess, eventually, node_obj, pdb_obj, pod_obj
+from tests.agent_harness import DEPLOY, AgentProcess, agent_kubeconfig, eventually, node_obj, pdb_obj, pod_obj
 
 NODE = "ip-10-0-1-10.ec2.internal"
 TAINT = "spotd.io/interruption"
@@ -23,7 +23,7 @@ TAINT = "spotd.io/interruption"
 
 @pytest.fixture
 async def api() -> AsyncIterator[FakeApiServer]:
-    server = FakeApiServer(termination_scale=0.0)
+    server = FakeApiServer(termination_scale=0.02)  # pods take (a 50th of) their grace to go, as kubelets do
     await server.start()
     yield server
     await server.stop()
@@ -39,7 +39,7 @@ async def imds() -> AsyncIterator[FakeImds]:
 
 @pytest.fixture
 def kubeconfig(api: FakeApiServer, tmp_path: Path) -> str:
-    return str(api.write_kubeconfig(tmp_path / "kubeconfig"))
+    return agent_kubeconfig(api, tmp_path / "kubeconfig", NODE)
 
 
 @pytest.fixture
@@ -197,6 +197,7 @@ async def test_asg_termination(api, imds, kubeconfig, agents, tmp_path) -> None:
 async def test_pdb_refusal_retried_then_forced_at_the_deadline(api, imds, kubeconfig, agents, tmp_path) -> None:
     populate(api, web=2)
     api.create(pdb_obj("web", min_available=2))
+    api.load_manifests([DEPLOY / "optional" / "agent-deadline-delete.yaml"])  # the operator's knowing choice
     agent = run_agent(agents, tmp_path, kubeconfig, imds, "--safety-margin", "3s", "--deadline-action", "delete")
     await agent.ready()
     imds.set_instance_action("terminate", soon(7))
@@ -431,10 +432,11 @@ async def test_kubectl_uncordon_during_a_notice_is_undone(api, imds, kubeconfig,
     await agent.ready()
     imds.set_instance_action("terminate", soon(120))
     await eventually(lambda: node(api)["spec"].get("unschedulable"), timeout=10)
+    operator = str(api.write_kubeconfig(tmp_path / "operator-kubeconfig"))
     proc = await asyncio.create_subprocess_exec(
         "kubectl",
         "--kubeconfig",
-        kubeconfig,
+        operator,
         "uncordon",
         NODE,
         stdout=asyncio.subprocess.PIPE,

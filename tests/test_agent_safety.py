@@ -19,7 +19,7 @@ import pytest
 from spotd.sim.imds import FakeImds
 from spotd.sim.kubeapi.server import FakeApiServer
 from spotd.sim.kubeapi.store import Subscription
-from tests.agent_harness import AgentProcess, eventually, node_obj, pdb_obj, pod_obj
+from tests.agent_harness import AgentProcess, agent_kubeconfig, eventually, node_obj, pdb_obj, pod_obj
 from tests.test_agent import maintenance_event, rehearsal_request
 
 NODE = "ip-10-0-1-10.ec2.internal"
@@ -61,7 +61,7 @@ async def cluster(apis: list[FakeApiServer], scale: float, tmp: Path) -> tuple[F
     apis.append(api)
     api.create(node_obj(NODE))
     api.create(pod_obj("logs-agent", NODE, owner="DaemonSet", labels={"app": "logs"}))
-    return api, str(api.write_kubeconfig(tmp / "kubeconfig"))
+    return api, agent_kubeconfig(api, tmp / "kubeconfig", NODE)
 
 
 def run_agent(agents: list[AgentProcess], tmp: Path, kubeconfig: str, imds: FakeImds, *extra: str) -> AgentProcess:
