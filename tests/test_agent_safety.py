@@ -254,6 +254,21 @@ async def test_a_maintenance_ahead_does_not_hide_a_rebalance_recommendation(apis
     assert pods_on_node(api) == ["logs-agent", "web-0"]
 
 
+async def test_a_rehearsal_withdrawn_while_the_watch_was_down_is_released(apis, imds, agents, tmp_path) -> None:
+    """The request watch breaks and its resume fails: what happened meanwhile comes from a re-list."""
+    api, kubeconfig = await cluster(apis, 0.05, tmp_path)
+    api.create(pod_obj("web-0", NODE))
+    agent = run_agent(agents, tmp_path, kubeconfig, imds)
+    await agent.ready()
+    rehearsal_request(api, "drill", datetime.now(UTC) + timedelta(minutes=5))
+    await eventually(lambda: our_taint(api) is not None, timeout=10)
+    api.inject_fault("GET", r"/namespaces/spotd/configmaps$", 500, query_regex=r"watch=(true|1)", delay=1.0)
+    assert api.break_watches("ConfigMap") == 1
+    api.delete("ConfigMap", "drill", "spotd")  # while no watch is open: only a re-list can tell
+    await eventually(lambda: our_taint(api) is None, timeout=15)
+    assert agent.events("watch_failed")
+
+
 async def test_malformed_and_far_rehearsal_requests_are_refused(apis, imds, agents, tmp_path) -> None:
     api, kubeconfig = await cluster(apis, 0.05, tmp_path)
     api.create(pod_obj("web-0", NODE))

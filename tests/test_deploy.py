@@ -328,12 +328,12 @@ def grants(group: str, resource: str, verbs: str, name: str | None = None) -> se
 
 EVENTS = grants("", "events", "create patch") | grants("events.k8s.io", "events", "create patch")
 AGENT_RULES = (
-    grants("", "nodes", "get list watch patch")
-    | grants("", "pods", "get list watch")
+    grants("", "nodes", "get watch patch")
+    | grants("", "pods", "list watch")
     | grants("", "pods/eviction", "create")
-    | EVENTS
+    | grants("", "events", "create")
 )
-AGENT_REHEARSAL_RULES = grants("", "configmaps", "get list watch")
+AGENT_REHEARSAL_RULES = grants("", "configmaps", "list watch")
 CONTROLLER_RULES = (
     grants("", "nodes", "get list watch patch")
     | grants("", "pods", "get list watch")

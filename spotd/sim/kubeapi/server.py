@@ -58,8 +58,11 @@ class Fault:
     body: dict[str, Any] | None
     delay: float
     retry_after: int | None
+    query_regex: re.Pattern[str] | None = None
 
-    def matches(self, method: str, path: str) -> bool:
+    def matches(self, method: str, path: str, query: str = "") -> bool:
+        if self.query_regex is not None and self.query_regex.search(query) is None:
+            return False
         return self.times > 0 and self.method in ("*", method) and self.path_regex.search(path) is not None
 
 
@@ -310,8 +313,10 @@ class FakeApiServer:
         body: dict[str, Any] | None = None,
         delay: float = 0.0,
         retry_after: int | None = None,
+        query_regex: str | None = None,
     ) -> None:
-        """The next `times` requests with this method ("*" for any) whose path matches answer `status`."""
+        """The next `times` requests with this method ("*" for any) whose path (and query, when given) matches
+        answer `status`, after `delay` seconds."""
         self._faults.append(
             Fault(
                 method.upper() if method != "*" else "*",
@@ -321,8 +326,14 @@ class FakeApiServer:
                 body,
                 delay,
                 retry_after,
+                re.compile(query_regex) if query_regex is not None else None,
             )
         )
+
+    def break_watches(self, kind: str) -> int:
+        """End every open watch stream of `kind`, as an API server restart or a dropped connection does;
+        returns how many. Clients resume from their last version (add a fault to make the resume fail)."""
+        return self.store.end_watches(kind)
 
     def clear_faults(self) -> None:
         self._faults.clear()
@@ -353,7 +364,7 @@ class FakeApiServer:
             request[USER_KEY] = self._authorize(request)
         except errors.ApiError as exc:
             return json_response(exc.status(), exc.code)
-        fault = next((f for f in self._faults if f.matches(request.method, request.path)), None)
+        fault = next((f for f in self._faults if f.matches(request.method, request.path, request.query_string)), None)
         if fault is not None:
             fault.times -= 1
             if fault.times <= 0:

@@ -326,6 +326,15 @@ class Store:
         else:
             self.watchers.get(watcher.kind, set()).discard(watcher)
 
+    def end_watches(self, kind: str) -> int:
+        """End the open watch streams of one kind; how many."""
+        ended = [
+            w for group in (self.watchers, self._node_watchers) for ws in group.values() for w in ws if w.kind == kind
+        ]
+        for w in ended:
+            w.queue.put_nowait(None)
+        return len(ended)
+
     def close(self) -> None:
         """End every watch stream and subscription (server stop)."""
         for watchers in [*self.watchers.values(), *self._node_watchers.values()]:
