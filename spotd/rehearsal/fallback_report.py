@@ -81,6 +81,7 @@ class FallbackReport:
     fallback_first_ready: float | None  # real seconds after the reclaim
     max_fallback_nodes: int
     on_demand_node_hours: float
+    on_demand_node_hours_after_restore: float  # the part a faster return saves
     spot_nodes_launched: int
     returned_at: float | None  # real seconds after the reclaim: the last fallback node gone
     pending_max: float
@@ -88,6 +89,7 @@ class FallbackReport:
     pending_p95: float
     pods_waited: int
     pending_at_end: int
+    pending_after_restore_max: float  # the longest wait of a pod that went Pending once Spot was back
     workloads: tuple[WorkloadLine, ...]
     ok: bool
     verdict: str
@@ -107,9 +109,9 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[rank - 1]
 
 
-def node_hours(nodes: Iterable[NodeLife], end: datetime, scale: float) -> float:
-    """Real node-hours of these nodes up to their removal (or the end)."""
-    seconds = sum(((n.removed or end) - n.created).total_seconds() for n in nodes)
+def node_hours(nodes: Iterable[NodeLife], end: datetime, scale: float, since: datetime | None = None) -> float:
+    """Real node-hours of these nodes up to their removal (or the end), counted from `since` if given."""
+    seconds = sum(max(0.0, ((n.removed or end) - max(n.created, since or n.created)).total_seconds()) for n in nodes)
     return _real(seconds, scale) / 3600
 
 
@@ -150,6 +152,7 @@ def build_fallback_report(
     counted_waits = [w for w in waits if w.counted]
     durations = [_real(((w.until or end) - w.since).total_seconds(), scale) for w in counted_waits]
     pending_end = sum(1 for w in counted_waits if w.until is None)
+    late_waits = [w for w in counted_waits if w.since >= milestones.restored_at]
     lines = []
     names = sorted({w.workload for w in waits} | {d.workload for d in disruptions} | set(on_fallback_at_end))
     for name in names:
@@ -194,6 +197,7 @@ def build_fallback_report(
         fallback_first_ready=None if first_ready is None else _real((first_ready - t0).total_seconds(), scale),
         max_fallback_nodes=max_concurrent(fallback, end),
         on_demand_node_hours=node_hours(fallback, end, scale),
+        on_demand_node_hours_after_restore=node_hours(fallback, end, scale, since=milestones.restored_at),
         spot_nodes_launched=sum(1 for n in nodes if n.capacity_type == "spot" and n.created > t0),
         returned_at=returned,
         pending_max=max(durations, default=0.0),
@@ -201,6 +205,9 @@ def build_fallback_report(
         pending_p95=percentile(durations, 95),
         pods_waited=len(durations),
         pending_at_end=pending_end,
+        pending_after_restore_max=max(
+            (_real(((w.until or end) - w.since).total_seconds(), scale) for w in late_waits), default=0.0
+        ),
         workloads=tuple(lines),
         ok=ok,
         verdict=verdict,
@@ -233,11 +240,13 @@ def to_text(r: FallbackReport) -> str:
         f"  reclaim of {len(r.reclaimed)} Spot nodes, Spot short: +0s; instances gone: {at(m.deadline_at)}; "
         f"Spot restored: {at(m.restored_at)}; end: {at(m.finished_at)}",
         f"  fallback on-demand nodes: {r.fallback_nodes} launched, at most {r.max_fallback_nodes} at once, "
-        f"first Ready at +{_text(r.fallback_first_ready)}; {r.on_demand_node_hours:.2f} on-demand node-hours",
+        f"first Ready at +{_text(r.fallback_first_ready)}; {r.on_demand_node_hours:.2f} on-demand node-hours, "
+        f"{r.on_demand_node_hours_after_restore:.2f} of them after Spot was restored",
         f"  Spot nodes launched after the reclaim: {r.spot_nodes_launched}; back on Spot: "
         + (f"+{_text(r.returned_at)}" if r.returned_at is not None else "NOT SEEN"),
         f"  pods Pending: {r.pods_waited} waited, longest {_text(r.pending_max)}, p50 {_text(r.pending_p50)}, "
-        f"p95 {_text(r.pending_p95)}; {r.pending_at_end} still Pending at the end",
+        f"p95 {_text(r.pending_p95)}; after Spot was restored longest {_text(r.pending_after_restore_max)}; "
+        f"{r.pending_at_end} still Pending at the end",
         "",
     ]
     header = ("WORKLOAD", "PODS PENDING", "LONGEST", "DISRUPTED", "RECLAIM", "RETURN", "OTHER", "ON FALLBACK")
