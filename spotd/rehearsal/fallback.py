@@ -314,7 +314,10 @@ class ControllerProcess:
         deadline = time.monotonic() + timeout
         while not await asyncio.to_thread(self._ready):
             if self.proc.returncode is not None:
-                raise RehearsalRefused(f"spotd controller exited with {self.proc.returncode}: see {self.log_path}")
+                lines = self.log_path.read_text(errors="replace").strip().splitlines() or [""]
+                raise RehearsalRefused(
+                    f"spotd controller exited with {self.proc.returncode} ({lines[-1][:300]}); log: {self.log_path}"
+                )
             if time.monotonic() > deadline:
                 raise RehearsalRefused(f"spotd controller not ready after {timeout:.0f}s: see {self.log_path}")
             await asyncio.sleep(0.2)
