@@ -474,7 +474,10 @@ async def run_fallback(
             iid = node["spec"]["providerID"].rsplit("/", 1)[-1]
             publish(aws.launch_event(group, datetime.now(UTC), "", iid))
 
+        failures: dict[str, int] = {}
+
         def failed(group: NodeGroup, at: datetime, message: str) -> None:
+            failures[group.name] = failures.get(group.name, 0) + 1
             publish(aws.launch_event(group, at, message))
 
         autoscaler = Autoscaler(
@@ -547,7 +550,13 @@ async def run_fallback(
         exit_code = await controller.stop()
         if exit_code not in (0, None):
             notes.append(f"spotd controller exited with {exit_code}")
-        notes.append(f"controller log: {controller.log_path}; ICE and launch events sent to SQS: {aws.sent}")
+        if failures:
+            tried = ", ".join(f"{name} x{n}" for name, n in sorted(failures.items()))
+            notes.append(f"launches failed for lack of Spot capacity (ICE), each backing its group off: {tried}")
+        notes.append(
+            "nodes the autoscaler launched run no spotd agent; "
+            f"controller log: {controller.log_path}; launch events sent to SQS: {aws.sent}"
+        )
         return build_fallback_report(
             scale=scale,
             reclaimed=targets,

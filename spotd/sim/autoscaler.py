@@ -371,6 +371,7 @@ class Autoscaler:
             for name, nodes in members.items()
         }
         priorities = self.priorities()
+        empty = {name: self._empty_room(g) for name, g in self.groups.items()}
         for pod in pending:
             need = (*requests_of(pod), 1)
             slot = next((room for fits, room, _ in slots if fits(pod) and _fits(room, need)), None)
@@ -383,12 +384,12 @@ class Autoscaler:
                 if size[g.name] < g.max_size
                 and not self.backed_off(g.name, now)
                 and fits_template(pod, g)
-                and _fits(self._empty_room(g), need)
+                and _fits(empty[g.name], need)
             ]
             chosen = expand(options, priorities)
             if chosen is None:
                 continue  # no group can take it: it stays Pending (CA's NotTriggerScaleUp)
-            room = self._empty_room(chosen)
+            room = list(empty[chosen.name])
             _take(room, need)
             slots.append((partial(fits_template, group=chosen), room, chosen))
             size[chosen.name] += 1
