@@ -171,6 +171,17 @@ async def test_ice_on_spot_backs_off_then_falls_back_to_on_demand_and_spot_retur
     assert sim.scale_up_status("spot-1a")["status"] != "Backoff"
 
 
+async def test_a_scale_up_of_several_nodes_fails_once_and_backs_off_once(sim: Sim) -> None:
+    sim.autoscaler.set_ice("spot-1a", True)
+    sim.replicaset("big", 3, cpu="3000m")  # one node each
+    await eventually(lambda: bool(sim.failures))
+    await asyncio.sleep(0.1)
+    assert [g for g, _, _ in sim.failures] == ["spot-1a"]
+    assert sim.autoscaler.backoff["spot-1a"].failures == 1
+    assert not [la for la in sim.autoscaler.launches if la.group.name == "spot-1a"]
+    await eventually(lambda: all_on(sim, "big", "spot-1b", 3))  # not ICE-ed: the same priority, next by name
+
+
 async def test_an_empty_node_is_scaled_down_after_the_unneeded_time(sim: Sim) -> None:
     sim.replicaset("web", 1)
     await eventually(lambda: all_on(sim, "web", "spot-1a", 1))

@@ -433,9 +433,15 @@ class Autoscaler:
     def _finish_launches(self, now: datetime) -> None:
         due = [la for la in self.launches if la.due <= now]
         self.launches = [la for la in self.launches if la.due > now]
+        failed: set[str] = set()
         for launch in due:
             group = launch.group
+            if launch.fails and group.name in failed:
+                continue
             if launch.fails:
+                # the nodes asked of the group together are one scale-up: it fails once, and whole
+                failed.add(group.name)
+                self.launches = [la for la in self.launches if not (la.group.name == group.name and la.fails)]
                 previous = self.backoff.get(group.name)
                 failures = (previous.failures if previous else 0) + 1
                 message = ICE_MESSAGE.format(instance_type=group.instance_type, zone=group.zone)
