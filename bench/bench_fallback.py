@@ -18,7 +18,7 @@ import sys
 import time
 from typing import Any
 
-from spotd.rehearsal.fallback import controller_options
+from spotd.rehearsal.controller_process import controller_options
 
 ROWS = (
     ("verdict", lambda r: ("OK: " if r["ok"] else "NOT OK: ") + r["verdict"]),

@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 
 from spotd.cli.main import main
-from spotd.rehearsal.fallback import FALLBACK_SELECTOR, controller_argv, controller_options, scaled_duration_flags
+from spotd.rehearsal.controller_process import controller_argv, controller_options, scaled_duration_flags
+from spotd.rehearsal.fallback import FALLBACK_SELECTOR
 from spotd.rehearsal.fallback_report import (
     OTHER,
     RECLAIM,
@@ -40,7 +41,7 @@ OPTIONS = {
 
 def test_every_behaviour_duration_of_the_controller_is_scaled_leases_and_the_long_poll_are_not() -> None:
     assert scaled_duration_flags(OPTIONS) == {"--min-on-demand-age": 7200.0, "--interval": 30.0}
-    argv, notes = controller_argv(OPTIONS, [], 1 / 60, ["--kubeconfig", "k"])
+    argv, notes = controller_argv(OPTIONS, [], 1 / 60, ["--kubeconfig", "k"], FALLBACK_SELECTOR)
     assert argv == ["--kubeconfig", "k", "--interval", "0.5s", "--min-on-demand-age", "120s"]
     assert any("no --fallback-selector" in n for n in notes)
 
@@ -52,6 +53,7 @@ def test_user_flags_come_last_with_their_durations_scaled() -> None:
         ["--surge-timeout", "0", "--min-on-demand-age=30m", "--max-drains-per-hour", "60"],
         1 / 60,
         [],
+        FALLBACK_SELECTOR,
     )
     assert argv[-5:] == ["--surge-timeout", "0s", "--min-on-demand-age=30s", "--max-drains-per-hour", "60"]
     assert ["--fallback-selector", FALLBACK_SELECTOR] == argv[argv.index("--fallback-selector") :][:2]

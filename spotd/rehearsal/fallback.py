@@ -21,25 +21,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import json
-import os
 import random
-import re
-import signal
-import socket
 import sys
-import time
-import urllib.request
-from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from spotd.common.parsing import format_time, parse_duration
+from spotd.common.parsing import format_time
 from spotd.kube.keys import DRAIN_ANNOTATION, SIMULATION_ANNOTATION
 from spotd.notices.record import NoticeKind
+from spotd.rehearsal.controller_process import ControllerProcess, controller_argv, controller_options, free_port
 from spotd.rehearsal.fallback_report import (
     OTHER,
     RECLAIM,
@@ -53,17 +45,13 @@ from spotd.rehearsal.fallback_report import (
 )
 from spotd.rehearsal.targets import RehearsalRefused, simulation_annotation
 from spotd.sim.autoscaler import NODEGROUP_LABEL, ON_DEMAND, SPOT, Autoscaler, AutoscalerTiming, NodeGroup
+from spotd.sim.aws_events import AwsEvents, MotoMissing
 from spotd.sim.cluster import ZONES, ClusterSpec, EmbeddedCluster
 from spotd.sim.scheduler import Obj
 
 FALLBACK_LABEL = ("node-pool", "fallback")
 FALLBACK_SELECTOR = f"{FALLBACK_LABEL[0]}={FALLBACK_LABEL[1]}"
 INSTANCE_TYPE = "m5.xlarge"
-QUEUE = "spotd-capacity-events"
-REGION = "us-east-1"
-# controller duration flags left at their value: leases and the SQS long poll are plumbing, not behaviour
-UNSCALED_FLAGS = re.compile(r"^--(lease-.*|sqs-wait)$")
-_DURATION_DEFAULT = re.compile(r"^\s*\d+(\.\d+)?\s*(ms|s|m|h|d)(\d+(\.\d+)?\s*(ms|s|m|h))*\s*$")
 
 
 @dataclass(frozen=True)
@@ -112,65 +100,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-# ---- the controller's flags ---------------------------------------------------------------------------------
-
-
-def controller_options() -> dict[str, Any]:
-    """`spotd controller`'s flags as its own parser declares them: option string -> default."""
-    from spotd.cli.main import build_parser
-
-    parser = build_parser(only="controller")
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    command = sub.choices["controller"]
-    return {opt: action.default for action in command._actions for opt in action.option_strings}
-
-
-def scaled_duration_flags(options: dict[str, Any]) -> dict[str, float]:
-    """The controller's duration flags that the time scale applies to: flag -> real default in seconds."""
-    out = {}
-    for flag, default in options.items():
-        if isinstance(default, str) and _DURATION_DEFAULT.match(default) and not UNSCALED_FLAGS.match(flag):
-            out[flag] = parse_duration(default)
-    return out
-
-
-def _seconds(value: float) -> str:
-    return f"{value:.3f}".rstrip("0").rstrip(".") + "s"
-
-
-def controller_argv(
-    options: dict[str, Any], user_args: Sequence[str], scale: float, base: Sequence[str]
-) -> tuple[list[str], list[str]]:
-    """(argv after `spotd controller`, notes): base flags, every duration flag at its default times scale,
-    --fallback-selector when the controller has it, then the user's flags (durations scaled too; given last,
-    they win)."""
-    durations = scaled_duration_flags(options)
-    argv = list(base)
-    notes = []
-    for flag, real in sorted(durations.items()):
-        argv += [flag, _seconds(real * scale)]
-    if "--fallback-selector" in options:
-        argv += ["--fallback-selector", FALLBACK_SELECTOR]
-        notes.append(f"controller run with --fallback-selector {FALLBACK_SELECTOR}")
-    else:
-        notes.append("this controller has no --fallback-selector: it considers every on-demand node")
-    args = list(user_args)
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        flag, eq, value = arg.partition("=")
-        if flag in durations:
-            if eq:
-                args[i] = f"{flag}={_seconds(parse_duration(value) * scale)}"
-            elif i + 1 < len(args):
-                args[i + 1] = _seconds(parse_duration(args[i + 1]) * scale)
-                i += 1
-        i += 1
-    if user_args:
-        notes.append("controller flags given: " + " ".join(user_args))
-    return argv + args, notes
-
-
 # ---- the cluster's node groups ------------------------------------------------------------------------------
 
 
@@ -207,149 +136,6 @@ def adopt_nodes(cluster: EmbeddedCluster) -> None:
             labels["karpenter.sh/capacity-type"] = ON_DEMAND
             node["metadata"].setdefault("annotations", {})[DRAIN_ANNOTATION] = "false"
         cluster.api.update(node)
-
-
-# ---- AWS: moto and the events EventBridge would send ---------------------------------------------------------
-
-
-class Aws:
-    """moto in this process (SQS), and the Auto Scaling events the autoscaler's launches produce."""
-
-    def __init__(self) -> None:
-        try:
-            from moto.server import ThreadedMotoServer
-        except ImportError:
-            raise RehearsalRefused(
-                "--scenario fallback runs the real controller, which reads ICE from SQS: it needs moto "
-                "(pip install 'spotd[test]', or scripts/setup --test)"
-            ) from None
-        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        self.endpoint = ""
-        self.queue_url = ""
-        self.sqs: Any = None
-        self.sent = 0
-
-    def start(self) -> None:
-        import boto3
-
-        self.server.start()
-        host, port = self.server.get_host_and_port()
-        self.endpoint = f"http://{host}:{port}"
-        self.sqs = boto3.client(
-            "sqs",
-            endpoint_url=self.endpoint,
-            region_name=REGION,
-            aws_access_key_id="testing",
-            aws_secret_access_key="testing",
-        )
-        self.queue_url = self.sqs.create_queue(QueueName=QUEUE)["QueueUrl"]
-
-    def stop(self) -> None:
-        with contextlib.suppress(Exception):
-            self.server.stop()
-
-    def env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "SPOTD_"))}
-        env.update(
-            {
-                "AWS_ENDPOINT_URL": self.endpoint,
-                "AWS_ACCESS_KEY_ID": "testing",
-                "AWS_SECRET_ACCESS_KEY": "testing",
-                "AWS_DEFAULT_REGION": REGION,
-                "AWS_REGION": REGION,
-                "AWS_EC2_METADATA_DISABLED": "true",
-                "AWS_CONFIG_FILE": os.devnull,
-                "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
-            }
-        )
-        return env
-
-    def launch_event(self, group: NodeGroup, at: datetime, message: str, instance_id: str = "") -> str:
-        ok = not message
-        when = format_time(at)
-        self.sent += 1
-        detail: dict[str, Any] = {
-            "StatusCode": "InProgress" if ok else "Failed",
-            "AutoScalingGroupName": group.name,
-            "ActivityId": f"sim-{self.sent:06d}",
-            "Details": {"Availability Zone": group.zone, "Subnet ID": "subnet-sim"},
-            "StatusMessage": message,
-            "StartTime": when,
-            "EndTime": when,
-            "EC2InstanceId": instance_id,
-        }
-        return json.dumps(
-            {
-                "version": "0",
-                "id": f"sim-{self.sent:06d}",
-                "detail-type": "EC2 Instance Launch Successful" if ok else "EC2 Instance Launch Unsuccessful",
-                "source": "aws.autoscaling",
-                "time": when,
-                "region": REGION,
-                "detail": detail,
-            }
-        )
-
-    def send(self, body: str) -> None:
-        self.sqs.send_message(QueueUrl=self.queue_url, MessageBody=body)
-
-
-# ---- the controller process ---------------------------------------------------------------------------------
-
-
-class ControllerProcess:
-    def __init__(self, argv: list[str], env: dict[str, str], log_path: Path, port: int) -> None:
-        self.argv = argv
-        self.env = env
-        self.log_path = log_path
-        self.port = port
-        self.proc: asyncio.subprocess.Process | None = None
-
-    async def start(self, timeout: float = 60.0) -> None:
-        log = self.log_path.open("ab")
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "spotd", "controller", *self.argv, env=self.env, stdout=log, stderr=log
-        )
-        log.close()
-        deadline = time.monotonic() + timeout
-        while not await asyncio.to_thread(self._ready):
-            if self.proc.returncode is not None:
-                lines = self.log_path.read_text(errors="replace").strip().splitlines() or [""]
-                raise RehearsalRefused(
-                    f"spotd controller exited with {self.proc.returncode} ({lines[-1][:300]}); log: {self.log_path}"
-                )
-            if time.monotonic() > deadline:
-                raise RehearsalRefused(f"spotd controller not ready after {timeout:.0f}s: see {self.log_path}")
-            await asyncio.sleep(0.2)
-        # ready = lease and inventory; the capacity sources' first read follows: wait for it (best effort)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and b"sources_ready" not in self.log_path.read_bytes():  # noqa: ASYNC110 - a file has no event
-            await asyncio.sleep(0.1)
-
-    def _ready(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=1) as resp:
-                return bool(resp.status == 200)
-        except OSError:
-            return False
-
-    async def stop(self) -> int | None:
-        if self.proc is None or self.proc.returncode is not None:
-            return None if self.proc is None else self.proc.returncode
-        with contextlib.suppress(ProcessLookupError):
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return await asyncio.wait_for(self.proc.wait(), 10)
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.kill()
-            return await self.proc.wait()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # ---- what happened: node lives, pod waits, disruptions --------------------------------------------------------
@@ -447,7 +233,10 @@ async def run_fallback(
     from spotd.sim.kubeapi.server import FakeApiServer
 
     scale = config.scale
-    aws = Aws()
+    try:
+        aws = AwsEvents()
+    except MotoMissing as exc:
+        raise RehearsalRefused(str(exc)) from None
     api = FakeApiServer(host="127.0.0.1", port=0, termination_scale=scale)
     await api.start()
     cluster = EmbeddedCluster(api, cluster_spec)
@@ -502,7 +291,7 @@ async def run_fallback(
             "--lease-namespace", "kube-system",
             "--log-level", log_level,
         ]  # fmt: skip
-        argv, notes = controller_argv(controller_options(), config.controller_args, scale, base)
+        argv, notes = controller_argv(controller_options(), config.controller_args, scale, base, FALLBACK_SELECTOR)
         controller = ControllerProcess(argv, aws.env(), workdir / "controller.log", port)
         print(f"embedded cluster at {api.url}; starting spotd controller (log: {controller.log_path})", file=sys.stderr)
         await controller.start()
