@@ -143,6 +143,20 @@ def test_report_is_not_ok_while_fallback_nodes_or_pending_pods_remain() -> None:
     assert r.on_demand_node_hours == pytest.approx(55 / 60)
 
 
+def test_report_says_when_no_fallback_was_needed() -> None:
+    r = build_fallback_report(
+        scale=1 / 60,
+        reclaimed=["spot-01"],
+        milestones=milestones(),
+        nodes=[],
+        waits=[PodWait("Deployment/shop/web", "web-a", at(1), at(1.1))],
+        disruptions=[Disruption("Deployment/shop/web", "web-1", at(0.5), RECLAIM)],
+        on_fallback_at_end={},
+    )
+    assert r.ok and r.returned_at == 0.0
+    assert r.verdict == "no fallback was needed: no on-demand node launched, nothing Pending"
+
+
 def test_percentile_is_nearest_rank() -> None:
     assert percentile([], 95) == 0.0
     assert percentile([3.0, 1.0, 2.0], 50) == 2.0

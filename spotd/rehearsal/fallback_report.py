@@ -183,10 +183,10 @@ def build_fallback_report(
     if pending_end:
         problems.append(f"{pending_end} pods still Pending")
     ok = not problems
-    if ok:
-        verdict = "every workload back on Spot, nothing Pending" + (
-            f" (returned at +{_text(returned)})" if returned else ""
-        )
+    if ok and not fallback:
+        verdict = "no fallback was needed: no on-demand node launched, nothing Pending"
+    elif ok:
+        verdict = f"every workload back on Spot, nothing Pending (returned at +{_text(returned)})"
     else:
         verdict = "; ".join(problems)
     return FallbackReport(
