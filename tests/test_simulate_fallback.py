@@ -36,6 +36,7 @@ OPTIONS = {
     "--max-concurrent-drains": "1",
     "--eviction-qps": "5",
     "--dry-run": False,
+    "--alertmanager-timeout": "10s",
 }
 
 

@@ -235,7 +235,8 @@ async def run(config: SimulateConfig) -> int:
         print(f"spotd simulate-reclaim: cannot reach the API server: {exc!r}", file=sys.stderr)
         return 2
     except asyncio.CancelledError:
-        print("spotd simulate-reclaim: interrupted; simulation annotations removed", file=sys.stderr)
+        done = "embedded cluster and controller stopped" if config.fallback else "simulation annotations removed"
+        print(f"spotd simulate-reclaim: interrupted; {done}", file=sys.stderr)
         if terminated.is_set():
             return 143
         raise  # Ctrl-C: asyncio.run turns it into KeyboardInterrupt, the CLI exits 130

@@ -25,8 +25,8 @@ from typing import Any
 from spotd.common.parsing import parse_duration
 from spotd.rehearsal.targets import RehearsalRefused
 
-# duration flags left at their value: leases and the SQS long poll are plumbing, not behaviour
-UNSCALED_FLAGS = re.compile(r"^--(lease-.*|sqs-wait)$")
+# duration flags left at their value: leases, the SQS long poll and HTTP timeouts are plumbing, not behaviour
+UNSCALED_FLAGS = re.compile(r"^--(lease-.*|sqs-wait|alertmanager-timeout)$")
 _DURATION_DEFAULT = re.compile(r"^\s*\d+(\.\d+)?\s*(ms|s|m|h|d)(\d+(\.\d+)?\s*(ms|s|m|h))*\s*$")
 
 
