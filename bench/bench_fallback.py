@@ -21,7 +21,6 @@ from typing import Any
 from spotd.rehearsal.controller_process import controller_options
 
 ROWS = (
-    ("verdict", lambda r: ("OK: " if r["ok"] else "NOT OK: ") + r["verdict"]),
     ("on-demand node-hours", lambda r: f"{r['on_demand_node_hours']:.2f}"),
     ("  after Spot restored", lambda r: f"{r['on_demand_node_hours_after_restore']:.2f}"),
     ("fallback nodes (max at once)", lambda r: f"{r['fallback_nodes']} ({r['max_fallback_nodes']})"),
@@ -69,6 +68,8 @@ def main() -> int:
         values = [cell(r) if r is not None else why for _, _, r, why, _ in sides]
         print(f"{name:{width}}" + "".join(f"{v[:42]:44}" for v in values))
     print(f"{'wall time':{width}}" + "".join(f"{elapsed:.0f} s".ljust(44) for *_, elapsed in sides))
+    for label, _, r, why, _ in sides:
+        print(f"{label}: " + (("OK: " if r["ok"] else "NOT OK: ") + r["verdict"] if r is not None else why))
     return 0
 
 
