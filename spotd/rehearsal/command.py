@@ -25,6 +25,11 @@ from lightkube.core.exceptions import ApiError
 from spotd.cli.flags import duration, positive_duration
 from spotd.kube.client import KubeConfigError
 from spotd.notices.record import NoticeKind
+from spotd.rehearsal.fallback import FallbackConfig
+from spotd.rehearsal.fallback import add_arguments as add_fallback_arguments
+from spotd.rehearsal.fallback_report import FallbackReport
+from spotd.rehearsal.fallback_report import to_json as fallback_json
+from spotd.rehearsal.fallback_report import to_text as fallback_text
 from spotd.rehearsal.report import Report, to_json, to_text
 from spotd.rehearsal.runner import Rehearsal, RehearsalConfig
 from spotd.rehearsal.targets import RehearsalRefused, Target
@@ -32,6 +37,7 @@ from spotd.sim.cluster import ClusterSpec, spec_from_args
 from spotd.sim.cluster import add_arguments as add_cluster_arguments
 
 EMBEDDED_DEFAULT_COUNT = 12
+FALLBACK_DEFAULT_COUNT = 6
 
 
 def count(text: str) -> int:
@@ -80,6 +86,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     add_cluster_arguments(p)
     p.add_argument("--agent-log", help="embedded: file for the agents' logs (a temporary file)")
+    add_fallback_arguments(p)
 
 
 @dataclass(frozen=True)
@@ -91,11 +98,14 @@ class SimulateConfig:
     agent_poll_interval: float
     agent_log: str | None
     log_level: str
+    fallback: FallbackConfig | None = None
 
 
 def config_from_args(args: argparse.Namespace) -> SimulateConfig:
     """Validate once at start; a ValueError names the flag."""
     embedded = args.embedded or not args.kubeconfig
+    if args.scenario == "fallback":
+        return fallback_config_from_args(args, embedded)
     names = tuple(n.strip() for n in args.node if n.strip())
     if names and (args.count or args.selector):
         raise ValueError("--node: give either --node NAME ... or --selector/--count, not both")
@@ -156,7 +166,49 @@ def config_from_args(args: argparse.Namespace) -> SimulateConfig:
     )
 
 
-def print_report(report: Report, output: str) -> None:
+def fallback_config_from_args(args: argparse.Namespace, embedded: bool) -> SimulateConfig:
+    """--scenario fallback: embedded only, a spot-itn notice through the annotation, N random Spot nodes."""
+    if not embedded:
+        raise ValueError("--scenario fallback: only on the embedded cluster (no --kubeconfig, or --embedded)")
+    refused = {
+        "--node": bool(args.node),
+        "--selector": bool(args.selector),
+        "--terminate": args.terminate,
+        "--via": args.via not in ("request", "annotation"),
+        "--kind": args.kind != NoticeKind.SPOT_ITN,
+        "--any-capacity-type": args.any_capacity_type,
+    }
+    for flag, given in refused.items():
+        if given:
+            raise ValueError(f"{flag}: not with --scenario fallback (it reclaims --count random Spot nodes)")
+    cluster = spec_from_args(args)
+    fallback = FallbackConfig(
+        count=args.count or FALLBACK_DEFAULT_COUNT,
+        scale=cluster.time_scale,
+        notice=args.notice,
+        spot_short_for=args.spot_short_for,
+        observe_for=args.observe_for,
+        controller_args=tuple(args.controller_arg),
+        seed=cluster.seed,
+    )
+    if fallback.count > cluster.spot_nodes:
+        raise ValueError(f"--count: {fallback.count} is more than the {cluster.spot_nodes} Spot nodes (--nodes)")
+    return SimulateConfig(
+        rehearsal=RehearsalConfig(kubeconfig=None, count=fallback.count, notice=args.notice),
+        embedded=True,
+        cluster=cluster,
+        output=args.output,
+        agent_poll_interval=args.agent_poll_interval,
+        agent_log=args.agent_log,
+        log_level=args.log_level,
+        fallback=fallback,
+    )
+
+
+def print_report(report: Report | FallbackReport, output: str) -> None:
+    if isinstance(report, FallbackReport):
+        print(fallback_json(report) if output == "json" else fallback_text(report), flush=True)
+        return
     print(to_json(report) if output == "json" else to_text(report), flush=True)
 
 
@@ -173,8 +225,11 @@ async def run(config: SimulateConfig) -> int:
 
     with contextlib.suppress(NotImplementedError, RuntimeError):
         loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+    report: Report | FallbackReport
     try:
-        if config.embedded:
+        if config.fallback is not None:
+            report = await run_fallback_embedded(config, config.fallback)
+        elif config.embedded:
             report = await run_embedded(config)
         else:
             report = await Rehearsal(config.rehearsal).run()
@@ -191,7 +246,8 @@ async def run(config: SimulateConfig) -> int:
         print(f"spotd simulate-reclaim: cannot reach the API server: {exc!r}", file=sys.stderr)
         return 2
     except asyncio.CancelledError:
-        print("spotd simulate-reclaim: interrupted; rehearsal request removed", file=sys.stderr)
+        done = "embedded cluster and controller stopped" if config.fallback else "rehearsal request removed"
+        print(f"spotd simulate-reclaim: interrupted; {done}", file=sys.stderr)
         if terminated.is_set():
             return 143
         raise  # Ctrl-C: asyncio.run turns it into KeyboardInterrupt, the CLI exits 130
@@ -202,7 +258,7 @@ async def run(config: SimulateConfig) -> int:
 # ---- embedded mode ---------------------------------------------------------------------------------------
 
 
-def agent_config_factory(kubeconfig: str, poll_interval: float, log_level: str) -> Any:
+def agent_config_factory(kubeconfig: str, poll_interval: float, log_level: str, extra: tuple[str, ...] = ()) -> Any:
     """A function (node, imds_url) -> AgentConfig, parsed through the agent's own flags and defaults."""
     from spotd.agent import main as agent
 
@@ -210,7 +266,9 @@ def agent_config_factory(kubeconfig: str, poll_interval: float, log_level: str) 
     agent.add_arguments(parser)
     parser.add_argument("--log-level", default=log_level)
     base = agent.config_from_args(
-        parser.parse_args(["--node-name", "x", "--kubeconfig", kubeconfig, "--poll-interval", f"{poll_interval}s"])
+        parser.parse_args(
+            ["--node-name", "x", "--kubeconfig", kubeconfig, "--poll-interval", f"{poll_interval}s", *extra]
+        )
     )
 
     def make(node: str, imds_url: str) -> Any:
@@ -268,4 +326,27 @@ async def run_embedded(config: SimulateConfig) -> Report:
         await cluster.stop_imds()
         await api.stop()
         spotd_log.configure(config.log_level)  # back to stderr before the file goes
+        log_file.close()
+
+
+async def run_fallback_embedded(config: SimulateConfig, fallback: FallbackConfig) -> FallbackReport:
+    """The fallback scenario (spotd.rehearsal.fallback), its logs in a temporary directory."""
+    from spotd.common import log as spotd_log
+    from spotd.rehearsal.fallback import run_fallback
+
+    workdir = Path(tempfile.mkdtemp(prefix="spotd-fallback-"))
+    log_path = Path(config.agent_log) if config.agent_log else workdir / "agents.log"
+    log_file = log_path.open("a")
+    spotd_log.configure(config.log_level, stream=log_file)
+    print(f"fallback rehearsal: agent logs: {log_path}", file=sys.stderr, flush=True)
+    # the agents' safety margin (10 s before the deadline) scales with the notice
+    margin = ("--safety-margin", f"{10 * fallback.scale:.3f}s")
+
+    def factory(kubeconfig: str) -> Any:
+        return agent_config_factory(kubeconfig, config.agent_poll_interval, config.log_level, margin)
+
+    try:
+        return await run_fallback(fallback, config.cluster, workdir, factory, config.log_level)
+    finally:
+        spotd_log.configure(config.log_level)
         log_file.close()

@@ -86,15 +86,21 @@ def add_arguments(p: argparse.ArgumentParser | Any) -> None:
             raise argparse.ArgumentTypeError(f"{text!r} must be in (0, 10]")
         return value
 
-    p.add_argument("--nodes", type=count, default=30, help="embedded: Spot nodes (30); on-demand via --on-demand-nodes")
+    p.add_argument(
+        "--nodes",
+        type=count,
+        default=None,
+        help="embedded: Spot nodes (30; fallback 9); on-demand via --on-demand-nodes",
+    )
     p.add_argument("--on-demand-nodes", type=count, default=3, help="embedded: on-demand nodes (3)")
     p.add_argument("--pods-per-node", type=count, default=6, help="embedded: workload pods per node on average (6)")
     p.add_argument("--seed", type=int, default=None, help="random seed: node choice, embedded pod names (1 embedded)")
     p.add_argument(
         "--time-scale",
         type=scale,
-        default=0.25,
-        help="embedded: multiply pods' start and stop times by this (0.25); the notice stays in real time",
+        default=None,
+        help="embedded: multiply pods' start and stop times by this (0.25); the notice stays in real time. "
+        "--scenario fallback: every duration, the notice included (1/60: an hour in a minute)",
     )
     p.add_argument(
         "--agent-poll-interval", type=positive_duration, default=2.0, help="embedded: agents' IMDS poll (2s)"
@@ -303,7 +309,17 @@ class EmbeddedCluster:
         self.controllers.dirty.set()
 
 
+FALLBACK_SPOT_NODES = 9
+FALLBACK_TIME_SCALE = 1 / 60
+
+
 def spec_from_args(args: argparse.Namespace) -> ClusterSpec:
+    """The cluster of the flags; defaults by scenario (the fallback one is smaller and faster)."""
+    fallback = getattr(args, "scenario", "reclaim") == "fallback"
+    if args.nodes is None:
+        args.nodes = FALLBACK_SPOT_NODES if fallback else ClusterSpec.spot_nodes
+    if args.time_scale is None:
+        args.time_scale = FALLBACK_TIME_SCALE if fallback else ClusterSpec.time_scale
     return replace(
         ClusterSpec(),
         spot_nodes=args.nodes,

@@ -48,6 +48,34 @@ def tolerates(tolerations: Iterable[Obj], taint: Obj) -> bool:
     return False
 
 
+def _expression_holds(expr: Obj, labels: dict[str, str]) -> bool:
+    key, op, values = expr.get("key", ""), expr.get("operator", ""), expr.get("values") or []
+    if op == "In":
+        return labels.get(key) in values
+    if op == "NotIn":
+        return labels.get(key) not in values
+    if op == "Exists":
+        return key in labels
+    if op == "DoesNotExist":
+        return key not in labels
+    return False  # Gt, Lt: not modelled, never hold
+
+
+def selects_node(pod: Obj, labels: dict[str, str]) -> bool:
+    """The pod's nodeSelector and required node affinity (In, NotIn, Exists, DoesNotExist) hold for these
+    node labels; terms are ORed, the expressions of a term ANDed, as the real scheduler does."""
+    spec = pod.get("spec") or {}
+    if any(labels.get(k) != v for k, v in (spec.get("nodeSelector") or {}).items()):
+        return False
+    required = ((spec.get("affinity") or {}).get("nodeAffinity") or {}).get(
+        "requiredDuringSchedulingIgnoredDuringExecution"
+    ) or {}
+    terms = required.get("nodeSelectorTerms") or []
+    if not terms:
+        return True
+    return any(all(_expression_holds(e, labels) for e in t.get("matchExpressions") or []) for t in terms)
+
+
 def requests_of(pod: Obj) -> tuple[int, int]:
     cpu = mem = 0
     for c in pod.get("spec", {}).get("containers") or []:
@@ -103,7 +131,7 @@ class Scheduler:
             fits = [
                 n
                 for n, obj in nodes.items()
-                if _schedulable(obj, pod) and _fits(_room(obj, used[n], None), (cpu, mem, 1))
+                if schedulable(obj, pod) and _fits(_room(obj, used[n], None), (cpu, mem, 1))
             ]
             if fits:
                 node = (
@@ -165,7 +193,7 @@ class Scheduler:
             return  # room is being made there already
         cpu, mem = requests_of(pod)
         for name, node in sorted(nodes.items(), key=lambda kv: kv[0]):
-            if not _schedulable(node, pod):
+            if not schedulable(node, pod):
                 continue
             room = list(_room(node, used[name], on_node[name]))
             victims = []
@@ -204,8 +232,11 @@ def _priority(pod: Obj) -> int:
     return int(pod.get("spec", {}).get("priority") or 0)
 
 
-def _schedulable(node: Obj, pod: Obj) -> bool:
+def schedulable(node: Obj, pod: Obj) -> bool:
+    """The node takes the pod, resources aside: not cordoned, taints tolerated, selectors and affinity hold."""
     if node.get("spec", {}).get("unschedulable") and not _tolerates_unschedulable(pod):
+        return False
+    if not selects_node(pod, node["metadata"].get("labels") or {}):
         return False
     tolerations = pod.get("spec", {}).get("tolerations") or []
     for taint in node.get("spec", {}).get("taints") or []:
