@@ -133,7 +133,7 @@ def pod(name: str, **kw: object) -> PodFacts:
 
 
 EMERGENCY = PodPolicy()
-VOLUNTARY = PodPolicy(voluntary=True, evict_unreplicated=False, evict_local_storage=False)
+VOLUNTARY = PodPolicy(voluntary=True, evict_unreplicated=False, evict_local_storage=False, evict_jobs=False)
 
 
 @pytest.mark.parametrize(
@@ -143,8 +143,15 @@ VOLUNTARY = PodPolicy(voluntary=True, evict_unreplicated=False, evict_local_stor
         (pod("ds", owner_kinds=("DaemonSet",)), EMERGENCY, PodVerdict.SKIP),
         (pod("static", mirror=True), EMERGENCY, PodVerdict.SKIP),
         (pod("going", owner_kinds=("ReplicaSet",), terminating=True), EMERGENCY, PodVerdict.SKIP),
-        (pod("job", owner_kinds=("Job",), phase="Succeeded"), EMERGENCY, PodVerdict.DELETE),
-        (pod("failed", phase="Failed"), EMERGENCY, PodVerdict.DELETE),
+        # completed pods are never deleted, by anyone: left for the node's removal
+        (pod("job", owner_kinds=("Job",), phase="Succeeded"), EMERGENCY, PodVerdict.SKIP),
+        (pod("failed", phase="Failed"), EMERGENCY, PodVerdict.SKIP),
+        (pod("job", owner_kinds=("Job",), phase="Succeeded"), VOLUNTARY, PodVerdict.SKIP),
+        (pod("batch", owner_kinds=("Job",)), VOLUNTARY, PodVerdict.BLOCK),
+        (pod("batch", owner_kinds=("Job",)), PodPolicy(voluntary=True, evict_jobs=True), PodVerdict.EVICT),
+        (pod("batch", owner_kinds=("Job",)), EMERGENCY, PodVerdict.EVICT),
+        (pod("busy", owner_kinds=("ReplicaSet",), do_not_disrupt=True), VOLUNTARY, PodVerdict.BLOCK),
+        (pod("busy", owner_kinds=("ReplicaSet",), do_not_disrupt=True), EMERGENCY, PodVerdict.EVICT),
         (pod("bare"), EMERGENCY, PodVerdict.EVICT),  # the node dies anyway
         (pod("bare"), VOLUNTARY, PodVerdict.BLOCK),
         (pod("cache", owner_kinds=("ReplicaSet",), local_storage=True), VOLUNTARY, PodVerdict.BLOCK),

@@ -9,13 +9,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from spotd.kube.keys import SAFE_TO_EVICT_ANNOTATION
+from spotd.kube.keys import DO_NOT_DISRUPT_ANNOTATION, SAFE_TO_EVICT_ANNOTATION
 
 
 class PodVerdict(StrEnum):
     EVICT = "evict"
-    DELETE = "delete"  # completed pods: nothing to protect, nothing to evict
-    SKIP = "skip"  # left on the node on purpose (DaemonSet, mirror, already terminating)
+    DELETE = "delete"  # no longer chosen by decide_pod: completed pods are left (kept for callers' matches)
+    SKIP = "skip"  # left on the node on purpose (DaemonSet, mirror, already terminating, completed)
     BLOCK = "block"  # voluntary drains refuse to touch it, and so refuse to drain the node
 
 
@@ -31,6 +31,7 @@ class PodFacts:
     terminating: bool = False
     local_storage: bool = False
     safe_to_evict: str | None = None
+    do_not_disrupt: bool = False  # karpenter.sh/do-not-disrupt=true
     priority: int = 0
     grace_seconds: int = 30
 
@@ -46,6 +47,7 @@ class PodPolicy:
     voluntary: bool = False
     evict_unreplicated: bool = True
     evict_local_storage: bool = True
+    evict_jobs: bool = True  # voluntary drains: running Job pods are batch work, left to finish (--evict-jobs)
 
 
 @dataclass(frozen=True)
@@ -63,10 +65,15 @@ def decide_pod(pod: PodFacts, policy: PodPolicy) -> PodDecision:
     if pod.terminating:
         return PodDecision(pod, PodVerdict.SKIP, "already terminating")
     if pod.phase in ("Succeeded", "Failed"):
-        return PodDecision(pod, PodVerdict.DELETE, f"completed ({pod.phase})")
+        # Nothing runs, nothing to protect: left for the node's removal (no pods/delete needed by anyone).
+        return PodDecision(pod, PodVerdict.SKIP, f"completed ({pod.phase}): left for the node's removal")
     if policy.voluntary:
         if pod.safe_to_evict == "false":
             return PodDecision(pod, PodVerdict.BLOCK, f"annotated {SAFE_TO_EVICT_ANNOTATION}=false")
+        if pod.do_not_disrupt:
+            return PodDecision(pod, PodVerdict.BLOCK, f"annotated {DO_NOT_DISRUPT_ANNOTATION}=true")
+        if "Job" in pod.owner_kinds and not policy.evict_jobs:
+            return PodDecision(pod, PodVerdict.BLOCK, "a running Job pod (see --evict-jobs)")
         if not pod.owner_kinds and not policy.evict_unreplicated:
             return PodDecision(pod, PodVerdict.BLOCK, "no controller would recreate it")
         if pod.local_storage and not policy.evict_local_storage and pod.safe_to_evict != "true":
