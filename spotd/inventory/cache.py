@@ -22,18 +22,19 @@ from spotd.inventory.records import (
     NodeExtra,
     NodeInfo,
     NodePods,
+    PendingPod,
     PodRecord,
     RawEvent,
     RawList,
     RawNode,
     RawPod,
     RawStatusObject,
+    node_extra,
     node_info,
     pod_record,
     summarize,
 )
 from spotd.kube.client import http_of
-from spotd.kube.keys import DRAINING_ANNOTATION
 
 _log = spotd_log.get("spotd.inventory")
 
@@ -101,6 +102,16 @@ class Inventory:
     def pending_unschedulable(self) -> int:
         return len(self._unschedulable)
 
+    @property
+    def pending_pods(self) -> list[PendingPod]:
+        """The pods Pending for lack of capacity, with their node constraints."""
+        out = []
+        for key in self._unschedulable:
+            pod = self.pods.get(key)
+            if pod is not None and pod.pending is not None:
+                out.append(pod.pending)
+        return out
+
     def pods_of(self, node: str) -> list[PodRecord]:
         return [self.pods[k] for k in self._by_node.get(node, ()) if k in self.pods]
 
@@ -165,8 +176,7 @@ class Inventory:
         else:
             new = node_info(node, self._capacity_label)
             self.nodes[name] = new
-            annotations = node.metadata.annotations or {}
-            self.node_extra[name] = NodeExtra(node.spec.providerID or "", annotations.get(DRAINING_ANNOTATION, ""))
+            self.node_extra[name] = node_extra(node)
         if self.on_node is not None and self.nodes_synced.is_set() and not self._relisting and old != new:
             self.on_node(old, new)
         return node.metadata.resourceVersion
