@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -40,9 +41,9 @@ AsgView = Callable[[], Mapping[str, AsgInfo]]
 class SqsSource:
     """Reads EventBridge events from one SQS queue. A message is deleted only once handled.
 
-    initial_read_done turns True once the backlog present at start is read: at the first receive that
-    returns nothing, or whose messages were all sent after this source was made (a busy queue may never
-    be empty).
+    initial_read_done turns True once the backlog is read: at the first receive that returns nothing
+    (reset() starts over, at the start of every leadership term). healthy / last_success: whether the last
+    receive worked, and when one last did (wall time, 0: never).
     """
 
     def __init__(
@@ -62,6 +63,8 @@ class SqsSource:
         self.lookup = lookup
         self.initial_read_done = False
         self.started_at = datetime.now(UTC)
+        self.healthy = False
+        self.last_success = 0.0
         self._sqs = AwsApi("sqs", client, session, read_timeout=wait_seconds + 10)
         self._log = log or logging.get("spotd.capacity")
 
@@ -103,11 +106,17 @@ class SqsSource:
         whose handling raised stays in the queue (visible again after the visibility timeout; a
         redrive policy on the queue ends a poison message). Returns the number of messages received.
         """
-        msgs = await self.receive()
+        try:
+            msgs = await self.receive()
+        except Exception:
+            self.healthy = False
+            raise
+        self.healthy, self.last_success = True, time.time()
         if not msgs:
+            if not self.initial_read_done:
+                self._log.info("sqs_backlog_read")
             self.initial_read_done = True
             return 0
-        backlog_read = all(m.sent_at is not None and m.sent_at >= self.started_at for m in msgs)
         view = asgs() if asgs else {}
         done: list[SqsMessage] = []
         for msg in msgs:
@@ -117,8 +126,12 @@ class SqsSource:
                 done.append(msg)
         if done:
             await self.delete(done)
-        self.initial_read_done = self.initial_read_done or backlog_read
         return len(msgs)
+
+    def reset(self) -> None:
+        """A new term: the backlog is to be read again, to empty, before the first decision."""
+        self.initial_read_done = False
+        self.started_at = datetime.now(UTC)
 
     async def _handle(self, msg: SqsMessage, on_signals: SignalHandler, view: Mapping[str, AsgInfo]) -> str:
         try:
