@@ -23,6 +23,7 @@ from tests.agent_harness import eventually, pdb_obj, pod_obj
 from tests.moto_server import aws, moto_endpoint  # noqa: F401  (pytest fixtures)
 from tests.test_controller import (
     OLD,
+    ControllerProcess,
     RecordingAlerter,
     add_node,
     add_pods,
@@ -33,6 +34,7 @@ from tests.test_controller import (
     node,
     node_obj,
     pods_on,
+    procs,  # noqa: F401  (pytest fixture)
     replicaset,
     run_in_process,
     running,
@@ -98,8 +100,7 @@ async def test_without_a_declared_scope_nothing_is_drained_and_it_says_so(api: F
 async def test_a_drain_that_cannot_finish_backs_off_and_the_next_candidate_goes(
     api: FakeApiServer, tmp_path: Path
 ) -> None:
-    from spotd.kube.keys import DRAIN_RETRY_ANNOTATION
-
+    retry_key = "spotd.io/drain-retry-after"  # spotd.kube.keys.DRAIN_RETRY_ANNOTATION (literal: run on old code)
     add_node(api, "stuck", "on-demand", OLD + timedelta(hours=1))  # the oldest: chosen first
     add_node(api, "next", "on-demand", OLD)
     add_node(api, "spot-1", "spot")
@@ -115,7 +116,7 @@ async def test_a_drain_that_cannot_finish_backs_off_and_the_next_candidate_goes(
             await asyncio.sleep(2.0)  # passes after it: "stuck" is not tried again
         assert events_for(api, "stuck").count("SpotdDrainStarted") == 1
         assert len(pods_on(api, "stuck")) == 2 and not node(api, "stuck")["spec"].get("unschedulable")
-        mark = json.loads(node(api, "stuck")["metadata"]["annotations"][DRAIN_RETRY_ANNOTATION])
+        mark = json.loads(node(api, "stuck")["metadata"]["annotations"][retry_key])
         assert mark["attempts"] == 1 and mark["outcome"] == "timeout"
         blocked = [a for a in alerter.fired if a.labels["alertname"] == "OnDemandDrainBlocked"]
         assert [a.labels["node"] for a in blocked] == ["stuck"]
@@ -338,3 +339,37 @@ def test_a_missing_queue_exits_with_one_line(tmp_path: Path, aws: str) -> None:
     assert out.returncode != 0
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "SQS queue" in lines[0] and "no-such-queue" in lines[0]
+
+
+# --- the controller on a node it drains ----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("aws")
+async def test_a_leader_evicted_by_its_own_drain_hands_it_to_the_standby(
+    api: FakeApiServer, tmp_path: Path, procs: list[ControllerProcess]
+) -> None:
+    import signal
+
+    add_node(api, "od-self", "on-demand", OLD)
+    add_node(api, "spot-1", "spot")
+    add_pods(api, "od-self", 2)
+    api.create(pdb_obj("web", min_available=2, app="web"))  # the drain waits
+    first = ControllerProcess(tmp_path, str(tmp_path / "kubeconfig"), "ctl-on-node")
+    first.env["NODE_NAME"] = "od-self"  # this replica runs on the node it drains
+    first.start()
+    procs.append(first)
+    await eventually(lambda: first.events("drain_starting"), timeout=20)
+    assert await asyncio.to_thread(first.stop, signal.SIGTERM) == 0  # evicted by its own drain
+    assert first.events("drain_handed_over")
+    held = node(api, "od-self")
+    assert held["spec"].get("unschedulable") is True and "spotd.io/draining" in held["metadata"]["annotations"]
+
+    api.delete("PodDisruptionBudget", "web", "default")
+    async with running(replicaset(api, "spot-1")):
+        second = ControllerProcess(tmp_path, str(tmp_path / "kubeconfig"), "ctl-standby").start()
+        procs.append(second)  # type: ignore[arg-type]
+        await eventually(lambda: second.drains("complete") == 1, timeout=30)
+    assert second.events("drain_resumed") and not second.events("drain_abandoned")
+    assert not second.events("node_uncordoned")
+    assert pods_on(api, "od-self") == [] and node(api, "od-self")["spec"].get("unschedulable") is True

@@ -51,6 +51,7 @@ class ControllerConfig:
     retry_backoff: float = 1800.0
     retry_backoff_cap: float = 28800.0
     evict_jobs: bool = False
+    node_name: str = ""  # the node this replica runs on (NODE_NAME): a drain of it is handed over, not undone
     dry_run: bool = False
     log_level: str = "info"
     alerts: AlertConfig = AlertConfig()  # noqa: RUF009 - frozen, sharing the default is safe
@@ -146,6 +147,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "",
         "node label selector naming the on-demand fallback nodes that may be drained (e.g. node-pool=fallback)",
     )
+    text("--node-name", os.environ.get("NODE_NAME", ""), "the node this replica runs on (downward API)")
     text("--fallback-asg-tag", "", "KEY or KEY=VALUE: nodes whose ASG carries this tag are fallback capacity")
     text(
         "--asg-tag",
@@ -253,6 +255,7 @@ def config_from_args(args: argparse.Namespace) -> ControllerConfig:
         retry_backoff=durations["--retry-backoff"],
         retry_backoff_cap=max(durations["--retry-backoff-cap"], durations["--retry-backoff"]),
         evict_jobs=bool(getattr(args, "evict_jobs", False)),
+        node_name=str(getattr(args, "node_name", "") or ""),
         dry_run=bool(args.dry_run),
         log_level=str(getattr(args, "log_level", None) or "info"),
         alerts=alert_config_from_args(args) if hasattr(args, "alertmanager_url") else AlertConfig(),

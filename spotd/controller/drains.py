@@ -52,6 +52,7 @@ class DrainJob:
     probe: bool
     instance_id: str = ""
     attempts_before: int = 0  # drains of this node that ended badly in a row (its back-off annotation)
+    resumed: bool = False  # a drain a previous leader began (the node is cordoned and marked already)
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     abort: str = ""  # why it was stopped: "aborted_ice"
     cordoned: bool = False  # by us, for this drain: only then is uncordoning ours to do
@@ -83,6 +84,7 @@ class DrainSettings:
     evict_jobs: bool = False
     retry_backoff: float = 1800.0
     retry_backoff_cap: float = 28800.0
+    own_node: str = ""  # the node this replica runs on
 
 
 @dataclass(frozen=True)
@@ -159,7 +161,12 @@ async def drain(deps: DrainDeps, job: DrainJob, reason: str) -> None:
             # and finds our marker annotation; do nothing more here.
             leading = deps.leading()
             log.warning("drain_interrupted", leading=leading)
-            if leading and job.cordoned:
+            if leading and job.cordoned and job.node == deps.settings.own_node:
+                # We run on this node and are being evicted by our own drain: leave it cordoned and
+                # marked; the standby that takes over resumes the drain.
+                log.warning("drain_handed_over")
+                deps.events.record(job.node, "SpotdDrainHandedOver", "spotd controller moving off this node")
+            elif leading and job.cordoned:
                 with contextlib.suppress(Exception):
                     async with asyncio.timeout(3):
                         await uncordon(deps, job.node)
@@ -179,12 +186,17 @@ async def drain(deps: DrainDeps, job: DrainJob, reason: str) -> None:
 
 
 async def _drain(deps: DrainDeps, job: DrainJob, reason: str, log: Any) -> tuple[str, str]:
-    refused = await _cordon(deps, job.node)
-    if refused is not None:
-        return "blocked", refused
-    job.cordoned = True
-    log.info("drain_starting", reason=reason, probe=job.probe)
-    deps.events.record(job.node, "SpotdDrainStarted", f"Draining on-demand node back to Spot: {reason}")
+    if job.resumed:
+        job.cordoned = True
+        log.info("drain_resumed", reason=reason)
+        deps.events.record(job.node, "SpotdDrainResumed", f"Resuming a drain a previous leader began: {reason}")
+    else:
+        refused = await _cordon(deps, job.node)
+        if refused is not None:
+            return "blocked", refused
+        job.cordoned = True
+        log.info("drain_starting", reason=reason, probe=job.probe)
+        deps.events.record(job.node, "SpotdDrainStarted", f"Draining on-demand node back to Spot: {reason}")
     options = DrainOptions(
         policy=PodPolicy(
             voluntary=True,
@@ -306,12 +318,14 @@ async def recover(
     in_flight: Collection[str],
     stale_after: float | None = None,
     drained: Callable[[str], bool] = lambda _name: False,
+    resume: Callable[[str, str], bool] = lambda _name, _since: False,
 ) -> None:
     """Nodes marked as draining (marked: node -> our draining_since) with no drain of ours in flight (a
     previous leader stopped, or putting one back failed): uncordon them; the policy decides anew. When
     leading starts every such node; on each pass (stale_after set) only marks older than that, so a drain
     that just ended is not raced. drained(node): the drain completed (we saw it, or no evictable pod is
-    left): never put back; its drained mark is written again instead."""
+    left): never put back; its drained mark is written again instead. resume(node, since): the caller
+    takes the drain over (a fresh mark at the start of a term): left as it is."""
     now = deps.clock()
     for name, since in list(marked.items()):
         if not since or name in in_flight:
@@ -323,6 +337,8 @@ async def recover(
                     deps.client, name, {"metadata": {"annotations": marks}}, deps.log
                 )
                 deps.log.info("drained_mark_written", node=name, status=status)
+            continue
+        if stale_after is None and resume(name, since):
             continue
         if stale_after is not None:
             try:

@@ -29,6 +29,7 @@ from spotd.capacity.pools import PoolBook, spot_where_known
 from spotd.capacity.signals import ANY, CapacitySignal, CapacityType, Pool, SignalKind
 from spotd.common import log as spotd_log
 from spotd.common.metrics import LOOP_ERRORS, REGISTRY
+from spotd.common.parsing import parse_iso_time
 from spotd.controller.config import ControllerConfig, add_arguments, config_from_args
 from spotd.controller.drains import DrainDeps, DrainJob, DrainOutcome, DrainSettings, drain, pool_of, recover
 from spotd.controller.metrics import (
@@ -41,7 +42,7 @@ from spotd.controller.metrics import (
     SOURCE_LAST_READ,
     SOURCE_READY,
 )
-from spotd.controller.policy import SpotAnswer, Verdict, choose_drains, out_of_service_due
+from spotd.controller.policy import SpotAnswer, Verdict, choose_drains, out_of_scope, out_of_service_due
 from spotd.controller.publish import NO_POOL_ALERTS, Firing, export_metrics, resolve_gone_nodes, update_pool_alerts
 from spotd.inventory.cache import Inventory, LazyNodePods
 from spotd.inventory.records import NodeInfo
@@ -125,6 +126,7 @@ class Controller:
                 evict_jobs=config.evict_jobs,
                 retry_backoff=config.retry_backoff,
                 retry_backoff_cap=config.retry_backoff_cap,
+                own_node=config.node_name,
             ),
             leading=self.elector.is_leader.is_set,
             placements=self.replacements,
@@ -359,6 +361,34 @@ class Controller:
     def _marked(self) -> dict[str, str]:
         return {name: extra.draining_since for name, extra in self.inventory.node_extra.items()}
 
+    def resume_drain(self, name: str, since: str) -> bool:
+        """At the start of a term: take over a drain a previous leader began (it may have run on that node
+        and been evicted by its own drain), when its mark is younger than --drain-timeout and the node is
+        still a candidate (in scope, Spot available). False: recover() puts it back."""
+        node = self.inventory.nodes.get(name)
+        if node is None or self._group is None or self.config.dry_run:
+            return False
+        now = self.clock()
+        try:
+            age = (now - parse_iso_time(since)).total_seconds()
+        except ValueError:
+            return False
+        fallback = self.asgs.fallback_instances if self.asgs is not None else frozenset()
+        if age >= self.config.drain_timeout or out_of_scope(node, self.config.scope, fallback) is not None:
+            return False
+        answer = self.spot_answer(now)(node)
+        if not answer.available:
+            return False
+        self.history.append(now)
+        job = DrainJob(
+            name, pool_of(node), now, False, instance_id=node.instance_id, attempts_before=node.drain_attempts
+        )
+        job.resumed = True
+        job.pods_before = frozenset((p.namespace, p.name) for p in self.inventory.pods_of(name))
+        self.in_flight[name] = job
+        self._group.create_task(drain(self.drain_deps, job, f"resumed; Spot available: {answer.reason}"))
+        return True
+
     def _drained(self, name: str) -> bool:
         """The node's drain completed: we saw it, or nothing evictable is left on it."""
         return name in self.completed or (self.inventory.synced and self.inventory.node_pods(name).evictable == 0)
@@ -448,9 +478,14 @@ class Controller:
                     inventory=self.inventory.synced,
                 )
         await self.resolve_lifecycles()
+        launched = self.launch_signals(self.resolved_nodes())  # the Spot nodes, before recover() decides
+        count_signals(launched)
+        self.book = self.book.record_all(launched)
         self.ready = True
         self.log.info("sources_ready", nodes=len(self.inventory.nodes), pods=len(self.inventory.pods))
-        await recover(self.drain_deps, self._marked(), self.in_flight.keys(), drained=self._drained)
+        await recover(
+            self.drain_deps, self._marked(), self.in_flight.keys(), drained=self._drained, resume=self.resume_drain
+        )
         while True:
             self.wake.clear()
             self.last_pass = time.monotonic()
