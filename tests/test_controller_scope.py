@@ -373,3 +373,38 @@ async def test_a_leader_evicted_by_its_own_drain_hands_it_to_the_standby(
     assert second.events("drain_resumed") and not second.events("drain_abandoned")
     assert not second.events("node_uncordoned")
     assert pods_on(api, "od-self") == [] and node(api, "od-self")["spec"].get("unschedulable") is True
+
+
+async def test_a_drained_mark_that_cannot_be_written_never_gets_the_node_put_back(
+    api: FakeApiServer, tmp_path: Path
+) -> None:
+    add_node(api, "fallback-1", "on-demand", OLD)
+    add_node(api, "spot-1", "spot")
+    add_pods(api, "fallback-1", 2)
+    api.create(pdb_obj("web", min_available=2, app="web"))  # holds the drain until the fault is in place
+    ctl, task = await run_in_process(api, tmp_path)
+    try:
+        await eventually(lambda: node(api, "fallback-1")["spec"].get("unschedulable"), timeout=20)
+        api.inject_fault("PATCH", r"/api/v1/nodes/fallback-1$", 503, times=100)  # every mark write fails
+        api.delete("PodDisruptionBudget", "web", "default")
+        async with running(replicaset(api, "spot-1")):
+            await eventually(lambda: "SpotdDrainComplete" in events_for(api, "fallback-1"), timeout=30)
+            await asyncio.sleep(1.0)  # later passes
+        marked = node(api, "fallback-1")
+        assert marked["spec"].get("unschedulable") is True and "spotd.io/draining" in marked["metadata"]["annotations"]
+        patches = [r for r in api.requests if r.method == "PATCH" and r.path.endswith("/nodes/fallback-1")]
+        assert len(patches) > 2  # the cordon, then the mark write tried again
+    finally:
+        await stop_in_process(ctl, task)
+    api.clear_faults()
+    # A new leader knows nothing of it: the node, marked as draining with nothing left to evict, is drained.
+    ctl2, task2 = await run_in_process(api, tmp_path, identity="second")
+    try:
+        await eventually(lambda: "spotd.io/drained" in node(api, "fallback-1")["metadata"]["annotations"], timeout=20)
+        await asyncio.sleep(1.0)
+        done = node(api, "fallback-1")
+        assert done["spec"].get("unschedulable") is True
+        assert "spotd.io/draining" not in done["metadata"]["annotations"]
+        assert pods_on(api, "fallback-1") == []
+    finally:
+        await stop_in_process(ctl2, task2)

@@ -334,7 +334,7 @@ async def recover(
             marks = {DRAINING_ANNOTATION: None, DRAIN_RETRY_ANNOTATION: None, DRAINED_ANNOTATION: micro_time(now)}
             if not deps.settings.dry_run:
                 status = await merge_patch_node_retrying(
-                    deps.client, name, {"metadata": {"annotations": marks}}, deps.log
+                    deps.client, name, {"metadata": {"annotations": marks}}, deps.log, tries=2
                 )
                 deps.log.info("drained_mark_written", node=name, status=status)
             continue
