@@ -361,9 +361,9 @@ async def test_a_leader_evicted_by_its_own_drain_hands_it_to_the_standby(
     procs.append(first)
     await eventually(lambda: first.events("drain_starting"), timeout=20)
     assert await asyncio.to_thread(first.stop, signal.SIGTERM) == 0  # evicted by its own drain
-    assert first.events("drain_handed_over")
     held = node(api, "od-self")
     assert held["spec"].get("unschedulable") is True and "spotd.io/draining" in held["metadata"]["annotations"]
+    assert first.events("drain_handed_over")
 
     api.delete("PodDisruptionBudget", "web", "default")
     async with running(replicaset(api, "spot-1")):
@@ -406,5 +406,30 @@ async def test_a_drained_mark_that_cannot_be_written_never_gets_the_node_put_bac
         assert done["spec"].get("unschedulable") is True
         assert "spotd.io/draining" not in done["metadata"]["annotations"]
         assert pods_on(api, "fallback-1") == []
+    finally:
+        await stop_in_process(ctl2, task2)
+
+
+async def test_the_hourly_budget_counts_drains_of_nodes_deleted_since(api: FakeApiServer, tmp_path: Path) -> None:
+    """The autoscaler removes a drained node, marks and all: a new leader still counts its drain (Events)."""
+    add_node(api, "fallback-1", "on-demand", OLD + timedelta(hours=1))
+    add_node(api, "fallback-2", "on-demand", OLD)
+    add_node(api, "spot-1", "spot")
+    add_pods(api, "fallback-1", 2)
+    add_pods(api, "fallback-2", 2)
+    ctl, task = await run_in_process(api, tmp_path, max_drains_per_hour=1)
+    try:
+        async with running(replicaset(api, "spot-1")):
+            await eventually(lambda: "SpotdDrainComplete" in events_for(api, "fallback-1"), timeout=30)
+    finally:
+        await stop_in_process(ctl, task)
+    api.delete("Node", "fallback-1")
+    api.requests.clear()
+    ctl2, task2 = await run_in_process(api, tmp_path, identity="second", max_drains_per_hour=1)
+    try:
+        await eventually(lambda: "fallback-2" in ctl2.reasons, timeout=20)
+        await asyncio.sleep(1.0)
+        assert ctl2.reasons["fallback-2"] == "--max-drains-per-hour"
+        assert "fallback-2" not in patched_nodes(api)
     finally:
         await stop_in_process(ctl2, task2)

@@ -46,7 +46,7 @@ from spotd.controller.policy import SpotAnswer, Verdict, choose_drains, out_of_s
 from spotd.controller.publish import NO_POOL_ALERTS, Firing, export_metrics, resolve_gone_nodes, update_pool_alerts
 from spotd.inventory.cache import Inventory, LazyNodePods
 from spotd.inventory.records import NodeInfo
-from spotd.kube.events import EventRecorder
+from spotd.kube.events import EventRecorder, node_event_times
 from spotd.kube.keys import ON_DEMAND, OUT_OF_SERVICE_TAINT_KEY, OUT_OF_SERVICE_TAINT_VALUE, SPOT
 from spotd.kube.lease import LeaderElector
 from spotd.kube.nodes import add_node_taint
@@ -58,6 +58,20 @@ _log = spotd_log.get("spotd.controller")
 
 COMPONENT = "spotd-controller"
 UNKNOWN_LIFECYCLE_RETRY = 300.0  # seconds before asking EC2 again about an instance it did not return
+
+
+def distinct_drains(starts: list[tuple[str, datetime]], since: datetime) -> list[datetime]:
+    """The distinct drain starts after since: (node, time) pairs of one node within a minute are one drain."""
+    out: list[datetime] = []
+    last: dict[str, datetime] = {}
+    for name, at in sorted(starts, key=lambda x: (x[0], x[1])):
+        if at <= since:
+            continue
+        if name in last and name != "?" and (at - last[name]).total_seconds() <= 60:
+            continue
+        last[name] = at
+        out.append(at)
+    return sorted(out)
 
 
 class Controller:
@@ -101,7 +115,7 @@ class Controller:
         self.unknown_at: dict[str, float] = {}  # instance id -> when EC2 did not know it (monotonic)
         self.launch_seen: set[str] = set()  # Spot nodes already turned into a LAUNCHED signal
         self.in_flight: dict[str, DrainJob] = {}
-        self.history: deque[datetime] = deque()
+        self.history: deque[tuple[str, datetime]] = deque()  # drains started: ours, and read from Events
         self.reasons: dict[str, str] = {}  # last reason logged per node, so a steady state logs once
         self.completed: set[str] = set()  # nodes whose drain completed: never put back (see recover)
         self.out_of_service: set[str] = set()  # nodes we gave the out-of-service taint (once each)
@@ -251,7 +265,7 @@ class Controller:
         if launched:
             count_signals(launched)
             self.book = self.book.record_all(launched)
-        while self.history and self.history[0] < now - timedelta(hours=1):
+        while self.history and self.history[0][1] < now - timedelta(hours=1):
             self.history.popleft()
         fallback = self.asgs.fallback_instances if self.asgs is not None else frozenset()
         verdicts = choose_drains(
@@ -316,7 +330,8 @@ class Controller:
             node = self.inventory.nodes.get(v.node)
             if node is None or self._group is None:
                 continue
-            self.history.append(now)
+            self.history.append((v.node, now))
+            self.completed.discard(v.node)  # a new drain: what we knew of an earlier one no longer holds
             job = DrainJob(
                 v.node, pool_of(node), now, v.probe, instance_id=node.instance_id, attempts_before=node.drain_attempts
             )
@@ -379,7 +394,8 @@ class Controller:
         answer = self.spot_answer(now)(node)
         if not answer.available:
             return False
-        self.history.append(now)
+        self.history.append((name, now))
+        self.completed.discard(name)
         job = DrainJob(
             name, pool_of(node), now, False, instance_id=node.instance_id, attempts_before=node.drain_attempts
         )
@@ -394,22 +410,35 @@ class Controller:
         return name in self.completed or (self.inventory.synced and self.inventory.node_pods(name).evictable == 0)
 
     def drain_history(self, nodes: list[NodeInfo], now: datetime) -> list[datetime]:
-        """Starts of the last hour's drains, for --max-drains-per-hour: those recorded on the nodes (our
-        draining, drained and back-off marks survive restarts and hand-overs) or, when more, those this
-        process started (a node deleted since takes its marks with it)."""
+        """Starts of the last hour's drains, for --max-drains-per-hour, from what the API records: our marks
+        on the nodes (draining, drained, the back-off's start) and our SpotdDrainStarted Events (read at
+        the start of the term: a node deleted since takes its marks along), with the drains this process
+        started. The same drain seen twice (within a minute on one node) counts once."""
         since = now - timedelta(hours=1)
-        recorded = []
+        starts: list[tuple[str, datetime]] = list(self.history)
         for node in nodes:
             at = node.drain_started or node.drained_at
-            if at is not None and at > since:
-                recorded.append(at)
-        mine = [at for at in self.history if at > since]
-        return recorded if len(recorded) >= len(mine) else mine
+            if at is not None:
+                starts.append((node.name, at))
+        return distinct_drains(starts, since)
+
+    async def read_drain_events(self) -> None:
+        """At the start of a term: the drains previous leaders started in the last hour, from their Events."""
+        try:
+            found = await node_event_times(self.client, "SpotdDrainStarted", COMPONENT)
+        except Exception as exc:  # fail closed: without them, a hand-over could exceed the hourly budget
+            LOOP_ERRORS.labels("drain_events").inc()
+            self.log.warning("drain_events_unread", error=repr(exc))
+            found = [("?", self.clock())] * self.config.max_drains_per_hour
+        since = self.clock() - timedelta(hours=1)
+        self.history.extend(sorted(((n, t) for n, t in found if t > since), key=lambda x: x[1]))
 
     async def apply_out_of_service(self, now: datetime) -> None:
         """node.kubernetes.io/out-of-service=nodeshutdown:NoExecute on every node whose interruption
         deadline passed and that went NotReady: the control plane then force-deletes its pods and detaches
         their volumes at once. Once per node; any node, in scope or not."""
+        self.out_of_service &= self.inventory.node_extra.keys()  # a node gone: its name may come back
+        self.completed &= self.inventory.node_extra.keys()
         for name, extra in list(self.inventory.node_extra.items()):
             node = self.inventory.nodes.get(name)
             if node is None or name in self.out_of_service:
@@ -478,6 +507,7 @@ class Controller:
                     inventory=self.inventory.synced,
                 )
         await self.resolve_lifecycles()
+        await self.read_drain_events()
         launched = self.launch_signals(self.resolved_nodes())  # the Spot nodes, before recover() decides
         count_signals(launched)
         self.book = self.book.record_all(launched)

@@ -77,3 +77,28 @@ class EventRecorder:
         """Give pending Events a moment on shutdown."""
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=timeout)
+
+
+async def node_event_times(client: Any, reason: str, component: str) -> list[tuple[str, datetime]]:
+    """(node, time) of the Events with this reason that this component recorded on Nodes (namespace
+    default, where record() puts them); the API server keeps Events for an hour by default."""
+    from spotd.common.parsing import parse_iso_time
+    from spotd.kube.client import http_of
+
+    resp = await http_of(client).get(
+        "/api/v1/namespaces/default/events",
+        params={"fieldSelector": f"reason={reason},involvedObject.kind=Node"},
+    )
+    resp.raise_for_status()
+    out = []
+    for item in resp.json().get("items") or ():
+        source = (item.get("source") or {}).get("component") or item.get("reportingComponent") or ""
+        when = item.get("lastTimestamp") or item.get("firstTimestamp") or item.get("eventTime")
+        name = (item.get("involvedObject") or {}).get("name")
+        if source != component or not when or not name:
+            continue
+        try:
+            out.append((str(name), parse_iso_time(str(when))))
+        except ValueError:
+            continue
+    return out
