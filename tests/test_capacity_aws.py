@@ -114,15 +114,23 @@ async def test_sqs_message_whose_handling_raised_is_not_deleted(queue: str) -> N
     assert queue_depth(queue) == 0
 
 
-async def test_sqs_backlog_read_without_an_empty_receive(queue: str) -> None:
+async def test_sqs_backlog_is_read_only_to_empty_and_again_after_reset(queue: str) -> None:
+    """A batch of messages sent after the start does not prove the older ones were read (SQS returns a
+    sample): only an empty receive ends the backlog; reset() (a new leadership term) starts over."""
     send(queue, load("event_instance_terminate_successful.json"))  # the backlog: sent before the start
     await asyncio.sleep(0.05)
     source = SqsSource(queue, wait_seconds=1)
     await asyncio.sleep(0.05)
     assert await source.poll_once(lambda signals: None) == 1
     assert not source.initial_read_done
-    send(queue, load("event_instance_terminate_successful.json"))  # a busy queue: never empty
+    send(queue, load("event_instance_terminate_successful.json"))  # sent after the start: still not done
     assert await source.poll_once(lambda signals: None) == 1
+    assert not source.initial_read_done
+    assert await source.poll_once(lambda signals: None) == 0
+    assert source.initial_read_done and source.healthy and source.last_success > 0
+    source.reset()
+    assert not source.initial_read_done
+    assert await source.poll_once(lambda signals: None) == 0
     assert source.initial_read_done
 
 
@@ -257,6 +265,37 @@ async def test_discover_by_tag(aws: str) -> None:  # noqa: F811
     by_key = await AsgSource(tag_filters=[("k8s.io/cluster-autoscaler/prod", None)]).discover()
     assert sorted(by_key) == ["on-demand", "spot-mixed", "spot-template"]
     assert await AsgSource(tag_filters=[("k8s.io/cluster-autoscaler/prod", "shared")]).discover() == {}
+
+
+async def test_fallback_asg_tag_lists_the_instances_of_the_tagged_groups(aws: str) -> None:  # noqa: F811
+    make_asgs()
+    autoscaling = boto3.client("autoscaling")
+    autoscaling.create_or_update_tags(
+        Tags=[{"ResourceId": "on-demand", "ResourceType": "auto-scaling-group", "Key": "spotd.io/fallback",
+               "Value": "true", "PropagateAtLaunch": False}]
+    )  # fmt: skip
+    group = autoscaling.describe_auto_scaling_groups(AutoScalingGroupNames=["on-demand"])["AutoScalingGroups"][0]
+    wanted = {i["InstanceId"] for i in group["Instances"]}
+    assert wanted
+    source = AsgSource(fallback_tag=("spotd.io/fallback", "true"))
+    await source.poll_once()
+    assert source.fallback_instances == wanted
+    assert source.initial_read_done and source.healthy and source.last_success > 0
+    assert await AsgSource(fallback_tag=("spotd.io/fallback", "false")).discover_fallback() == frozenset()
+    assert await AsgSource().discover_fallback() == frozenset()  # no flag: nothing in scope by ASG
+
+
+async def test_startup_check_names_the_problem(aws: str, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    from spotd.capacity.sources.aws import AwsStartupError, check_aws_access
+
+    assert check_aws_access("", [])  # moto's caller ARN
+    with pytest.raises(AwsStartupError, match=r"SQS queue .*no-such-queue"):
+        check_aws_access(f"{aws}/123456789012/no-such-queue", [])
+    monkeypatch.delenv("AWS_DEFAULT_REGION")
+    monkeypatch.delenv("AWS_REGION")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    with pytest.raises(AwsStartupError, match="no AWS region"):
+        check_aws_access("", [])
 
 
 async def test_discover_launch_configuration_spot_price(aws: str) -> None:  # noqa: F811
