@@ -104,6 +104,8 @@ class DrainDeps:
     placements: Callable[[DrainJob], list[str]]
     finished: Callable[[DrainJob, DrainOutcome], None]
     terminate: Callable[[str], Awaitable[str]] | None = None
+    # the node as just read (raw JSON) -> why it is not fallback capacity (any more), or None
+    scope_check: Callable[[dict[str, Any]], str | None] = lambda _node: None
 
 
 def pool_of(node: NodeInfo) -> Pool:
@@ -124,6 +126,9 @@ async def _cordon(deps: DrainDeps, name: str) -> str | None:
         return f"annotated {DRAIN_ANNOTATION}=false meanwhile"
     if str(annotations.get(DO_NOT_DISRUPT_ANNOTATION, "")).lower() == "true":
         return f"annotated {DO_NOT_DISRUPT_ANNOTATION}=true meanwhile"
+    out = deps.scope_check(body)
+    if out is not None:  # relabelled since the decision: read again, not from the cache
+        return f"{out} meanwhile"
     patch = {
         "metadata": {
             "resourceVersion": meta.get("resourceVersion"),

@@ -22,6 +22,8 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import msgspec
+
 from spotd.alerts.flags import AlertConfig
 from spotd.alerts.sender import Alerter
 from spotd.capacity.metrics import count_signals
@@ -45,7 +47,7 @@ from spotd.controller.metrics import (
 from spotd.controller.policy import SpotAnswer, Verdict, choose_drains, out_of_scope, out_of_service_due
 from spotd.controller.publish import NO_POOL_ALERTS, Firing, export_metrics, resolve_gone_nodes, update_pool_alerts
 from spotd.inventory.cache import Inventory, LazyNodePods
-from spotd.inventory.records import NodeInfo
+from spotd.inventory.records import NodeInfo, RawNode, node_info
 from spotd.kube.events import EventRecorder, node_event_times
 from spotd.kube.keys import ON_DEMAND, OUT_OF_SERVICE_TAINT_KEY, OUT_OF_SERVICE_TAINT_VALUE, SPOT
 from spotd.kube.lease import LeaderElector
@@ -146,6 +148,7 @@ class Controller:
             placements=self.replacements,
             finished=self.drain_finished,
             terminate=self._terminate if asgs is not None else None,
+            scope_check=self._scope_of_raw,
         )
 
     # --- signals --------------------------------------------------------------------------------------
@@ -372,6 +375,15 @@ class Controller:
     async def _terminate(self, instance_id: str) -> str:
         assert self.asgs is not None
         return str(await self.asgs.terminate_instance(instance_id, decrement_desired=True))
+
+    def _scope_of_raw(self, body: dict[str, Any]) -> str | None:
+        """Why a node as just read from the API is out of the fallback scope, or None."""
+        try:
+            node = node_info(msgspec.convert(body, RawNode), self.config.capacity_type_label)
+        except msgspec.ValidationError as exc:
+            return f"node unreadable ({exc})"
+        fallback = self.asgs.fallback_instances if self.asgs is not None else frozenset()
+        return out_of_scope(node, self.config.scope, fallback)
 
     def _marked(self) -> dict[str, str]:
         return {name: extra.draining_since for name, extra in self.inventory.node_extra.items()}
