@@ -91,6 +91,9 @@ async def test_without_a_declared_scope_nothing_is_drained_and_it_says_so(api: F
         await asyncio.sleep(1.0)
         assert patched_nodes(api) == set()
         assert REGISTRY.get_sample_value("spotd_controller_scope_configured") == 0.0
+        assert REGISTRY.get_sample_value("spotd_source_ready", {"source": "inventory"}) == 1.0
+        last_read = REGISTRY.get_sample_value("spotd_source_last_read_timestamp_seconds", {"source": "inventory"})
+        assert last_read is not None and last_read >= ctl.term_started > 0
         assert "nothing is drained" in ctl.readiness_detail()
         await eventually(lambda: any(e.get("reason") == "SpotdNoFallbackScope" for e in api.list("Event")), timeout=5)
     finally:

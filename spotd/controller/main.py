@@ -479,7 +479,7 @@ class Controller:
 
     def export_sources(self) -> None:
         """spotd_source_ready and _last_read_timestamp_seconds of this term (the leader's only)."""
-        states = {"inventory": (self.inventory.synced, time.time() if self.inventory.synced else 0.0)}
+        states = {"inventory": (self.inventory.synced, self.inventory.last_contact)}
         if self.sqs is not None:
             states["sqs"] = (self.sqs.healthy, self.sqs.last_success)
         if self.asgs is not None:

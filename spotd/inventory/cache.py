@@ -8,6 +8,7 @@ pod is kept as a small slotted record from there, so memory grows with what the 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -83,6 +84,7 @@ class Inventory:
         self.pods_synced = asyncio.Event()
         self.relists = 0
         self._relisting: set[str] = set()
+        self.last_contact = 0.0  # wall time of the last list, watch start or watch event (0: never)
 
     @classmethod
     def from_client(cls, client: Any, **kw: Any) -> Inventory:
@@ -244,6 +246,7 @@ class Inventory:
         finally:
             self._relisting.discard(kind)
         self.relists += 1
+        self.last_contact = time.time()
         if kind == "node" and self.on_node is not None and self.nodes_synced.is_set():
             old_nodes = saved[0]
             for name in old_nodes.keys() | self.nodes.keys():
@@ -281,7 +284,9 @@ class Inventory:
             if resp.status_code == 410:
                 raise Gone()
             resp.raise_for_status()
+            self.last_contact = time.time()
             async for line in resp.aiter_lines():
+                self.last_contact = time.time()
                 if not line.strip():
                     continue
                 version = self._apply_line(kind, apply, line, version)
