@@ -343,13 +343,23 @@ def read_retry_mark(text: str | None) -> RetryMark | None:
         return None
 
 
+# Notices after whose deadline the instance is gone for good (spotd.notices.record.NoticeKind values); a
+# scheduled reboot or a Spot stop/hibernate comes back, and an out-of-service taint would outlive it.
+_ENDING_NOTICES = frozenset({"spot-itn", "asg-termination"})
+
+
 def notice_deadline(text: str | None) -> datetime | None:
-    """The deadline of the notice the agent recorded in spotd.io/notice (spotd.notices.record.Notice JSON)."""
+    """The deadline of the notice the agent recorded in spotd.io/notice (spotd.notices.record.Notice JSON),
+    when it ends the instance (a Spot interruption that terminates, an ASG termination); else None."""
     if not text:
         return None
     try:
         data = json.loads(text)
-        return parse_iso_time(str(data["deadline"])) if isinstance(data, dict) and data.get("deadline") else None
+        if not isinstance(data, dict) or not data.get("deadline") or data.get("kind") not in _ENDING_NOTICES:
+            return None
+        if str(data.get("action") or "terminate") != "terminate":
+            return None
+        return parse_iso_time(str(data["deadline"]))
     except (ValueError, TypeError):
         return None
 
