@@ -75,6 +75,10 @@ def node_events(api: FakeApiServer) -> list[str]:
     return [e["reason"] for e in api.list("Event") if e.get("involvedObject", {}).get("name") == NODE]
 
 
+# What a drain leaves on the node populate() fills: DaemonSet, mirror and completed pods (nobody deletes pods).
+LEFT_ON_NODE = ["job-done", "kube-proxy-x", "logs-agent"]
+
+
 def populate(api: FakeApiServer, web: int = 10) -> None:
     api.create(node_obj(NODE))
     for i in range(web):
@@ -112,7 +116,7 @@ async def test_spot_itn_taints_cordons_labels_and_drains(api, imds, kubeconfig, 
     assert notice["kind"] == "spot-itn" and notice["source"] == "imds" and notice["action"] == "terminate"
 
     # DaemonSet, mirror and completed pods stay (nobody deletes pods); the rest are evicted.
-    await eventually(lambda: pods_on_node(api) == ["job-done", "kube-proxy-x", "logs-agent"], timeout=15)
+    await eventually(lambda: pods_on_node(api) == LEFT_ON_NODE, timeout=15)
     wanted = {"SpotInterruptionNotice", "NodeTainted", "NodeCordoned", "DrainStarted", "DrainComplete"}
     await eventually(lambda: wanted <= set(node_events(api)), timeout=5)
     assert agent.metric("spotd_notices_total", kind="spot-itn", source="imds") == 1
@@ -142,7 +146,7 @@ async def test_rebalance_only_prefers_no_schedule(api, imds, kubeconfig, agents,
     imds.set_instance_action("terminate", soon(120))
     await eventually(lambda: (our_taint(api) or {}).get("effect") == "NoSchedule", timeout=10)
     await eventually(lambda: node(api)["spec"].get("unschedulable"), timeout=5)
-    await eventually(lambda: pods_on_node(api) == ["kube-proxy-x", "logs-agent"], timeout=15)
+    await eventually(lambda: pods_on_node(api) == LEFT_ON_NODE, timeout=15)
 
 
 def maintenance_event(state: str, not_before: datetime) -> dict[str, Any]:
@@ -171,7 +175,7 @@ async def test_scheduled_maintenance_drains_at_lead_time_and_uncordons_when_comp
     # Within the lead time: cordon and drain, no taint by default.
     imds.set_scheduled_events([maintenance_event("active", datetime.now(UTC) + timedelta(minutes=10))])
     await eventually(lambda: node(api)["spec"].get("unschedulable"), timeout=10)
-    await eventually(lambda: pods_on_node(api) == ["kube-proxy-x", "logs-agent"], timeout=15)
+    await eventually(lambda: pods_on_node(api) == LEFT_ON_NODE, timeout=15)
     assert our_taint(api) is None
     # Completed: the node is uncordoned and our annotations go.
     imds.set_scheduled_events([maintenance_event("completed", datetime.now(UTC) - timedelta(minutes=1))])
@@ -186,7 +190,7 @@ async def test_asg_termination(api, imds, kubeconfig, agents, tmp_path) -> None:
     await agent.ready()
     imds.set_lifecycle_state("Terminated")
     await eventually(lambda: (our_taint(api) or {}).get("value") == "asg-termination", timeout=10)
-    await eventually(lambda: pods_on_node(api) == ["kube-proxy-x", "logs-agent"], timeout=15)
+    await eventually(lambda: pods_on_node(api) == LEFT_ON_NODE, timeout=15)
     assert agent.metric("spotd_notices_total", kind="asg-termination", source="imds") == 1
 
 
@@ -235,7 +239,7 @@ async def test_restart_mid_drain_resumes_from_the_node_annotation(api, imds, kub
     await second.ready()
     await eventually(lambda: second.events("notice_resumed"), timeout=10)
     api.delete("PodDisruptionBudget", "web", "default")
-    await eventually(lambda: pods_on_node(api) == ["kube-proxy-x", "logs-agent"], timeout=15)
+    await eventually(lambda: pods_on_node(api) == LEFT_ON_NODE, timeout=15)
 
 
 async def test_imds_errors_and_token_expiry_never_miss_a_notice(api, imds, kubeconfig, agents, tmp_path) -> None:
@@ -280,7 +284,7 @@ async def test_api_conflict_throttling_and_errors_are_retried(api, imds, kubecon
     api.inject_fault("POST", r"/pods/web-1/eviction", 429, times=2, retry_after=1)
     imds.set_instance_action("terminate", soon(120))
     await eventually(lambda: our_taint(api), timeout=10)
-    await eventually(lambda: pods_on_node(api) == ["kube-proxy-x", "logs-agent"], timeout=15)
+    await eventually(lambda: pods_on_node(api) == LEFT_ON_NODE, timeout=15)
     assert (agent.metric("spotd_node_actions_total", action="notice", outcome="conflict") or 0) >= 1
 
 
@@ -401,7 +405,7 @@ async def test_dead_alertmanager_does_not_slow_the_drain(api, imds, kubeconfig, 
     agent = run_agent(agents, tmp_path, kubeconfig, imds, "--alertmanager-url", dead)
     await agent.ready()
     imds.set_instance_action("terminate", soon(120))
-    await eventually(lambda: pods_on_node(api) == ["kube-proxy-x", "logs-agent"], timeout=15)
+    await eventually(lambda: pods_on_node(api) == LEFT_ON_NODE, timeout=15)
     finished = (await eventually(lambda: agent.events("drain_finished"), timeout=5))[-1]
     assert finished["outcome"] == "complete"
     assert (agent.metric("spotd_alerts_sent_total", outcome="error") or 0) >= 1  # it did try, and failed
@@ -461,7 +465,7 @@ async def test_api_server_restart_does_not_kill_the_agent(api, imds, kubeconfig,
     await agent.ready(timeout=15)
     assert agent.proc is not None and agent.proc.poll() is None
     imds.set_instance_action("terminate", soon(120))
-    await eventually(lambda: pods_on_node(api) == ["kube-proxy-x", "logs-agent"], timeout=15)
+    await eventually(lambda: pods_on_node(api) == LEFT_ON_NODE, timeout=15)
     assert agent.events("watch_failed")
 
 
@@ -471,7 +475,7 @@ async def test_notice_inside_the_safety_margin_still_empties_the_node(api, imds,
     agent = run_agent(agents, tmp_path, kubeconfig, imds, "--safety-margin", "10s")
     await agent.ready()
     imds.set_instance_action("terminate", soon(6))
-    await eventually(lambda: pods_on_node(api) == ["kube-proxy-x", "logs-agent"], timeout=10)
+    await eventually(lambda: pods_on_node(api) == LEFT_ON_NODE, timeout=10)
     assert agent.metric("spotd_evictions_total", outcome="forced") == 3
 
 
@@ -481,6 +485,6 @@ async def test_a_drain_that_cannot_start_is_retried(api, imds, kubeconfig, agent
     await agent.ready()
     api.inject_fault("GET", r"^/api/v1/pods$", 500, times=2)  # the drain's pod list fails twice
     imds.set_instance_action("terminate", soon(120))
-    await eventually(lambda: pods_on_node(api) == ["kube-proxy-x", "logs-agent"], timeout=15)
+    await eventually(lambda: pods_on_node(api) == LEFT_ON_NODE, timeout=15)
     assert len(agent.events("drain_failed")) == 2
     assert node_events(api).count("DrainFailed") == 1  # said once, not on every retry
