@@ -436,3 +436,28 @@ async def test_the_hourly_budget_counts_drains_of_nodes_deleted_since(api: FakeA
         assert "fallback-2" not in patched_nodes(api)
     finally:
         await stop_in_process(ctl2, task2)
+
+
+@pytest.mark.usefixtures("aws")
+async def test_readyz_says_what_may_be_drained(
+    api: FakeApiServer, tmp_path: Path, procs: list[ControllerProcess]
+) -> None:
+    add_node(api, "fallback-1", "on-demand", OLD)
+    add_node(api, "spot-1", "spot")
+    unscoped = ControllerProcess(tmp_path, str(tmp_path / "kubeconfig"), "ctl-unscoped", "--fallback-selector", "")
+    unscoped.start()
+    procs.append(unscoped)
+    await unscoped.ready(timeout=20)
+    status, text = unscoped.http("/readyz")
+    assert status == 200 and "no fallback capacity declared" in text and "nothing is drained" in text
+    assert unscoped.events("no_fallback_scope")
+    assert unscoped.metric("spotd_controller_scope_configured") == 0.0
+    await eventually(lambda: unscoped.events("sources_ready"), timeout=20)
+    await asyncio.sleep(1.0)
+    assert patched_nodes(api) == set()
+    unscoped.stop()
+    scoped = ControllerProcess(tmp_path, str(tmp_path / "kubeconfig"), "ctl-scoped")
+    scoped.start()
+    procs.append(scoped)
+    await scoped.ready(timeout=20)
+    assert "fallback scope: --fallback-selector node-pool=fallback" in scoped.http("/readyz")[1]
