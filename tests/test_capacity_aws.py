@@ -441,3 +441,21 @@ async def test_instance_lifecycle_lookup_and_cache(aws: str) -> None:  # noqa: F
     assert sample("spotd_instance_lookups_total", {"outcome": "hit"}) == hits_before + 2
     facts = (await lookup.describe([spot]))[spot]
     assert (facts.instance_type, facts.zone[:-1]) == ("m5.large", "us-east-1")
+
+
+async def test_a_receive_cancelled_in_flight_gives_its_messages_back(aws: str) -> None:  # noqa: F811
+    """Leadership lost during a long poll: the receive completes in its thread; what it got is made visible
+    again at once (not after the visibility timeout, 30 s here), so the next leader reads it."""
+    queue = str(boto3.client("sqs").create_queue(QueueName="spotd-orphans")["QueueUrl"])
+    source = SqsSource(queue, wait_seconds=3)
+    polling = asyncio.create_task(source.poll_once(lambda signals: None))
+    await asyncio.sleep(0.5)  # the long poll is in flight
+    polling.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await polling
+    send(queue, load("event_launch_unsuccessful_spot_mixed.json"))  # arrives during the orphaned long poll
+    await asyncio.sleep(3.5)  # the orphaned receive returns it, and gives it back
+    got: list[CapacitySignal] = []
+    nxt = SqsSource(queue, wait_seconds=1)
+    assert await nxt.poll_once(got.extend) == 1
+    assert [s.reason for s in got] == ["InsufficientInstanceCapacity"]

@@ -391,6 +391,7 @@ def test_only_the_controller_has_an_aws_role() -> None:
 IAM_ACTIONS = {
     "sqs:ReceiveMessage",
     "sqs:DeleteMessage",
+    "sqs:ChangeMessageVisibility",  # gives back what a receive in flight at a step-down got
     "sqs:GetQueueAttributes",
     "autoscaling:DescribeAutoScalingGroups",
     "autoscaling:DescribeScalingActivities",

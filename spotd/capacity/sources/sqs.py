@@ -65,6 +65,7 @@ class SqsSource:
         self.started_at = datetime.now(UTC)
         self.healthy = False
         self.last_success = 0.0
+        self._releasing: set[asyncio.Task[None]] = set()
         self._sqs = AwsApi("sqs", client, session, read_timeout=wait_seconds + 10)
         self._log = log or logging.get("spotd.capacity")
 
@@ -106,8 +107,14 @@ class SqsSource:
         whose handling raised stays in the queue (visible again after the visibility timeout; a
         redrive policy on the queue ends a poison message). Returns the number of messages received.
         """
+        receiving = asyncio.ensure_future(self.receive())
         try:
-            msgs = await self.receive()
+            # The receive runs in a thread and completes even if we are cancelled (leadership lost):
+            # what it got must not stay hidden from the next leader for the visibility timeout.
+            msgs = await asyncio.shield(receiving)
+        except asyncio.CancelledError:
+            receiving.add_done_callback(self._release_orphans)
+            raise
         except Exception:
             self.healthy = False
             raise
@@ -127,6 +134,30 @@ class SqsSource:
         if done:
             await self.delete(done)
         return len(msgs)
+
+    def _release_orphans(self, receiving: asyncio.Future[list[SqsMessage]]) -> None:
+        if receiving.cancelled() or receiving.exception() is not None or not receiving.result():
+            return
+        task = asyncio.get_running_loop().create_task(self.release(receiving.result()))
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
+
+    async def release(self, msgs: Sequence[SqsMessage]) -> None:
+        """ChangeMessageVisibilityBatch to 0: messages received but not handled are visible again at once."""
+        for start in range(0, len(msgs), 10):
+            batch = msgs[start : start + 10]
+            try:
+                await self._sqs.call(
+                    "change_message_visibility_batch",
+                    QueueUrl=self.queue_url,
+                    Entries=[
+                        {"Id": str(i), "ReceiptHandle": m.receipt_handle, "VisibilityTimeout": 0}
+                        for i, m in enumerate(batch)
+                    ],
+                )
+            except (ClientError, BotoCoreError) as exc:  # they come back after the visibility timeout
+                self._log.warning("sqs_release_failed", messages=len(batch), error=str(exc))
+        self._log.info("sqs_messages_released", messages=len(msgs))
 
     def reset(self) -> None:
         """A new term: the backlog is to be read again, to empty, before the first decision."""
