@@ -47,10 +47,6 @@ def patched_nodes(api: FakeApiServer) -> set[str]:
     return {r.path.rsplit("/", 1)[-1] for r in api.requests if r.method == "PATCH" and "/api/v1/nodes/" in r.path}
 
 
-def cordons_of(api: FakeApiServer, ctl: Any, name: str) -> int:
-    return len([e for e in events_for(api, name) if e == "SpotdDrainStarted"])
-
-
 async def test_an_on_demand_system_group_out_of_scope_is_never_touched(api: FakeApiServer, tmp_path: Path) -> None:
     """No ICE ever; the system group is older than the fallback node; Karpenter's node matches the selector
     but is Karpenter's: only the fallback node is drained."""
