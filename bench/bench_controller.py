@@ -221,6 +221,8 @@ async def main() -> int:
         "15m",
         "--interval",
         "1s",
+        "--fallback-selector",
+        "eks.amazonaws.com/nodegroup=workers-od",  # every on-demand node is a candidate, as before scoping
         "--dry-run",
         "--log-level",
         "info",

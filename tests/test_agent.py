@@ -75,6 +75,10 @@ def node_events(api: FakeApiServer) -> list[str]:
     return [e["reason"] for e in api.list("Event") if e.get("involvedObject", {}).get("name") == NODE]
 
 
+# What a drain leaves on the node populate() fills: DaemonSet, mirror and completed pods (nobody deletes pods).
+LEFT_ON_NODE = ["job-done", "kube-proxy-x", "logs-agent"]
+
+
 def populate(api: FakeApiServer, web: int = 10) -> None:
     api.create(node_obj(NODE))
     for i in range(web):

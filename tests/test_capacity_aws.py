@@ -22,7 +22,7 @@ from spotd.capacity.sources.asg import ActivityCursor, AsgSource
 from spotd.capacity.sources.aws import AwsApi, InstanceLookup
 from spotd.capacity.sources.sqs import SqsSource
 from spotd.common.metrics import REGISTRY
-from tests.moto_server import EVENTS_QUEUE, MotoAws, aws, moto_endpoint  # noqa: F401  (pytest fixtures)
+from tests.moto_server import ACCOUNT, EVENTS_QUEUE, MotoAws, aws, moto_endpoint  # noqa: F401  (pytest fixtures)
 
 DATA = Path(__file__).parent / "data" / "aws"
 ZONES = ["us-east-1a", "us-east-1b"]
@@ -115,15 +115,23 @@ async def test_sqs_message_whose_handling_raised_is_not_deleted(aws: MotoAws, qu
     assert queue_depth(aws, queue) == 0
 
 
-async def test_sqs_backlog_read_without_an_empty_receive(aws: MotoAws, queue: str) -> None:  # noqa: F811
+async def test_sqs_backlog_is_read_only_to_empty_and_again_after_reset(aws: MotoAws, queue: str) -> None:  # noqa: F811
+    """A batch of messages sent after the start does not prove the older ones were read (SQS returns a
+    sample): only an empty receive ends the backlog; reset() (a new leadership term) starts over."""
     send(aws, queue, load("event_instance_terminate_successful.json"))  # the backlog: sent before the start
     await asyncio.sleep(0.05)
     source = SqsSource(queue, wait_seconds=1)
     await asyncio.sleep(0.05)
     assert await source.poll_once(lambda signals: None) == 1
     assert not source.initial_read_done
-    send(aws, queue, load("event_instance_terminate_successful.json"))  # a busy queue: never empty
+    send(aws, queue, load("event_instance_terminate_successful.json"))  # sent after the start: still not done
     assert await source.poll_once(lambda signals: None) == 1
+    assert not source.initial_read_done
+    assert await source.poll_once(lambda signals: None) == 0
+    assert source.initial_read_done and source.healthy and source.last_success > 0
+    source.reset()
+    assert not source.initial_read_done
+    assert await source.poll_once(lambda signals: None) == 0
     assert source.initial_read_done
 
 
@@ -258,6 +266,42 @@ async def test_discover_by_tag(aws: MotoAws) -> None:  # noqa: F811
     by_key = await AsgSource(tag_filters=[("k8s.io/cluster-autoscaler/prod", None)]).discover()
     assert sorted(by_key) == ["on-demand", "spot-mixed", "spot-template"]
     assert await AsgSource(tag_filters=[("k8s.io/cluster-autoscaler/prod", "shared")]).discover() == {}
+
+
+async def test_fallback_asg_tag_lists_the_instances_of_the_tagged_groups(aws: MotoAws) -> None:  # noqa: F811
+    make_asgs(aws)
+    autoscaling = aws.client("autoscaling")
+    autoscaling.create_or_update_tags(
+        Tags=[{"ResourceId": "on-demand", "ResourceType": "auto-scaling-group", "Key": "spotd.io/fallback",
+               "Value": "true", "PropagateAtLaunch": False}]
+    )  # fmt: skip
+    group = autoscaling.describe_auto_scaling_groups(AutoScalingGroupNames=["on-demand"])["AutoScalingGroups"][0]
+    wanted = {i["InstanceId"] for i in group["Instances"]}
+    assert wanted
+    source = AsgSource(fallback_tag=("spotd.io/fallback", "true"))
+    await source.poll_once()
+    assert source.fallback_instances == wanted
+    assert source.initial_read_done and source.healthy and source.last_success > 0
+    assert await AsgSource(fallback_tag=("spotd.io/fallback", "false")).discover_fallback() == frozenset()
+    assert await AsgSource().discover_fallback() == frozenset()  # no flag: nothing in scope by ASG
+
+
+async def test_startup_check_names_the_problem(aws: MotoAws, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    from spotd.capacity.sources.aws import AwsStartupError, check_aws_access
+
+    assert check_aws_access("", [])  # moto's caller ARN
+    # the queue the policy grants, not created: the one line names it and what AWS said (moto cannot match a
+    # missing queue's ARN, so it refuses where AWS would answer NonExistentQueue)
+    with (
+        aws.expect_denied("sqs:GetQueueAttributes"),
+        pytest.raises(AwsStartupError, match=rf"SQS queue .*{EVENTS_QUEUE}"),
+    ):
+        check_aws_access(f"{aws.url}/{ACCOUNT}/{EVENTS_QUEUE}", [])
+    monkeypatch.delenv("AWS_DEFAULT_REGION")
+    monkeypatch.delenv("AWS_REGION")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    with pytest.raises(AwsStartupError, match="no AWS region"):
+        check_aws_access("", [])
 
 
 async def test_discover_launch_configuration_spot_price(aws: MotoAws) -> None:  # noqa: F811
@@ -405,3 +449,21 @@ async def test_instance_lifecycle_lookup_and_cache(aws: MotoAws) -> None:  # noq
     assert sample("spotd_instance_lookups_total", {"outcome": "hit"}) == hits_before + 2
     facts = (await lookup.describe([spot]))[spot]
     assert (facts.instance_type, facts.zone[:-1]) == ("m5.large", "us-east-1")
+
+
+async def test_a_receive_cancelled_in_flight_gives_its_messages_back(aws: MotoAws) -> None:  # noqa: F811
+    """Leadership lost during a long poll: the receive completes in its thread; what it got is made visible
+    again at once (not after the visibility timeout, 30 s here), so the next leader reads it."""
+    queue = str(aws.client("sqs").create_queue(QueueName=EVENTS_QUEUE)["QueueUrl"])  # visibility 30 s
+    source = SqsSource(queue, wait_seconds=3)
+    polling = asyncio.create_task(source.poll_once(lambda signals: None))
+    await asyncio.sleep(0.5)  # the long poll is in flight
+    polling.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await polling
+    send(aws, queue, load("event_launch_unsuccessful_spot_mixed.json"))  # arrives during the orphaned long poll
+    await asyncio.sleep(3.5)  # the orphaned receive returns it, and gives it back
+    got: list[CapacitySignal] = []
+    nxt = SqsSource(queue, wait_seconds=1)
+    assert await nxt.poll_once(got.extend) == 1
+    assert [s.reason for s in got] == ["InsufficientInstanceCapacity"]

@@ -185,3 +185,33 @@ def test_export_pool_states() -> None:
     sample = REGISTRY.get_sample_value
     assert sample("spotd_pool_spot_available", {"pool": "m5.large/us-east-1a"}) == 0
     assert sample("spotd_pool_spot_available", {"pool": "c5.large/us-east-1a"}) == 1
+
+
+# --- where Spot is known: "no ICE seen" is availability only where Spot could replace the node -------------
+
+
+def _spot_where_known_cases() -> list[tuple[str, PoolBook, list[object], bool, str]]:
+    from spotd.capacity.signals import AsgInfo
+
+    spot_a = AsgInfo("spot-a", ("m5.large",), ("us-east-1a",), spot=True, on_demand=False)
+    any_type = AsgInfo("spot-any", (), ("us-east-1a",), spot=True, on_demand=False)
+    od_only = AsgInfo("od", ("m5.large",), ("us-east-1a",), spot=False, on_demand=True)
+    return [
+        ("nothing known", PoolBook(), [], False, "no Spot group known for m5.large/us-east-1a"),
+        ("on-demand group only", PoolBook(), [od_only], False, "no Spot group known"),
+        ("Spot group of the pool", PoolBook(), [spot_a], True, "Spot ASG spot-a covers"),
+        ("Spot group of any type", PoolBook(), [any_type], True, "Spot ASG spot-any covers"),
+        ("Spot group elsewhere", PoolBook(), [AsgInfo("b", (), ("us-east-1b",), spot=True)], False, "no Spot"),
+        ("a Spot launch seen", PoolBook().record(launched(M5A, 0)), [], True, "no ICE seen"),
+        ("a launch in a wider pool", PoolBook().record(launched(ANY_A, 0)), [], True, "no ICE seen"),
+        ("an ICE still counts", PoolBook().record(ice(M5A, 0)), [spot_a], False, "ICE"),
+    ]
+
+
+@pytest.mark.parametrize(("name", "book", "groups", "available", "reason"), _spot_where_known_cases())
+def test_spot_where_known(name: str, book: PoolBook, groups: list[object], available: bool, reason: str) -> None:
+    from spotd.capacity.pools import spot_where_known
+
+    verdict = spot_where_known(book, M5A, T0 + timedelta(minutes=5), COOLDOWN, groups)  # type: ignore[arg-type]
+    assert verdict.available is available, name
+    assert reason in verdict.reason

@@ -32,7 +32,10 @@ OLD = timedelta(hours=5)
 LEASE = {"duration": 3.0, "retry": 0.3}
 
 
-def node_obj(name: str, capacity: str, itype: str = "m5.large", zone: str = "us-east-1a") -> dict[str, Any]:
+def node_obj(
+    name: str, capacity: str, itype: str = "m5.large", zone: str = "us-east-1a", pool: str = "fallback"
+) -> dict[str, Any]:
+    """A Ready node; on-demand ones are in the node-pool=fallback group (the tests' --fallback-selector)."""
     return {
         "apiVersion": "v1",
         "kind": "Node",
@@ -43,6 +46,7 @@ def node_obj(name: str, capacity: str, itype: str = "m5.large", zone: str = "us-
                 "node.kubernetes.io/instance-type": itype,
                 "topology.kubernetes.io/zone": zone,
                 "karpenter.sh/capacity-type": capacity,
+                **({"node-pool": pool} if capacity == "on-demand" and pool else {}),
             },
         },
         "spec": {"providerID": f"aws:///{zone}/i-{abs(hash(name)) % 16**17:017x}"},
@@ -132,6 +136,7 @@ class ControllerProcess(AgentProcess):
             "--activities-interval", "2s",
             "--drain-timeout", "40s",
             "--probe-quiet-period", "0",
+            "--fallback-selector", "node-pool=fallback",
             "--log-level", "info",
             *(["--sqs-queue-url", queue_url] if queue_url else []),
             *extra,
@@ -213,16 +218,18 @@ async def test_only_the_leader_acts_and_the_standby_takes_over(
     add_node(api, "spot-1", "spot")
     add_node(api, "od-1", "on-demand", OLD + timedelta(hours=1))
     add_node(api, "od-2", "on-demand", OLD)
+    add_node(api, "od-3", "on-demand", OLD - timedelta(hours=1))
     add_pods(api, "od-1", 2)
     add_pods(api, "od-2", 2)
+    add_pods(api, "od-3", 2)
     async with running(replicaset(api, "spot-1")):
         a = start(procs, tmp_path, "ctl-a", "--max-drains-per-hour", "1")
         await eventually(a.leading, timeout=20)
-        b = start(procs, tmp_path, "ctl-b", "--max-drains-per-hour", "1")
+        b = start(procs, tmp_path, "ctl-b", "--max-drains-per-hour", "2")
         await b.ready(timeout=20)
         # A drains the oldest, then its hourly budget holds the second.
         await eventually(lambda: a.drains("complete") == 1, timeout=30)
-        assert pods_on(api, "od-1") == [] and len(pods_on(api, "od-2")) == 2
+        assert pods_on(api, "od-1") == [] and len(pods_on(api, "od-2")) == 2 == len(pods_on(api, "od-3"))
         assert node(api, "od-1")["spec"].get("unschedulable") is True
         assert "spotd.io/drained" in node(api, "od-1")["metadata"]["annotations"]
         assert "SpotdDrainStarted" in events_for(api, "od-1")
@@ -237,6 +244,13 @@ async def test_only_the_leader_acts_and_the_standby_takes_over(
         await eventually(lambda: b.drains("complete") == 1, timeout=30)
         assert pods_on(api, "od-2") == []
         assert [e["node"] for e in b.events("drain_starting")] == ["od-2"]
+
+        # The hourly budget is read from the nodes: A's drain counts for B too (2 = A's + B's).
+        def od3_kept() -> list[str]:
+            return [e["reason"] for e in b.events("node_kept") if e["node"] == "od-3"][-1:]
+
+        await eventually(lambda: od3_kept() == ["--max-drains-per-hour (2) reached"], timeout=10)
+        assert len(pods_on(api, "od-3")) == 2
         assert [e["node"] for e in a.events("drain_starting")] == ["od-1"]
 
 
@@ -292,6 +306,7 @@ async def test_sigterm_mid_drain_uncordons_and_a_restart_after_kill_recovers(
     procs: list[ControllerProcess],
 ) -> None:
     add_node(api, "od-old", "on-demand", OLD)
+    add_node(api, "spot-0", "spot")  # Spot is known in the pool
     add_pods(api, "od-old", 2)
     api.create(pdb_obj("web", min_available=2, app="web"))  # nothing may go: the drain hangs
     c = start(procs, tmp_path, "ctl-1")
@@ -312,7 +327,7 @@ async def test_sigterm_mid_drain_uncordons_and_a_restart_after_kill_recovers(
     async with running(replicaset(api, "spot-1")):
         add_node(api, "spot-1", "spot")
         c3 = start(procs, tmp_path, "ctl-3")
-        await eventually(lambda: c3.events("drain_abandoned"), timeout=20)
+        await eventually(lambda: c3.events("drain_resumed"), timeout=20)  # a fresh mark: taken over
         await eventually(lambda: c3.drains("complete") == 1, timeout=30)
     assert pods_on(api, "od-old") == []
 
@@ -325,6 +340,7 @@ async def test_dry_run_changes_nothing(
     procs: list[ControllerProcess],
 ) -> None:
     add_node(api, "od-old", "on-demand", OLD)
+    add_node(api, "spot-0", "spot")
     add_pods(api, "od-old", 2)
     c = start(procs, tmp_path, "ctl", "--dry-run")
     await eventually(lambda: c.events("would_drain"), timeout=20)
@@ -351,6 +367,7 @@ async def test_new_ice_during_a_drain_stops_it_and_a_drain_timeout_gives_up(
 ) -> None:
     sqs, url = queue
     add_node(api, "od-old", "on-demand", OLD)
+    add_node(api, "spot-0", "spot")
     add_pods(api, "od-old", 2)
     api.create(pdb_obj("web", min_available=2, app="web"))  # the drain cannot finish
     c = start(procs, tmp_path, "ctl", queue_url=url)
@@ -405,9 +422,13 @@ def test_config_from_flags_env_and_errors(monkeypatch: pytest.MonkeyPatch, tmp_p
 # --- the active probe, in process (the pool book is reachable) -------------------------------------------
 
 
-async def run_in_process(api: FakeApiServer, tmp_path: Path, **overrides: Any) -> tuple[Any, asyncio.Task[Any]]:
+async def run_in_process(
+    api: FakeApiServer, tmp_path: Path, sources: dict[str, Any] | None = None, **overrides: Any
+) -> tuple[Any, asyncio.Task[Any]]:
+    sources = sources or {}
     from spotd.controller.config import ControllerConfig
     from spotd.controller.main import Controller
+    from spotd.controller.policy import parse_label_selector
     from spotd.kube.client import make_client
 
     settings: dict[str, Any] = {
@@ -423,9 +444,11 @@ async def run_in_process(api: FakeApiServer, tmp_path: Path, **overrides: Any) -
         "probe_quiet_period": 1.0,
         "probe_settle": 5.0,
         "drain_timeout": 20.0,
+        "fallback_selector": parse_label_selector("node-pool=fallback"),
+        "fallback_selector_text": "node-pool=fallback",
         **overrides,
     }
-    ctl = Controller(ControllerConfig(**settings), make_client(settings["kubeconfig"]))
+    ctl = Controller(ControllerConfig(**settings), make_client(settings["kubeconfig"]), **sources)
 
     async def main() -> None:
         async with asyncio.TaskGroup() as group:
@@ -458,6 +481,7 @@ async def test_active_probe_drains_one_node_and_reads_where_its_pods_land(
     pool = Pool("m5.large", "us-east-1a")
     ctl, task = await run_in_process(api, tmp_path, max_concurrent_drains=2)
     try:
+        await eventually(lambda: ctl.ready, timeout=20)  # a term starts from a fresh book: signal after it
         ice = CapacitySignal(pool, SignalKind.ICE, "sqs", datetime.now(UTC) - timedelta(seconds=30), "capacity")
         ctl.on_signals([ice])
         async with running(replicaset(api, landing)):
@@ -480,6 +504,7 @@ async def test_a_leader_that_loses_its_lease_stops_at_once_and_leaves_the_node_m
     api: FakeApiServer, tmp_path: Path, procs: list[ControllerProcess]
 ) -> None:
     add_node(api, "od-old", "on-demand", OLD)
+    add_node(api, "spot-0", "spot")
     add_pods(api, "od-old", 2)
     api.create(pdb_obj("web", min_available=2, app="web"))  # the drain hangs
     c = start(procs, tmp_path, "ctl")
@@ -517,6 +542,7 @@ def test_decision_pass_signals_verdicts_metrics_and_alerts(tmp_path: Path) -> No
     from spotd.capacity.signals import CapacitySignal, Pool, SignalKind
     from spotd.controller.config import ControllerConfig
     from spotd.controller.main import Controller
+    from spotd.controller.policy import parse_label_selector
     from spotd.kube.client import make_client
 
     kubeconfig = tmp_path / "kubeconfig"
@@ -535,7 +561,13 @@ def test_decision_pass_signals_verdicts_metrics_and_alerts(tmp_path: Path) -> No
     now = datetime.now(UTC)
     alerter = RecordingAlerter()
     ctl = Controller(
-        ControllerConfig(kubeconfig=str(kubeconfig), identity="unit", probe_quiet_period=0),
+        ControllerConfig(
+            kubeconfig=str(kubeconfig),
+            identity="unit",
+            probe_quiet_period=0,
+            fallback_selector=parse_label_selector("node-pool=fallback"),
+            fallback_selector_text="node-pool=fallback",
+        ),
         make_client(str(kubeconfig)),
         alerter=alerter,  # type: ignore[arg-type]
         clock=lambda: now,
@@ -546,6 +578,7 @@ def test_decision_pass_signals_verdicts_metrics_and_alerts(tmp_path: Path) -> No
         obj["metadata"]["creationTimestamp"] = format_time(now - age)
         if capacity == "unlabelled":
             del obj["metadata"]["labels"]["karpenter.sh/capacity-type"]
+            obj["metadata"]["labels"]["node-pool"] = "fallback"
             obj["spec"]["providerID"] = "aws:///us-east-1a/i-0123456789abcdef0"
         ctl.inventory.apply_node("ADDED", json.dumps(obj).encode())
 
@@ -620,6 +653,7 @@ async def test_a_node_left_marked_as_draining_is_put_back_on_a_later_pass(api: F
     from spotd.kube.keys import DRAINING_ANNOTATION
 
     add_node(api, "od-stuck", "on-demand", timedelta(minutes=10))
+    add_pods(api, "od-stuck", 2)  # not drained: an empty node marked as draining counts as drained
     ctl, task = await run_in_process(api, tmp_path, drain_timeout=20.0)
     try:
         await eventually(lambda: ctl.ready, timeout=20)

@@ -157,7 +157,7 @@ def pod(name: str, **kw: object) -> PodFacts:
 
 
 EMERGENCY = PodPolicy()
-VOLUNTARY = PodPolicy(voluntary=True, evict_unreplicated=False, evict_local_storage=False)
+VOLUNTARY = PodPolicy(voluntary=True, evict_unreplicated=False, evict_local_storage=False, evict_jobs=False)
 
 
 @pytest.mark.parametrize(
@@ -171,6 +171,12 @@ VOLUNTARY = PodPolicy(voluntary=True, evict_unreplicated=False, evict_local_stor
         (pod("ds-going", owner_kinds=("DaemonSet",), terminating=True), EMERGENCY, PodVerdict.SKIP),
         (pod("job", owner_kinds=("Job",), phase="Succeeded"), EMERGENCY, PodVerdict.SKIP),  # no pod delete power
         (pod("failed", phase="Failed"), EMERGENCY, PodVerdict.SKIP),
+        (pod("job", owner_kinds=("Job",), phase="Succeeded"), VOLUNTARY, PodVerdict.SKIP),
+        (pod("batch", owner_kinds=("Job",)), VOLUNTARY, PodVerdict.BLOCK),
+        (pod("batch", owner_kinds=("Job",)), PodPolicy(voluntary=True, evict_jobs=True), PodVerdict.EVICT),
+        (pod("batch", owner_kinds=("Job",)), EMERGENCY, PodVerdict.EVICT),
+        (pod("busy", owner_kinds=("ReplicaSet",), do_not_disrupt=True), VOLUNTARY, PodVerdict.BLOCK),
+        (pod("busy", owner_kinds=("ReplicaSet",), do_not_disrupt=True), EMERGENCY, PodVerdict.EVICT),
         (pod("bare"), EMERGENCY, PodVerdict.EVICT),  # the node dies anyway
         (pod("bare"), VOLUNTARY, PodVerdict.BLOCK),
         (pod("cache", owner_kinds=("ReplicaSet",), local_storage=True), VOLUNTARY, PodVerdict.BLOCK),

@@ -340,6 +340,7 @@ CONTROLLER_RULES = (
     | grants("", "pods/eviction", "create")
     | grants("policy", "poddisruptionbudgets", "get list watch")
     | EVENTS
+    | grants("", "events", "list")  # the drains previous leaders started (hourly budget)
 )
 LEASE_RULES = grants("coordination.k8s.io", "leases", "get update", "spotd-controller") | grants(
     "coordination.k8s.io", "leases", "create"

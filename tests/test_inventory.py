@@ -342,3 +342,23 @@ async def test_server_errors_keep_the_old_view(fake: tuple[Any, Any]) -> None:
         assert "n0" in inv.nodes and inv.synced
     finally:
         await stop(task)
+
+
+@pytest.mark.parametrize(
+    ("notice", "ends"),
+    [
+        ({"kind": "spot-itn", "action": "terminate", "deadline": "2026-01-01T00:02:00Z"}, True),
+        ({"kind": "asg-termination", "action": "terminate", "deadline": "2026-01-01T00:02:00Z"}, True),
+        ({"kind": "spot-itn", "action": "stop", "deadline": "2026-01-01T00:02:00Z"}, False),  # comes back
+        ({"kind": "spot-itn", "action": "hibernate", "deadline": "2026-01-01T00:02:00Z"}, False),
+        ({"kind": "scheduled-maintenance", "action": "system-reboot", "deadline": "2026-01-01T00:02:00Z"}, False),
+        ({"kind": "rebalance", "seen_at": "2026-01-01T00:00:00Z"}, False),
+        ({"kind": "spot-itn", "action": "terminate", "deadline": "soon"}, False),
+        ("not json", False),
+    ],
+)
+def test_notice_deadline_only_for_notices_that_end_the_instance(notice: object, ends: bool) -> None:
+    from spotd.inventory.records import notice_deadline
+
+    text = notice if isinstance(notice, str) else json.dumps(notice)
+    assert (notice_deadline(text) is not None) is ends

@@ -20,12 +20,13 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from types import MappingProxyType
 
-from spotd.capacity.signals import CapacitySignal, CapacityType, Pool, SignalKind
+from spotd.capacity.signals import ANY, AsgInfo, CapacitySignal, CapacityType, Pool, SignalKind
 from spotd.common.parsing import format_time
 
 AVAILABLE = "available"
 RECOVERING = "recovering"
 UNAVAILABLE = "unavailable"
+UNKNOWN = "unknown"  # no ICE seen, but no Spot group known that could replace a node there either
 
 # The probe back-off doubles after every probe whose pods landed on on-demand again, up to this.
 PROBE_BACKOFF_CAP = timedelta(hours=24)
@@ -73,7 +74,7 @@ class PoolRecord:
         return max(times) if times else None
 
 
-_SEVERITY = {UNAVAILABLE: 0, RECOVERING: 1, AVAILABLE: 2}
+_SEVERITY = {UNAVAILABLE: 0, UNKNOWN: 0, RECOVERING: 1, AVAILABLE: 2}
 
 
 class PoolBook:
@@ -143,6 +144,10 @@ class PoolBook:
                     worst = verdict
         return worst or PoolVerdict(True, "no ICE seen", AVAILABLE)
 
+    def spot_launch_seen(self, pool: Pool) -> bool:
+        """Whether a Spot launch was recorded for this pool or a recorded pool containing it."""
+        return any(rec.last_launch is not None for p, rec in self._records.items() if p.contains(pool))
+
     def state(self, pool: Pool, now: datetime, cooldown: timedelta) -> str:
         """'available' | 'recovering' | 'unavailable', as spot_available decides."""
         return self.spot_available(pool, now, cooldown).state
@@ -188,3 +193,33 @@ def _launched(rec: PoolRecord, at: datetime, source: str, asg: str) -> PoolRecor
         probe_failures=failures,
         asgs=rec.asgs | {asg} if asg else rec.asgs,
     )
+
+
+def spot_group_for(pool: Pool, groups: Iterable[AsgInfo]) -> AsgInfo | None:
+    """A discovered Spot ASG that could launch a replacement in this pool: its zones hold the pool's zone
+    and its instance types the pool's type (a group that names no types, or a "*" in the pool, counts)."""
+    for group in sorted(groups, key=lambda g: g.name):
+        if not group.spot:
+            continue
+        zone_ok = pool.zone == ANY or not group.zones or pool.zone in group.zones
+        type_ok = pool.instance_type == ANY or not group.instance_types or pool.instance_type in group.instance_types
+        if zone_ok and type_ok:
+            return group
+    return None
+
+
+def spot_where_known(
+    book: PoolBook, pool: Pool, now: datetime, cooldown: timedelta, groups: Iterable[AsgInfo]
+) -> PoolVerdict:
+    """`book.spot_available`, except that "no ICE seen" counts as Spot available only where Spot could
+    replace the node: a Spot launch was seen in (a pool containing) the pool, or a discovered Spot ASG
+    covers it. Elsewhere nobody would look for Spot, so nothing says it is there: not available."""
+    verdict = book.spot_available(pool, now, cooldown)
+    if not verdict.available:
+        return verdict
+    if book.spot_launch_seen(pool):
+        return verdict
+    group = spot_group_for(pool, groups)
+    if group is not None:
+        return PoolVerdict(True, f"{verdict.reason}; Spot ASG {group.name} covers {pool}", verdict.state)
+    return PoolVerdict(False, f"no Spot group known for {pool} (no Spot ASG covers it, no Spot launch seen)", UNKNOWN)

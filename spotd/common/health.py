@@ -19,8 +19,10 @@ class HealthServer:
         registry: CollectorRegistry,
         liveness: Callable[[], bool],
         readiness: Callable[[], bool],
+        detail: Callable[[], str] | None = None,
     ) -> None:
         self._host, self._port = host, port
+        self._detail = detail  # a line /readyz adds (the controller: what it may drain)
         self._registry = registry
         self._liveness, self._readiness = liveness, readiness
         self._runner: web.AppRunner | None = None
@@ -49,7 +51,10 @@ class HealthServer:
 
     async def _readyz(self, _: web.Request) -> web.Response:
         ok = self._readiness()
-        return web.Response(status=200 if ok else 503, text="ready\n" if ok else "not ready\n")
+        text = "ready\n" if ok else "not ready\n"
+        if self._detail is not None:
+            text += self._detail() + "\n"
+        return web.Response(status=200 if ok else 503, text=text)
 
     async def _metrics(self, _: web.Request) -> web.Response:
         body = generate_latest(self._registry)

@@ -10,7 +10,8 @@ from typing import Any
 
 from spotd.alerts.flags import AlertConfig, add_alert_arguments, alert_config_from_args
 from spotd.common.parsing import parse_duration, parse_host_port
-from spotd.controller.policy import OnDemandPolicy
+from spotd.controller.policy import FallbackScope, OnDemandPolicy, parse_label_selector
+from spotd.inventory.records import Requirement
 from spotd.kube.client import KubeConfigError, load_config
 from spotd.kube.lease import LeaseConfig
 
@@ -44,6 +45,13 @@ class ControllerConfig:
     asg_tags: tuple[tuple[str, str | None], ...] = (("k8s.io/cluster-autoscaler/enabled", "true"),)
     eviction_qps: float = 5.0
     sqs_wait: int = 20
+    fallback_selector: tuple[Requirement, ...] = ()
+    fallback_selector_text: str = ""
+    fallback_asg_tag: tuple[str, str | None] | None = None
+    retry_backoff: float = 1800.0
+    retry_backoff_cap: float = 28800.0
+    evict_jobs: bool = False
+    node_name: str = ""  # the node this replica runs on (NODE_NAME): a drain of it is handed over, not undone
     dry_run: bool = False
     log_level: str = "info"
     alerts: AlertConfig = AlertConfig()  # noqa: RUF009 - frozen, sharing the default is safe
@@ -56,7 +64,17 @@ class ControllerConfig:
             max_drains_per_hour=self.max_drains_per_hour,
             evict_unreplicated=self.evict_unreplicated,
             evict_local_storage=self.evict_local_storage,
+            evict_jobs=self.evict_jobs,
+            scope=self.scope,
         )
+
+    @property
+    def scope(self) -> FallbackScope:
+        tag = ""
+        if self.fallback_asg_tag is not None:
+            key, value = self.fallback_asg_tag
+            tag = key if value is None else f"{key}={value}"
+        return FallbackScope(self.fallback_selector, self.fallback_selector_text, tag)
 
     def summary(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -96,11 +114,14 @@ _DURATIONS = {
     "--activities-interval": "60s",
     "--activities-history": "6h",
     "--sqs-wait": "20s",
+    "--retry-backoff": "30m",
+    "--retry-backoff-cap": "8h",
 }
 _BOOLS = {
     "--evict-unreplicated": "evict pods that no controller would recreate",
     "--evict-local-storage": "evict pods with emptyDir volumes (their data is lost)",
     "--terminate-drained": "terminate a drained node through its ASG, decrementing desired capacity",
+    "--evict-jobs": "evict running Job pods in voluntary drains (default: a running Job holds the drain)",
     "--dry-run": "log every decision, change nothing",
 }
 
@@ -121,6 +142,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     text("--max-concurrent-drains", "1", "on-demand nodes drained at the same time")
     text("--max-drains-per-hour", "6", "drains started in any hour")
     text("--eviction-qps", "5", "evictions per second at most")
+    text(
+        "--fallback-selector",
+        "",
+        "node label selector naming the on-demand fallback nodes that may be drained (e.g. node-pool=fallback)",
+    )
+    text("--node-name", os.environ.get("NODE_NAME", ""), "the node this replica runs on (downward API)")
+    text("--fallback-asg-tag", "", "KEY or KEY=VALUE: nodes whose ASG carries this tag are fallback capacity")
     text(
         "--asg-tag",
         "k8s.io/cluster-autoscaler/enabled=true",
@@ -180,6 +208,20 @@ def config_from_args(args: argparse.Namespace) -> ControllerConfig:
     durations = {flag: _duration(args, flag) for flag in _DURATIONS}
     if durations["--interval"] <= 0:
         raise ValueError("--interval: must be above 0")
+    selector_text = str(getattr(args, "fallback_selector", "") or "").strip()
+    try:
+        selector = parse_label_selector(selector_text)
+    except ValueError as exc:
+        raise ValueError(f"--fallback-selector: {exc}") from None
+    asg_tag_text = str(getattr(args, "fallback_asg_tag", "") or "").strip()
+    fallback_tag = None
+    if asg_tag_text:
+        tags = _asg_tags(asg_tag_text)
+        if len(tags) != 1:
+            raise ValueError(f"--fallback-asg-tag: {asg_tag_text!r} is not one KEY or KEY=VALUE")
+        fallback_tag = tags[0]
+    if durations["--retry-backoff"] <= 0:
+        raise ValueError("--retry-backoff: must be above 0")
     config = ControllerConfig(
         kubeconfig=args.kubeconfig or None,
         listen=listen,
@@ -208,6 +250,13 @@ def config_from_args(args: argparse.Namespace) -> ControllerConfig:
         asg_tags=_asg_tags(str(args.asg_tag or "")),
         eviction_qps=qps,
         sqs_wait=max(0, min(20, round(durations["--sqs-wait"]))),
+        fallback_selector=selector,
+        fallback_selector_text=selector_text,
+        fallback_asg_tag=fallback_tag,
+        retry_backoff=durations["--retry-backoff"],
+        retry_backoff_cap=max(durations["--retry-backoff-cap"], durations["--retry-backoff"]),
+        evict_jobs=bool(getattr(args, "evict_jobs", False)),
+        node_name=str(getattr(args, "node_name", "") or ""),
         dry_run=bool(args.dry_run),
         log_level=str(getattr(args, "log_level", None) or "info"),
         alerts=alert_config_from_args(args) if hasattr(args, "alertmanager_url") else AlertConfig(),

@@ -1,13 +1,18 @@
-"""Executing the controller's drains: cordon, drain, record the outcome, read a probe's result; restart recovery."""
+"""Executing the controller's drains: cordon, drain, record the outcome, read a probe's result; restart recovery.
+
+A drain is handed what it needs (`DrainDeps`) and reports its end through `DrainDeps.finished`; it reads
+and changes no other state of the controller.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import time
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from spotd.alerts.model import ON_DEMAND_DRAIN_BLOCKED, AlertNode, on_demand_drain_blocked_alert
 from spotd.capacity.signals import ANY, Pool
@@ -15,14 +20,26 @@ from spotd.common.metrics import LOOP_ERRORS
 from spotd.common.parsing import parse_iso_time
 from spotd.controller.metrics import CONTROLLER_DRAINS
 from spotd.drain.executor import DrainOptions, drain_node
-from spotd.drain.plan import PodPolicy as PodPolicy
-from spotd.inventory.records import NodeInfo
-from spotd.kube.client import http_of
-from spotd.kube.keys import DRAIN_ANNOTATION, DRAINED_ANNOTATION, DRAINING_ANNOTATION, SPOT
+from spotd.drain.plan import PodPolicy
+from spotd.inventory.records import NodeInfo, RetryMark
+from spotd.kube.events import EventRecorder
+from spotd.kube.keys import (
+    DO_NOT_DISRUPT_ANNOTATION,
+    DRAIN_ANNOTATION,
+    DRAIN_RETRY_ANNOTATION,
+    DRAINED_ANNOTATION,
+    DRAINING_ANNOTATION,
+    SPOT,
+)
 from spotd.kube.lease import micro_time
+from spotd.kube.nodes import merge_patch_node, merge_patch_node_retrying, patched, read_node
+from spotd.kube.ratelimit import RateLimiter
 
-if TYPE_CHECKING:
-    from spotd.controller.main import Controller
+
+class AlertSink(Protocol):
+    def fire(self, alert: Any) -> None: ...
+
+    def resolve(self, alertname: str, labels: dict[str, str]) -> None: ...
 
 
 @dataclass
@@ -33,6 +50,9 @@ class DrainJob:
     pool: Pool
     started: datetime
     probe: bool
+    instance_id: str = ""
+    attempts_before: int = 0  # drains of this node that ended badly in a row (its back-off annotation)
+    resumed: bool = False  # a drain a previous leader began (the node is cordoned and marked already)
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     abort: str = ""  # why it was stopped: "aborted_ice"
     cordoned: bool = False  # by us, for this drain: only then is uncordoning ours to do
@@ -40,113 +60,159 @@ class DrainJob:
     pods_before: frozenset[tuple[str, str]] = frozenset()
 
 
+@dataclass(frozen=True)
+class DrainOutcome:
+    """How a drain ended. landed_on_spot: a probe's answer (None: not a probe, or it says nothing)."""
+
+    node: str
+    outcome: str  # complete | aborted_ice | timeout | blocked | failed | interrupted
+    detail: str = ""
+    landed_on_spot: bool | None = None
+    alerted: bool = False  # OnDemandDrainBlocked fired for the node
+
+
+@dataclass(frozen=True)
+class DrainSettings:
+    """The flags a drain reads."""
+
+    drain_timeout: float = 600.0
+    evict_unreplicated: bool = False
+    evict_local_storage: bool = False
+    terminate_drained: bool = False
+    probe_settle: float = 300.0
+    dry_run: bool = False
+    evict_jobs: bool = False
+    retry_backoff: float = 1800.0
+    retry_backoff_cap: float = 28800.0
+    own_node: str = ""  # the node this replica runs on
+
+
+@dataclass(frozen=True)
+class DrainDeps:
+    """Everything a drain may use. placements(job): capacity types of the nodes where the drained pods'
+    replacements run (for the probe); terminate(instance_id): ASG termination (None: not possible);
+    leading(): whether we still hold the lease; finished(job, outcome): the controller's bookkeeping."""
+
+    client: Any
+    events: EventRecorder
+    alerter: AlertSink
+    limiter: RateLimiter
+    clock: Callable[[], datetime]
+    log: Any
+    settings: DrainSettings
+    leading: Callable[[], bool]
+    placements: Callable[[DrainJob], list[str]]
+    finished: Callable[[DrainJob, DrainOutcome], None]
+    terminate: Callable[[str], Awaitable[str]] | None = None
+    # the node as just read (raw JSON) -> why it is not fallback capacity (any more), or None
+    scope_check: Callable[[dict[str, Any]], str | None] = lambda _node: None
+
+
 def pool_of(node: NodeInfo) -> Pool:
     """The node's pool (instance type and zone, "*" where unknown)."""
     return Pool(node.instance_type or ANY, node.zone or ANY)
 
 
-async def _patch_node(ctl: Controller, name: str, patch: dict[str, Any]) -> int:
-    resp = await http_of(ctl.client).patch(
-        f"/api/v1/nodes/{name}", json=patch, headers={"Content-Type": "application/merge-patch+json"}
-    )
-    return resp.status_code
-
-
-async def _cordon(ctl: Controller, name: str) -> str | None:
+async def _cordon(deps: DrainDeps, name: str) -> str | None:
     """Cordon with our marker, conditional on the version read; None when done, else why not."""
-    resp = await http_of(ctl.client).get(f"/api/v1/nodes/{name}")
-    if resp.status_code != 200:
-        return f"node read failed ({resp.status_code})"
-    body = resp.json()
+    status, body = await read_node(deps.client, name)
+    if status != 200:
+        return f"node read failed ({status})"
     meta, spec = body.get("metadata") or {}, body.get("spec") or {}
     if spec.get("unschedulable"):
         return "cordoned by someone else meanwhile"
-    if str((meta.get("annotations") or {}).get(DRAIN_ANNOTATION, "")).lower() == "false":
+    annotations = meta.get("annotations") or {}
+    if str(annotations.get(DRAIN_ANNOTATION, "")).lower() == "false":
         return f"annotated {DRAIN_ANNOTATION}=false meanwhile"
+    if str(annotations.get(DO_NOT_DISRUPT_ANNOTATION, "")).lower() == "true":
+        return f"annotated {DO_NOT_DISRUPT_ANNOTATION}=true meanwhile"
+    out = deps.scope_check(body)
+    if out is not None:  # relabelled since the decision: read again, not from the cache
+        return f"{out} meanwhile"
     patch = {
         "metadata": {
             "resourceVersion": meta.get("resourceVersion"),
-            "annotations": {DRAINING_ANNOTATION: micro_time(ctl.clock())},
+            "annotations": {DRAINING_ANNOTATION: micro_time(deps.clock())},
         },
         "spec": {"unschedulable": True},
     }
-    status = await _patch_node(ctl, name, patch)
-    return None if status < 300 else f"cordon failed ({status})"
+    status = await merge_patch_node(deps.client, name, patch)
+    return None if patched(status) else f"cordon failed ({status})"
 
 
-async def _patch_node_retrying(ctl: Controller, name: str, patch: dict[str, Any], tries: int = 6) -> int:
-    """A patch that must not be lost (putting a node back): retried on errors for about 6 s."""
-    status = 0
-    for attempt in range(tries):
-        try:
-            status = await _patch_node(ctl, name, patch)
-        except Exception as exc:  # the API server went away for a moment
-            status = 0
-            ctl.log.warning("node_patch_retry", node=name, error=repr(exc), attempt=attempt)
-        if (status < 300 and status != 0) or status == 404:
-            return status
-        await asyncio.sleep(0.2 * 2**attempt)
-    return status
-
-
-async def _uncordon(ctl: Controller, name: str) -> None:
+async def uncordon(deps: DrainDeps, name: str) -> None:
+    """Put a node back (retried); a failure leaves our marker, and recover() tries again on a later pass."""
     patch = {"metadata": {"annotations": {DRAINING_ANNOTATION: None}}, "spec": {"unschedulable": None}}
-    status = await _patch_node_retrying(ctl, name, patch)
-    if status < 300 and status != 0:
-        ctl.log.info("node_uncordoned", node=name, status=status)
-    else:  # still marked as draining: recover() puts it back on a later pass
+    status = await merge_patch_node_retrying(deps.client, name, patch, deps.log)
+    if patched(status):
+        deps.log.info("node_uncordoned", node=name, status=status)
+    else:
         LOOP_ERRORS.labels("uncordon").inc()
-        ctl.log.error("node_uncordon_failed", node=name, status=status)
+        deps.log.error("node_uncordon_failed", node=name, status=status)
 
 
-async def drain(ctl: Controller, job: DrainJob, reason: str) -> None:
+async def drain(deps: DrainDeps, job: DrainJob, reason: str) -> None:
     """Cordon, drain, then record the outcome; on cancellation put the node back if we still lead.
 
-    The job stays in flight until its outcome is recorded (a probe's until its pods have landed)."""
-    log = ctl.log.bind(node=job.node)
+    deps.finished is called exactly once, after the node reached its final state (a probe's after its
+    pods have landed)."""
+    log = deps.log.bind(node=job.node)
+    result = DrainOutcome(job.node, "interrupted")
     try:
         try:
-            outcome, detail = await _drain(ctl, job, reason, log)
+            outcome, detail = await _drain(deps, job, reason, log)
         except asyncio.CancelledError:
             # Shutdown while leading: put the node back. Lease lost: another leader owns the cluster now
             # and finds our marker annotation; do nothing more here.
-            leading = ctl.elector.is_leader.is_set()
+            leading = deps.leading()
             log.warning("drain_interrupted", leading=leading)
-            if leading and job.cordoned:
+            if leading and job.cordoned and job.node == deps.settings.own_node:
+                # We run on this node and are being evicted by our own drain: leave it cordoned and
+                # marked; the standby that takes over resumes the drain.
+                log.warning("drain_handed_over")
+                deps.events.record(job.node, "SpotdDrainHandedOver", "spotd controller moving off this node")
+            elif leading and job.cordoned:
                 with contextlib.suppress(Exception):
                     async with asyncio.timeout(3):
-                        await _uncordon(ctl, job.node)
-                ctl.events.record(job.node, "SpotdDrainStopped", "spotd controller shutting down; uncordoned")
+                        await uncordon(deps, job.node)
+                deps.events.record(job.node, "SpotdDrainStopped", "spotd controller shutting down; uncordoned")
             raise
         except Exception as exc:
             outcome, detail = "failed", repr(exc)
             LOOP_ERRORS.labels("controller_drain").inc()
+        result = DrainOutcome(job.node, outcome, detail)
         try:
-            await _finish(ctl, job, outcome, detail, log)
+            result = await _finish(deps, job, result, log)
         except Exception as exc:  # a failed patch after the drain must not stop the leader's other work
             LOOP_ERRORS.labels("controller_drain").inc()
             log.error("drain_finish_failed", outcome=outcome, error=repr(exc))
     finally:
-        ctl.in_flight.pop(job.node, None)
+        deps.finished(job, result)
 
 
-async def _drain(ctl: Controller, job: DrainJob, reason: str, log: Any) -> tuple[str, str]:
-    refused = await _cordon(ctl, job.node)
-    if refused is not None:
-        return "blocked", refused
-    job.cordoned = True
-    log.info("drain_starting", reason=reason, probe=job.probe)
-    ctl.events.record(job.node, "SpotdDrainStarted", f"Draining on-demand node back to Spot: {reason}")
+async def _drain(deps: DrainDeps, job: DrainJob, reason: str, log: Any) -> tuple[str, str]:
+    if job.resumed:
+        job.cordoned = True
+        log.info("drain_resumed", reason=reason)
+        deps.events.record(job.node, "SpotdDrainResumed", f"Resuming a drain a previous leader began: {reason}")
+    else:
+        refused = await _cordon(deps, job.node)
+        if refused is not None:
+            return "blocked", refused
+        job.cordoned = True
+        log.info("drain_starting", reason=reason, probe=job.probe)
+        deps.events.record(job.node, "SpotdDrainStarted", f"Draining on-demand node back to Spot: {reason}")
     options = DrainOptions(
         policy=PodPolicy(
             voluntary=True,
-            evict_unreplicated=ctl.config.evict_unreplicated,
-            evict_local_storage=ctl.config.evict_local_storage,
+            evict_unreplicated=deps.settings.evict_unreplicated,
+            evict_local_storage=deps.settings.evict_local_storage,
+            evict_jobs=deps.settings.evict_jobs,
         ),
         deadline_action="leave",
     )
-    deadline = ctl.clock() + timedelta(seconds=ctl.config.drain_timeout)
-    result = await drain_node(ctl.client, job.node, options, deadline, log=log, limiter=ctl.limiter, stop=job.stop)
+    deadline = deps.clock() + timedelta(seconds=deps.settings.drain_timeout)
+    result = await drain_node(deps.client, job.node, options, deadline, log=log, limiter=deps.limiter, stop=job.stop)
     if result.outcome == "complete":
         return "complete", ""
     if result.outcome == "blocked":
@@ -156,99 +222,137 @@ async def _drain(ctl: Controller, job: DrainJob, reason: str, log: Any) -> tuple
     return "timeout", f"not empty after --drain-timeout: {result.reason or ''}"
 
 
-async def _finish(ctl: Controller, job: DrainJob, outcome: str, detail: str, log: Any) -> None:
+async def _finish(deps: DrainDeps, job: DrainJob, result: DrainOutcome, log: Any) -> DrainOutcome:
     """Alert, Event, the node's annotations; the outcome is counted once the node is in its final state."""
-    node = ctl.inventory.nodes.get(job.node)
-    if outcome in ("timeout", "blocked", "failed"):
-        who = AlertNode(job.node, node.instance_id if node else "", job.pool.zone, job.pool.instance_type)
-        ctl.alerter.fire(on_demand_drain_blocked_alert(who, f"{outcome}: {detail}", str(job.pool)))
-        ctl.blocked_alerts.add(job.node)
+    outcome, detail = result.outcome, result.detail
+    alerted = outcome in ("timeout", "blocked", "failed")
+    if alerted:
+        who = AlertNode(job.node, job.instance_id, job.pool.zone, job.pool.instance_type)
+        deps.alerter.fire(on_demand_drain_blocked_alert(who, f"{outcome}: {detail}", str(job.pool)))
     else:
-        ctl.alerter.resolve(ON_DEMAND_DRAIN_BLOCKED, {"node": job.node})
-        ctl.blocked_alerts.discard(job.node)
+        deps.alerter.resolve(ON_DEMAND_DRAIN_BLOCKED, {"node": job.node})
     try:
         if outcome == "complete":
             log.info("drain_complete", probe=job.probe)
-            ctl.events.record(job.node, "SpotdDrainComplete", "Drained; node left to cluster-autoscaler")
-            drained = {DRAINING_ANNOTATION: None, DRAINED_ANNOTATION: micro_time(ctl.clock())}
-            await _patch_node(ctl, job.node, {"metadata": {"annotations": drained}})
-            if ctl.config.terminate_drained:
-                await _terminate(ctl, job, log)
-        else:
+            deps.events.record(job.node, "SpotdDrainComplete", "Drained; node left to cluster-autoscaler")
+            drained = {
+                DRAINING_ANNOTATION: None,
+                DRAIN_RETRY_ANNOTATION: None,
+                DRAINED_ANNOTATION: micro_time(deps.clock()),
+            }
+            status = await merge_patch_node_retrying(deps.client, job.node, {"metadata": {"annotations": drained}}, log)
+            if not patched(status):  # the controller remembers it and never puts this node back (recover)
+                LOOP_ERRORS.labels("drained_mark").inc()
+                log.error("drained_mark_failed", status=status)
+            if deps.settings.terminate_drained:
+                await _terminate(deps, job, log)
+        elif outcome == "aborted_ice":  # Spot ran out again: nothing wrong with the node, no back-off
             log.warning("drain_stopped", outcome=outcome, detail=detail)
-            ctl.events.record(job.node, "SpotdDrainStopped", f"{outcome}: {detail}"[:1000], type="Warning")
+            deps.events.record(job.node, "SpotdDrainStopped", f"{outcome}: {detail}"[:1000], type="Warning")
             if job.cordoned:
-                await _uncordon(ctl, job.node)
+                await uncordon(deps, job.node)
+        else:
+            mark = retry_mark(job, outcome, deps.clock(), deps.settings)
+            log.warning("drain_stopped", outcome=outcome, detail=detail, retry_after=mark.after.isoformat())
+            message = f"{outcome}: {detail}; not tried again before {mark.after.isoformat()} (attempt {mark.attempts})"
+            deps.events.record(job.node, "SpotdDrainStopped", message[:1000], type="Warning")
+            await _put_back_with_backoff(deps, job, mark, log)
     finally:
         CONTROLLER_DRAINS.labels(outcome).inc()
+    landed: bool | None = None
     if job.probe and outcome not in ("blocked", "failed"):  # those say nothing about capacity
-        await _probe_result(ctl, job, outcome == "complete", log)
-    ctl.wake.set()
+        landed = await _probe_result(deps, job, outcome == "complete", log)
+    return DrainOutcome(job.node, outcome, detail, landed, alerted)
 
 
-async def _terminate(ctl: Controller, job: DrainJob, log: Any) -> None:
-    node = ctl.inventory.nodes.get(job.node)
-    iid = node.instance_id if node else ""
-    if not iid or ctl.asgs is None:
+def retry_mark(job: DrainJob, outcome: str, now: datetime, settings: DrainSettings) -> RetryMark:
+    """The back-off after a drain that ended badly: --retry-backoff, doubling per attempt, capped."""
+    attempts = job.attempts_before + 1
+    wait = min(settings.retry_backoff * 2 ** min(attempts - 1, 32), settings.retry_backoff_cap)
+    return RetryMark(now + timedelta(seconds=wait), attempts, job.started, outcome)
+
+
+async def _put_back_with_backoff(deps: DrainDeps, job: DrainJob, mark: RetryMark, log: Any) -> None:
+    """Uncordon (if we cordoned) and write the back-off in one patch, retried: the back-off must not be lost."""
+    patch: dict[str, Any] = {"metadata": {"annotations": {DRAIN_RETRY_ANNOTATION: mark.to_json()}}}
+    if job.cordoned:
+        patch["metadata"]["annotations"][DRAINING_ANNOTATION] = None
+        patch["spec"] = {"unschedulable": None}
+    status = await merge_patch_node_retrying(deps.client, job.node, patch, log)
+    if patched(status):
+        log.info("node_uncordoned" if job.cordoned else "drain_backoff_recorded", status=status)
+    else:  # still marked as draining: recover() puts it back on a later pass; the back-off is lost
+        LOOP_ERRORS.labels("uncordon").inc()
+        log.error("node_uncordon_failed", status=status)
+
+
+async def _terminate(deps: DrainDeps, job: DrainJob, log: Any) -> None:
+    if not job.instance_id or deps.terminate is None:
         log.warning("terminate_skipped", reason="no instance id or no ASG reader")
         return
     try:
-        activity = await ctl.asgs.terminate_instance(iid, decrement_desired=True)
-        log.info("node_terminated", instance_id=iid, activity=activity)
-        ctl.events.record(job.node, "SpotdNodeTerminated", f"Terminated {iid} through its ASG")
+        activity = await deps.terminate(job.instance_id)
+        log.info("node_terminated", instance_id=job.instance_id, activity=activity)
+        deps.events.record(job.node, "SpotdNodeTerminated", f"Terminated {job.instance_id} through its ASG")
     except Exception as exc:
         LOOP_ERRORS.labels("controller_terminate").inc()
-        log.warning("terminate_failed", instance_id=iid, error=repr(exc))
+        log.warning("terminate_failed", instance_id=job.instance_id, error=repr(exc))
 
 
-async def _probe_result(ctl: Controller, job: DrainJob, drained: bool, log: Any) -> None:
-    """Where did the probed node's pods land? On Spot: the pool is back; else back off."""
+async def _probe_result(deps: DrainDeps, job: DrainJob, drained: bool, log: Any) -> bool:
+    """Where did the probed node's pods land? True: on Spot (the pool is back)."""
     landed_on_spot = False
+    settle = deps.settings.probe_settle
     if drained and job.owners:
-        end = time.monotonic() + ctl.config.probe_settle
+        end = time.monotonic() + settle
         while True:
-            placed = _replacements(ctl, job)
+            placed = deps.placements(job)
             if placed and (len(placed) >= len(job.pods_before) or time.monotonic() >= end):
                 landed_on_spot = any(ctype == SPOT for ctype in placed)
                 break
             if time.monotonic() >= end:
                 break
-            await asyncio.sleep(min(5.0, max(0.5, ctl.config.probe_settle / 20)))
-    now = ctl.clock()
-    pools = [p for p in ctl.book.pools() if p.contains(job.pool)] or [job.pool]
-    for pool in pools:
-        ctl.book = ctl.book.record_probe_result(pool, now, landed_on_spot)
+            await asyncio.sleep(min(5.0, max(0.5, settle / 20)))
     log.info("probe_result", pool=str(job.pool), landed_on_spot=landed_on_spot)
+    return landed_on_spot
 
 
-def _replacements(ctl: Controller, job: DrainJob) -> list[str]:
-    """Capacity types of the nodes where new pods of the drained pods' owners run."""
-    types = {n.name: n.capacity_type or "unknown" for n in ctl.resolved_nodes()}
-    out = []
-    for key, pod in ctl.inventory.pods.items():
-        if key in job.pods_before or not pod.node or pod.node == job.node:
+async def recover(
+    deps: DrainDeps,
+    marked: Mapping[str, str],
+    in_flight: Collection[str],
+    stale_after: float | None = None,
+    drained: Callable[[str], bool] = lambda _name: False,
+    resume: Callable[[str, str], bool] = lambda _name, _since: False,
+) -> None:
+    """Nodes marked as draining (marked: node -> our draining_since) with no drain of ours in flight (a
+    previous leader stopped, or putting one back failed): uncordon them; the policy decides anew. When
+    leading starts every such node; on each pass (stale_after set) only marks older than that, so a drain
+    that just ended is not raced. drained(node): the drain completed (we saw it, or no evictable pod is
+    left): never put back; its drained mark is written again instead. resume(node, since): the caller
+    takes the drain over (a fresh mark at the start of a term): left as it is."""
+    now = deps.clock()
+    for name, since in list(marked.items()):
+        if not since or name in in_flight:
             continue
-        if (pod.namespace, pod.owner_kind, pod.owner_name) in job.owners:
-            out.append(types.get(pod.node, "unknown"))
-    return out
-
-
-async def recover(ctl: Controller, stale_after: float | None = None) -> None:
-    """Nodes marked as draining with no drain of ours in flight (a previous leader stopped, or putting one
-    back failed): uncordon them; the policy decides anew. When leading starts every such node; on each pass
-    (stale_after set) only marks older than that, so a drain that just ended is not raced."""
-    now = ctl.clock()
-    for name, extra in list(ctl.inventory.node_extra.items()):
-        if not extra.draining_since or name in ctl.in_flight:
+        if drained(name):
+            marks = {DRAINING_ANNOTATION: None, DRAIN_RETRY_ANNOTATION: None, DRAINED_ANNOTATION: micro_time(now)}
+            if not deps.settings.dry_run:
+                status = await merge_patch_node_retrying(
+                    deps.client, name, {"metadata": {"annotations": marks}}, deps.log, tries=2
+                )
+                deps.log.info("drained_mark_written", node=name, status=status)
+            continue
+        if stale_after is None and resume(name, since):
             continue
         if stale_after is not None:
             try:
-                age = (now - parse_iso_time(extra.draining_since)).total_seconds()
+                age = (now - parse_iso_time(since)).total_seconds()
             except ValueError:
                 age = float("inf")  # a mark we cannot read is no drain of ours
             if age < stale_after:
                 continue
-        ctl.log.warning("drain_abandoned", node=name, since=extra.draining_since, dry_run=ctl.config.dry_run)
-        if not ctl.config.dry_run:
-            await _uncordon(ctl, name)
-            ctl.events.record(name, "SpotdDrainStopped", "a drain of ours was interrupted; node put back")
+        deps.log.warning("drain_abandoned", node=name, since=since, dry_run=deps.settings.dry_run)
+        if not deps.settings.dry_run:
+            await uncordon(deps, name)
+            deps.events.record(name, "SpotdDrainStopped", "a drain of ours was interrupted; node put back")

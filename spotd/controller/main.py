@@ -1,10 +1,10 @@
 """spotd controller: moves on-demand fallback nodes back to Spot once Spot capacity is back. The main loop.
 
 One TaskGroup: health server, lease, inventory (always, so a standby is warm), and while leading the
-capacity readers (SQS, ASG activities) and the decision loop. The rules live in spotd.ondemand (which
-node) and spotd.capacity.pools (is Spot back); flags and config in spotd.controller_config; executing a
-drain in spotd.controller_drains (the drain engine itself is spotd.kube.drain); metrics and alerts of a
-pass in spotd.controller_report.
+capacity readers (SQS, ASG activities) and the decision loop. The rules live in controller.policy (which
+node) and capacity.pools (is Spot back); flags and config in controller.config; executing a drain in
+controller.drains (handed a DrainDeps; the drain engine itself is spotd.drain); metrics and alerts of a
+pass in controller.publish (which returns what fires, the state stays here).
 """
 
 from __future__ import annotations
@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import signal
+import sys
 import time
 from collections import deque
 from collections.abc import Callable
@@ -20,24 +22,36 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import msgspec
+
 from spotd.alerts.flags import AlertConfig
-from spotd.alerts.model import ON_DEMAND_FALLBACK_ACTIVE, SPOT_CAPACITY_UNAVAILABLE
 from spotd.alerts.sender import Alerter
 from spotd.capacity.metrics import count_signals
-from spotd.capacity.pools import PoolBook
+from spotd.capacity.pools import PoolBook, spot_where_known
 from spotd.capacity.signals import ANY, CapacitySignal, CapacityType, Pool, SignalKind
 from spotd.common import log as spotd_log
 from spotd.common.metrics import LOOP_ERRORS, REGISTRY
+from spotd.common.parsing import parse_iso_time
 from spotd.controller.config import ControllerConfig, add_arguments, config_from_args
-from spotd.controller.drains import DrainJob, drain, pool_of, recover
-from spotd.controller.metrics import DECISION_PASS_SECONDS, LEADER
-from spotd.controller.policy import SpotAnswer, Verdict, choose_drains
-from spotd.controller.publish import export_metrics, update_alerts
+from spotd.controller.drains import DrainDeps, DrainJob, DrainOutcome, DrainSettings, drain, pool_of, recover
+from spotd.controller.metrics import (
+    DECISION_PASS_SECONDS,
+    DRAINS_HELD,
+    FALLBACK_NODES,
+    LEADER,
+    OUT_OF_SERVICE_TAINTS,
+    SCOPE_CONFIGURED,
+    SOURCE_LAST_READ,
+    SOURCE_READY,
+)
+from spotd.controller.policy import SpotAnswer, Verdict, choose_drains, out_of_scope, out_of_service_due
+from spotd.controller.publish import NO_POOL_ALERTS, Firing, export_metrics, resolve_gone_nodes, update_pool_alerts
 from spotd.inventory.cache import Inventory, LazyNodePods
-from spotd.inventory.records import NodeInfo
-from spotd.kube.events import EventRecorder
-from spotd.kube.keys import ON_DEMAND, SPOT
+from spotd.inventory.records import NodeInfo, RawNode, node_info
+from spotd.kube.events import EventRecorder, node_event_times
+from spotd.kube.keys import ON_DEMAND, OUT_OF_SERVICE_TAINT_KEY, OUT_OF_SERVICE_TAINT_VALUE, SPOT
 from spotd.kube.lease import LeaderElector
+from spotd.kube.nodes import add_node_taint
 from spotd.kube.ratelimit import RateLimiter
 
 __all__ = ["Controller", "ControllerConfig", "add_arguments", "config_from_args", "run"]
@@ -46,6 +60,20 @@ _log = spotd_log.get("spotd.controller")
 
 COMPONENT = "spotd-controller"
 UNKNOWN_LIFECYCLE_RETRY = 300.0  # seconds before asking EC2 again about an instance it did not return
+
+
+def distinct_drains(starts: list[tuple[str, datetime]], since: datetime) -> list[datetime]:
+    """The distinct drain starts after since: (node, time) pairs of one node within a minute are one drain."""
+    out: list[datetime] = []
+    last: dict[str, datetime] = {}
+    for name, at in sorted(starts, key=lambda x: (x[0], x[1])):
+        if at <= since:
+            continue
+        if name in last and name != "?" and (at - last[name]).total_seconds() <= 60:
+            continue
+        last[name] = at
+        out.append(at)
+    return sorted(out)
 
 
 class Controller:
@@ -64,10 +92,10 @@ class Controller:
     ) -> None:
         self.config = config
         self.alerter = alerter or Alerter(AlertConfig())
-        # Firing alerts, for spotd.controller_report to resolve once a pass no longer fires them: pools by
-        # alertname, and the nodes whose drain was blocked (fired by spotd.controller_drains).
-        self.alerted: dict[str, set[str]] = {SPOT_CAPACITY_UNAVAILABLE: set(), ON_DEMAND_FALLBACK_ACTIVE: set()}
-        self.blocked_alerts: set[str] = set()
+        # Firing alerts, resolved once a pass no longer fires them: pools by alertname (what publish returned),
+        # and the nodes whose drain was blocked (reported by the drains).
+        self.alerted: Firing = dict(NO_POOL_ALERTS)
+        self.blocked_alerts: frozenset[str] = frozenset()
         self.client = client
         self.sqs, self.asgs, self.lookup = sqs, asgs, lookup
         self.clock = clock
@@ -89,11 +117,39 @@ class Controller:
         self.unknown_at: dict[str, float] = {}  # instance id -> when EC2 did not know it (monotonic)
         self.launch_seen: set[str] = set()  # Spot nodes already turned into a LAUNCHED signal
         self.in_flight: dict[str, DrainJob] = {}
-        self.history: deque[datetime] = deque()
+        self.history: deque[tuple[str, datetime]] = deque()  # drains started: ours, and read from Events
         self.reasons: dict[str, str] = {}  # last reason logged per node, so a steady state logs once
+        self.completed: set[str] = set()  # nodes whose drain completed: never put back (see recover)
+        self.out_of_service: set[str] = set()  # nodes we gave the out-of-service taint (once each)
+        self.term_started = 0.0  # wall time this term began (for spotd_source_last_read_timestamp_seconds)
         self.ready = False
         self.last_pass = time.monotonic()
         self._group: asyncio.TaskGroup | None = None
+        self.drain_deps = DrainDeps(
+            client=client,
+            events=self.events,
+            alerter=self.alerter,
+            limiter=self.limiter,
+            clock=clock,
+            log=self.log,
+            settings=DrainSettings(
+                drain_timeout=config.drain_timeout,
+                evict_unreplicated=config.evict_unreplicated,
+                evict_local_storage=config.evict_local_storage,
+                terminate_drained=config.terminate_drained,
+                probe_settle=config.probe_settle,
+                dry_run=config.dry_run,
+                evict_jobs=config.evict_jobs,
+                retry_backoff=config.retry_backoff,
+                retry_backoff_cap=config.retry_backoff_cap,
+                own_node=config.node_name,
+            ),
+            leading=self.elector.is_leader.is_set,
+            placements=self.replacements,
+            finished=self.drain_finished,
+            terminate=self._terminate if asgs is not None else None,
+            scope_check=self._scope_of_raw,
+        )
 
     # --- signals --------------------------------------------------------------------------------------
 
@@ -192,7 +248,7 @@ class Controller:
         def answer(node: NodeInfo) -> SpotAnswer:
             pool = pool_of(node)
             if pool not in cache:
-                verdict = self.book.spot_available(pool, now, cooldown)
+                verdict = spot_where_known(self.book, pool, now, cooldown, self.asgs.asgs.values() if self.asgs else ())
                 due = (
                     not verdict.available
                     and quiet.total_seconds() > 0
@@ -212,20 +268,39 @@ class Controller:
         if launched:
             count_signals(launched)
             self.book = self.book.record_all(launched)
-        while self.history and self.history[0] < now - timedelta(hours=1):
+        while self.history and self.history[0][1] < now - timedelta(hours=1):
             self.history.popleft()
+        fallback = self.asgs.fallback_instances if self.asgs is not None else frozenset()
         verdicts = choose_drains(
             nodes,
             LazyNodePods(self.inventory),
-            self.inventory.pending_unschedulable,
+            self.inventory.pending_pods,
             self.spot_answer(now),
             now,
             self.config.policy,
             self.in_flight.keys(),
-            self.history,
+            self.drain_history(nodes, now),
+            fallback,
         )
-        export_metrics(self, nodes, now)
-        update_alerts(self, nodes, now)
+        scope = self.config.scope
+        SCOPE_CONFIGURED.set(1 if scope.configured else 0)
+        FALLBACK_NODES.set(len(verdicts))
+        DRAINS_HELD.labels("pending_pods").set(1 if any(v.hold == "pending_pods" for v in verdicts) else 0)
+        self.export_sources()
+        cooldown = timedelta(seconds=self.config.ice_cooldown)
+        export_metrics(nodes, self.book, now, self.config.min_on_demand_age, cooldown)
+        in_scope = {v.node for v in verdicts}
+        self.alerted = update_pool_alerts(
+            self.alerter,
+            self.alerted,
+            self.book,
+            [n for n in nodes if n.name in in_scope],
+            self.spot_answer(now),
+            now,
+            cooldown,
+            self.config.min_on_demand_age,
+        )
+        self.blocked_alerts = resolve_gone_nodes(self.alerter, self.blocked_alerts, self.inventory.nodes.keys())
         elapsed = time.perf_counter() - started
         DECISION_PASS_SECONDS.observe(elapsed)
         drains = sum(1 for v in verdicts if v.drain)
@@ -258,13 +333,173 @@ class Controller:
             node = self.inventory.nodes.get(v.node)
             if node is None or self._group is None:
                 continue
-            self.history.append(now)
-            job = DrainJob(v.node, pool_of(node), now, v.probe)
+            self.history.append((v.node, now))
+            self.completed.discard(v.node)  # a new drain: what we knew of an earlier one no longer holds
+            job = DrainJob(
+                v.node, pool_of(node), now, v.probe, instance_id=node.instance_id, attempts_before=node.drain_attempts
+            )
             pods = self.inventory.pods_of(v.node)
             job.owners = frozenset((p.namespace, p.owner_kind, p.owner_name) for p in pods if p.owner_kind)
             job.pods_before = frozenset((p.namespace, p.name) for p in pods)
             self.in_flight[v.node] = job
-            self._group.create_task(drain(self, job, v.reason))
+            self._group.create_task(drain(self.drain_deps, job, v.reason))
+
+    # --- what the drains report back ------------------------------------------------------------------
+
+    def drain_finished(self, job: DrainJob, outcome: DrainOutcome) -> None:
+        """A drain ended (or was interrupted): out of flight, its alert remembered, a probe's answer booked."""
+        self.in_flight.pop(job.node, None)
+        if outcome.outcome == "complete":
+            self.completed.add(job.node)
+        if outcome.alerted:
+            self.blocked_alerts |= {job.node}
+        elif outcome.outcome != "interrupted":
+            self.blocked_alerts -= {job.node}
+        if outcome.landed_on_spot is not None:
+            now = self.clock()
+            for pool in [p for p in self.book.pools() if p.contains(job.pool)] or [job.pool]:
+                self.book = self.book.record_probe_result(pool, now, outcome.landed_on_spot)
+        self.wake.set()
+
+    def replacements(self, job: DrainJob) -> list[str]:
+        """Capacity types of the nodes where new pods of the drained pods' owners run."""
+        types = {n.name: n.capacity_type or "unknown" for n in self.resolved_nodes()}
+        out = []
+        for key, pod in self.inventory.pods.items():
+            if key in job.pods_before or not pod.node or pod.node == job.node:
+                continue
+            if (pod.namespace, pod.owner_kind, pod.owner_name) in job.owners:
+                out.append(types.get(pod.node, "unknown"))
+        return out
+
+    async def _terminate(self, instance_id: str) -> str:
+        assert self.asgs is not None
+        return str(await self.asgs.terminate_instance(instance_id, decrement_desired=True))
+
+    def _scope_of_raw(self, body: dict[str, Any]) -> str | None:
+        """Why a node as just read from the API is out of the fallback scope, or None."""
+        try:
+            node = node_info(msgspec.convert(body, RawNode), self.config.capacity_type_label)
+        except msgspec.ValidationError as exc:
+            return f"node unreadable ({exc})"
+        fallback = self.asgs.fallback_instances if self.asgs is not None else frozenset()
+        return out_of_scope(node, self.config.scope, fallback)
+
+    def _marked(self) -> dict[str, str]:
+        return {name: extra.draining_since for name, extra in self.inventory.node_extra.items()}
+
+    def resume_drain(self, name: str, since: str) -> bool:
+        """At the start of a term: take over a drain a previous leader began (it may have run on that node
+        and been evicted by its own drain), when its mark is younger than --drain-timeout and the node is
+        still a candidate (in scope, Spot available). False: recover() puts it back."""
+        node = self.inventory.nodes.get(name)
+        if node is None or self._group is None or self.config.dry_run:
+            return False
+        now = self.clock()
+        try:
+            age = (now - parse_iso_time(since)).total_seconds()
+        except ValueError:
+            return False
+        fallback = self.asgs.fallback_instances if self.asgs is not None else frozenset()
+        if age >= self.config.drain_timeout or out_of_scope(node, self.config.scope, fallback) is not None:
+            return False
+        answer = self.spot_answer(now)(node)
+        if not answer.available:
+            return False
+        self.history.append((name, now))
+        self.completed.discard(name)
+        job = DrainJob(
+            name, pool_of(node), now, False, instance_id=node.instance_id, attempts_before=node.drain_attempts
+        )
+        job.resumed = True
+        job.pods_before = frozenset((p.namespace, p.name) for p in self.inventory.pods_of(name))
+        self.in_flight[name] = job
+        self._group.create_task(drain(self.drain_deps, job, f"resumed; Spot available: {answer.reason}"))
+        return True
+
+    def _drained(self, name: str) -> bool:
+        """The node's drain completed: we saw it, or nothing evictable is left on it."""
+        return name in self.completed or (self.inventory.synced and self.inventory.node_pods(name).evictable == 0)
+
+    def drain_history(self, nodes: list[NodeInfo], now: datetime) -> list[datetime]:
+        """Starts of the last hour's drains, for --max-drains-per-hour, from what the API records: our marks
+        on the nodes (draining, drained, the back-off's start) and our SpotdDrainStarted Events (read at
+        the start of the term: a node deleted since takes its marks along), with the drains this process
+        started. The same drain seen twice (within a minute on one node) counts once."""
+        since = now - timedelta(hours=1)
+        starts: list[tuple[str, datetime]] = list(self.history)
+        for node in nodes:
+            at = node.drain_started or node.drained_at
+            if at is not None:
+                starts.append((node.name, at))
+        return distinct_drains(starts, since)
+
+    async def read_drain_events(self) -> None:
+        """At the start of a term: the drains previous leaders started in the last hour, from their Events."""
+        try:
+            found = await node_event_times(self.client, "SpotdDrainStarted", COMPONENT)
+        except Exception as exc:  # fail closed: without them, a hand-over could exceed the hourly budget
+            LOOP_ERRORS.labels("drain_events").inc()
+            self.log.warning("drain_events_unread", error=repr(exc))
+            found = [("?", self.clock())] * self.config.max_drains_per_hour
+        since = self.clock() - timedelta(hours=1)
+        self.history.extend(sorted(((n, t) for n, t in found if t > since), key=lambda x: x[1]))
+
+    async def apply_out_of_service(self, now: datetime) -> None:
+        """node.kubernetes.io/out-of-service=nodeshutdown:NoExecute on every node whose interruption
+        deadline passed and that went NotReady: the control plane then force-deletes its pods and detaches
+        their volumes at once. Once per node; any node, in scope or not."""
+        self.out_of_service &= self.inventory.node_extra.keys()  # a node gone: its name may come back
+        self.completed &= self.inventory.node_extra.keys()
+        for name, extra in list(self.inventory.node_extra.items()):
+            node = self.inventory.nodes.get(name)
+            if node is None or name in self.out_of_service:
+                continue
+            reason = out_of_service_due(node, extra, now)
+            if reason is None:
+                continue
+            self.out_of_service.add(name)
+            if self.config.dry_run:
+                self.log.info("would_taint_out_of_service", node=name, reason=reason)
+                continue
+            taint = {"key": OUT_OF_SERVICE_TAINT_KEY, "value": OUT_OF_SERVICE_TAINT_VALUE, "effect": "NoExecute"}
+            try:
+                status, added = await add_node_taint(self.client, name, taint)
+            except Exception as exc:  # the next pass tries again
+                status, added = 0, False
+                self.log.warning("out_of_service_failed", node=name, error=repr(exc))
+            if added:
+                OUT_OF_SERVICE_TAINTS.labels("applied").inc()
+                self.log.warning("node_out_of_service", node=name, reason=reason)
+                self.events.record(name, "SpotdOutOfService", f"{OUT_OF_SERVICE_TAINT_KEY} applied: {reason}")
+            elif not 200 <= status < 300:
+                OUT_OF_SERVICE_TAINTS.labels("failed").inc()
+                self.out_of_service.discard(name)  # tried again next pass
+                self.log.warning("out_of_service_failed", node=name, status=status)
+
+    def export_sources(self) -> None:
+        """spotd_source_ready and _last_read_timestamp_seconds of this term (the leader's only)."""
+        states = {"inventory": (self.inventory.synced, self.inventory.last_contact)}
+        if self.sqs is not None:
+            states["sqs"] = (self.sqs.healthy, self.sqs.last_success)
+        if self.asgs is not None:
+            states["activities"] = (self.asgs.healthy, self.asgs.last_success)
+        for source, (ok, last) in states.items():
+            SOURCE_READY.labels(source).set(1 if ok else 0)
+            SOURCE_LAST_READ.labels(source).set(max(last, self.term_started))
+
+    def start_term(self) -> None:
+        """A new term starts from a fresh read of every source: the pool book of a previous term missed
+        what another leader consumed from SQS meanwhile."""
+        self.book = PoolBook()
+        self.launch_seen = set()
+        self.alerted = dict(NO_POOL_ALERTS)
+        self.term_started = time.time()
+        if self.sqs is not None:
+            self.sqs.reset()
+        if self.asgs is not None:
+            self.asgs.reset()
+        self.export_sources()
 
     # --- the loops ------------------------------------------------------------------------------------
 
@@ -284,17 +519,30 @@ class Controller:
                     inventory=self.inventory.synced,
                 )
         await self.resolve_lifecycles()
+        await self.read_drain_events()
+        launched = self.launch_signals(self.resolved_nodes())  # the Spot nodes, before recover() decides
+        count_signals(launched)
+        self.book = self.book.record_all(launched)
         self.ready = True
         self.log.info("sources_ready", nodes=len(self.inventory.nodes), pods=len(self.inventory.pods))
-        await recover(self)
+        await recover(
+            self.drain_deps, self._marked(), self.in_flight.keys(), drained=self._drained, resume=self.resume_drain
+        )
         while True:
             self.wake.clear()
             self.last_pass = time.monotonic()
             if self.inventory.synced:
                 try:
                     await self.resolve_lifecycles()
-                    await recover(self, stale_after=self.config.drain_timeout + 60)
+                    await recover(
+                        self.drain_deps,
+                        self._marked(),
+                        self.in_flight.keys(),
+                        self.config.drain_timeout + 60,
+                        drained=self._drained,
+                    )
                     now = self.clock()
+                    await self.apply_out_of_service(now)
                     self.act(self.decision_pass(now), now)
                 except Exception as exc:
                     LOOP_ERRORS.labels("decisions").inc()
@@ -306,6 +554,7 @@ class Controller:
     async def lead(self) -> None:
         """Everything only the leader does; cancelled the moment the lease is lost."""
         self.log.info("leading")
+        self.start_term()
         try:
             async with asyncio.TaskGroup() as group:
                 self._group = group
@@ -317,6 +566,8 @@ class Controller:
         finally:
             self._group = None
             self.ready = False
+            SOURCE_READY.clear()
+            SOURCE_LAST_READ.clear()
 
     async def leadership(self) -> None:
         """Run `lead` while the lease is held; cancel it the moment the lease is lost (or we are cancelled)."""
@@ -345,6 +596,29 @@ class Controller:
     def readiness(self) -> bool:
         return self.inventory.synced and self.elector.healthy
 
+    def announce_scope(self) -> None:
+        """At start: what may be drained. Without a declared scope nothing is: said in the log, a metric,
+        /readyz and an Event on the controller's pod."""
+        scope = self.config.scope
+        SCOPE_CONFIGURED.set(1 if scope.configured else 0)
+        if scope.configured:
+            self.log.info("fallback_scope", selector=scope.selector_text, asg_tag=scope.asg_tag)
+            return
+        message = self.readiness_detail()
+        self.log.warning("no_fallback_scope", message=message)
+        self.events.record_object(
+            "Pod", self.config.identity, self.config.lease_namespace, "SpotdNoFallbackScope", message, type="Warning"
+        )
+
+    def readiness_detail(self) -> str:
+        """What /readyz says besides ready / not ready."""
+        scope = self.config.scope
+        if not scope.configured:
+            return "no fallback capacity declared (--fallback-selector / --fallback-asg-tag): nothing is drained"
+        parts = [f"--fallback-selector {scope.selector_text}"] if scope.selector else []
+        parts += [f"--fallback-asg-tag {scope.asg_tag}"] if scope.asg_tag else []
+        return "fallback scope: " + ", ".join(parts)
+
 
 class _Stop(Exception):
     """SIGTERM/SIGINT: leave the TaskGroup."""
@@ -355,20 +629,42 @@ async def run(config: ControllerConfig | argparse.Namespace) -> int:
     if isinstance(config, argparse.Namespace):
         config = config_from_args(config)
     spotd_log.configure(config.log_level)
-    from spotd.capacity.sources.asg import AsgSource
-    from spotd.capacity.sources.aws import InstanceLookup
+    from spotd.capacity.sources.asg import AsgSource, tag_filters
+    from spotd.capacity.sources.aws import AwsStartupError, InstanceLookup, check_aws_access
     from spotd.capacity.sources.sqs import SqsSource
     from spotd.common.health import HealthServer
     from spotd.kube.client import make_client
 
+    if os.environ.get("AWS_REGION") and not os.environ.get("AWS_DEFAULT_REGION"):
+        os.environ["AWS_DEFAULT_REGION"] = os.environ["AWS_REGION"]  # boto3 reads only AWS_DEFAULT_REGION
+    try:  # like an unusable kubeconfig: one line, non-zero exit, before anything runs
+        caller = await asyncio.to_thread(check_aws_access, config.sqs_queue_url, tag_filters(config.asg_tags))
+    except AwsStartupError as exc:
+        print(f"spotd controller: error: {exc}", file=sys.stderr)
+        return 2
     client = make_client(config.kubeconfig)
     lookup = InstanceLookup()
     sqs = SqsSource(config.sqs_queue_url, lookup=lookup, wait_seconds=config.sqs_wait) if config.sqs_queue_url else None
-    asgs = AsgSource(tag_filters=config.asg_tags, history=timedelta(seconds=config.activities_history), lookup=lookup)
+    asgs = AsgSource(
+        tag_filters=config.asg_tags,
+        history=timedelta(seconds=config.activities_history),
+        lookup=lookup,
+        fallback_tag=config.fallback_asg_tag,
+    )
     alerter = Alerter(config.alerts, log=_log)
     controller = Controller(config, client, sqs=sqs, asgs=asgs, lookup=lookup, alerter=alerter)
-    controller.log.info("controller_starting", **{k: str(v) for k, v in config.summary().items() if k != "alerts"})
-    server = HealthServer(config.listen[0], config.listen[1], REGISTRY, controller.alive, controller.readiness)
+    controller.log.info(
+        "controller_starting", aws_identity=caller, **{k: str(v) for k, v in config.summary().items() if k != "alerts"}
+    )
+    controller.announce_scope()
+    server = HealthServer(
+        config.listen[0],
+        config.listen[1],
+        REGISTRY,
+        controller.alive,
+        controller.readiness,
+        detail=controller.readiness_detail,
+    )
     await server.start()
     controller.log.info("listening", port=server.port)
     stop = asyncio.Event()

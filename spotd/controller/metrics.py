@@ -46,3 +46,41 @@ for _outcome in DRAIN_OUTCOMES:
     CONTROLLER_DRAINS.labels(_outcome)
 for _ctype in ("spot", "on-demand", "unknown"):
     NODES.labels(_ctype)
+
+SCOPE_CONFIGURED = Gauge(
+    "spotd_controller_scope_configured",
+    "1 when fallback capacity is declared (--fallback-selector / --fallback-asg-tag); 0: nothing is drained.",
+    registry=REGISTRY,
+)
+FALLBACK_NODES = Gauge(
+    "spotd_fallback_nodes",
+    "On-demand nodes in the declared fallback scope (the only ones ever drained).",
+    registry=REGISTRY,
+)
+DRAINS_HELD = Gauge(
+    "spotd_controller_drains_held",
+    "1 while a drainable fallback node is held, by reason (pending_pods: Pending pods it would compete with).",
+    ["reason"],
+    registry=REGISTRY,
+)
+SOURCE_READY = Gauge(
+    "spotd_source_ready",
+    "On the leader: 1 when the source's last read succeeded (sqs, activities, inventory).",
+    ["source"],
+    registry=REGISTRY,
+)
+SOURCE_LAST_READ = Gauge(
+    "spotd_source_last_read_timestamp_seconds",
+    "On the leader: when the source was last read successfully (the start of the term before the first read).",
+    ["source"],
+    registry=REGISTRY,
+)
+OUT_OF_SERVICE_TAINTS = Counter(
+    "spotd_out_of_service_taints",
+    "Nodes past their interruption deadline and NotReady given node.kubernetes.io/out-of-service, by outcome.",
+    ["outcome"],
+    registry=REGISTRY,
+)
+DRAINS_HELD.labels("pending_pods")
+for _outcome in ("applied", "failed"):
+    OUT_OF_SERVICE_TAINTS.labels(_outcome)

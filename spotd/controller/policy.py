@@ -6,14 +6,111 @@ executes them, and the reason is what the Event, the log line and --dry-run prin
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Protocol
 
-from spotd.common.parsing import format_duration
-from spotd.inventory.records import NodeInfo, NodePods
-from spotd.kube.keys import DRAIN_ANNOTATION, ON_DEMAND, SAFE_TO_EVICT_ANNOTATION
+from spotd.common.parsing import format_duration, format_time
+from spotd.inventory.records import NodeExtra, NodeInfo, NodePods, PendingPod, Requirement, matches_all
+from spotd.kube.keys import (
+    DO_NOT_DISRUPT_ANNOTATION,
+    DRAIN_ANNOTATION,
+    KARPENTER_NODE_LABELS,
+    ON_DEMAND,
+    SAFE_TO_EVICT_ANNOTATION,
+)
+
+# --- the fallback scope: which nodes the controller may ever drain ----------------------------------------
+
+
+_LABEL_KEY = re.compile(r"([A-Za-z0-9][-A-Za-z0-9_.]*/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")
+_LABEL_VALUE = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?")
+
+
+def parse_label_selector(text: str) -> tuple[Requirement, ...]:
+    """'node-pool=fallback,!gpu,tier in (a,b)' -> requirements (ANDed). Forms: k=v, k==v, k!=v, k, !k,
+    k in (v1,v2), k notin (v1,v2). ValueError on anything else."""
+    out: list[Requirement] = []
+    parts: list[str] = []
+    depth = 0
+    current = ""
+    for ch in text:
+        depth += ch == "("
+        depth -= ch == ")"
+        if ch == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += ch
+    parts.append(current)
+    for raw in (p.strip() for p in parts):
+        if not raw:
+            continue
+        words = raw.split(None, 1)
+        if len(words) == 2 and words[1].split("(", 1)[0].strip() in ("in", "notin") and raw.endswith(")"):
+            op = words[1].split("(", 1)[0].strip()
+            values = tuple(v.strip() for v in words[1].split("(", 1)[1][:-1].split(",") if v.strip())
+            if not values:
+                raise ValueError(f"{raw!r} has no values")
+            out.append(Requirement(words[0], "In" if op == "in" else "NotIn", values))
+        elif "!=" in raw:
+            key, value = (x.strip() for x in raw.split("!=", 1))
+            out.append(Requirement(key, "NotIn", (value,)))
+        elif "=" in raw:
+            key, value = (x.strip() for x in raw.replace("==", "=").split("=", 1))
+            out.append(Requirement(key, "In", (value,)))
+        elif raw.startswith("!"):
+            out.append(Requirement(raw[1:].strip(), "DoesNotExist"))
+        else:
+            out.append(Requirement(raw, "Exists"))
+        last = out[-1]
+        if not _LABEL_KEY.fullmatch(last.key) or not all(_LABEL_VALUE.fullmatch(v) for v in last.values):
+            raise ValueError(f"{raw!r} is not a label requirement")
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class FallbackScope:
+    """The declared fallback capacity. Unconfigured (neither selector nor ASG tag): nothing is in scope."""
+
+    selector: tuple[Requirement, ...] = ()
+    selector_text: str = ""
+    asg_tag: str = ""  # KEY[=VALUE] of --fallback-asg-tag, for the reasons
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.selector or self.asg_tag)
+
+    @property
+    def selects_karpenter(self) -> bool:
+        """Karpenter's nodes are in scope only when the selector names one of its labels explicitly."""
+        return any(r.key.startswith("karpenter.sh/") for r in self.selector)
+
+
+def out_of_scope(node: NodeInfo, scope: FallbackScope, fallback_instances: Collection[str] = ()) -> str | None:
+    """Why this node is not declared fallback capacity (never drained), or None when it is.
+
+    fallback_instances: the instance ids of the ASGs carrying --fallback-asg-tag (as last read)."""
+    if not scope.configured:
+        return "no fallback capacity declared (--fallback-selector / --fallback-asg-tag): nothing is drained"
+    labels = dict(node.labels)
+    if any(k in labels for k in KARPENTER_NODE_LABELS) and not scope.selects_karpenter:
+        return "managed by Karpenter (it consolidates its own nodes; select a karpenter.sh/ label to include)"
+    if scope.selector and matches_all(scope.selector, labels):
+        return None
+    if scope.asg_tag and node.instance_id and node.instance_id in fallback_instances:
+        return None
+    named = " or ".join(
+        x
+        for x in (
+            f"--fallback-selector {scope.selector_text}" if scope.selector else "",
+            f"an ASG tagged {scope.asg_tag}" if scope.asg_tag else "",
+        )
+        if x
+    )
+    return f"not fallback capacity (not matched by {named})"
 
 
 class SpotVerdict(Protocol):
@@ -42,6 +139,8 @@ class OnDemandPolicy:
     max_drains_per_hour: int = 6
     evict_unreplicated: bool = False
     evict_local_storage: bool = False
+    evict_jobs: bool = False
+    scope: FallbackScope = field(default_factory=FallbackScope)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +152,7 @@ class Verdict:
     reason: str
     age: float = 0.0
     probe: bool = False
+    hold: str = ""  # what held a drainable node: "pending_pods" (exported as a metric)
 
 
 def age_text(seconds: float) -> str:
@@ -74,6 +174,13 @@ def node_blocker(node: NodeInfo, policy: OnDemandPolicy, now: datetime) -> str |
         )
     if node.drain_annotation.strip().lower() == "false":
         return f"annotated {DRAIN_ANNOTATION}=false"
+    if node.do_not_disrupt:
+        return f"annotated {DO_NOT_DISRUPT_ANNOTATION}=true"
+    if node.retry_after is not None and now < node.retry_after:
+        return (
+            f"last drain ended in {node.retry_outcome or 'failure'} (attempt {node.drain_attempts}); "
+            f"not retried before {format_time(node.retry_after)}"
+        )
     if node.unschedulable:
         return "cordoned (unschedulable)"
     if not node.ready:
@@ -85,6 +192,10 @@ def pods_blocker(pods: NodePods, policy: OnDemandPolicy) -> str | None:
     """Why this node's pods forbid a voluntary drain, or None."""
     if pods.not_safe_to_evict:
         return f"pod {pods.not_safe_to_evict[0]} is annotated {SAFE_TO_EVICT_ANNOTATION}=false"
+    if pods.do_not_disrupt:
+        return f"pod {pods.do_not_disrupt[0]} is annotated {DO_NOT_DISRUPT_ANNOTATION}=true"
+    if pods.jobs and not policy.evict_jobs:
+        return f"pod {pods.jobs[0]} is a running Job (see --evict-jobs)"
     if pods.unreplicated and not policy.evict_unreplicated:
         return f"pod {pods.unreplicated[0]} has no controller (see --evict-unreplicated)"
     if pods.local_storage and not policy.evict_local_storage:
@@ -97,23 +208,52 @@ def drains_in_last_hour(history: Sequence[datetime], now: datetime) -> int:
     return sum(1 for at in history if at > since)
 
 
+def competing_pending(node: NodeInfo, pending: Sequence[PendingPod]) -> list[PendingPod]:
+    """The Pending pods the node's pods would compete with once evicted: those that could run on a node
+    like it (no constraint, or a node selector and required affinity its labels satisfy). A GPU pod
+    selecting GPU nodes does not compete with a fallback node's web pods."""
+    labels = dict(node.labels)
+    return [p for p in pending if p.could_run_on(labels)]
+
+
+def pending_blocker(node: NodeInfo, pending: int | Sequence[PendingPod]) -> str | None:
+    """Why Pending pods hold this node's drain (a drain would only add to them), or None."""
+    if isinstance(pending, int):
+        return f"{pending} pods Pending for lack of capacity" if pending > 0 else None
+    competing = competing_pending(node, pending)
+    if not competing:
+        return None
+    first = competing[0].key
+    return f"{len(competing)} pods Pending for lack of capacity that this node's pods would compete with ({first})"
+
+
 def choose_drains(
     nodes: Iterable[NodeInfo],
     pods: Mapping[str, NodePods],  # may be lazy: read only for nodes past node_blocker
-    pending_unschedulable: int,
+    pending: int | Sequence[PendingPod],
     spot_for: Callable[[NodeInfo], SpotAnswer],
     now: datetime,
     policy: OnDemandPolicy,
     in_flight: Collection[str] = (),
     history: Sequence[datetime] = (),
+    fallback_instances: Collection[str] = (),
 ) -> list[Verdict]:
-    """One verdict per on-demand node, oldest first; drain=True for at most the drains the budget allows.
+    """One verdict per on-demand node in the fallback scope, oldest first; drain=True for at most the
+    drains the budget allows. Nodes out of scope get no verdict: they are never candidates.
 
-    pending_unschedulable: pods Pending because no node fits; a drain would only add to them.
-    spot_for: the pool answer for a node (available, reason, probe due).
-    in_flight: nodes being drained now; history: start times of past drains (for --max-drains-per-hour).
+    pending: pods Pending because no node fits (a count holds every node; records hold only the nodes
+    whose pods they would compete with). spot_for: the pool answer for a node (available, reason, probe
+    due). in_flight: nodes being drained now; history: start times of past drains (for
+    --max-drains-per-hour). fallback_instances: instance ids of the ASGs tagged --fallback-asg-tag.
     """
-    candidates = sorted((n for n in nodes if n.capacity_type == ON_DEMAND), key=lambda n: (n.created, n.name))
+    candidates = sorted(
+        (
+            n
+            for n in nodes
+            if n.capacity_type == ON_DEMAND and out_of_scope(n, policy.scope, fallback_instances) is None
+        ),
+        key=lambda n: (n.created, n.name),
+    )
     budget = policy.max_concurrent_drains - len(in_flight)
     hourly_left = policy.max_drains_per_hour - drains_in_last_hour(history, now)
     verdicts: list[Verdict] = []
@@ -138,8 +278,9 @@ def choose_drains(
                 no(f"no Spot capacity: {answer.reason}")
                 continue
             probe = True
-        if pending_unschedulable > 0:
-            no(f"{pending_unschedulable} pods Pending for lack of capacity")
+        held = pending_blocker(node, pending)
+        if held is not None:
+            verdicts.append(Verdict(node.name, False, held, age, hold="pending_pods"))
             continue
         if budget <= 0:
             no(f"--max-concurrent-drains ({policy.max_concurrent_drains}) reached")
@@ -162,3 +303,12 @@ def choose_drains(
                 )
             )
     return verdicts
+
+
+def out_of_service_due(node: NodeInfo, extra: NodeExtra, now: datetime) -> str | None:
+    """Why the node should get node.kubernetes.io/out-of-service now, or None: the interruption deadline
+    the agent recorded has passed and the node is NotReady (the instance is gone), and it is not there yet.
+    Any node, in the fallback scope or not: this only lets the control plane finish what the reclaim began."""
+    if extra.out_of_service or extra.notice_deadline is None or now < extra.notice_deadline or node.ready:
+        return None
+    return f"interruption deadline {format_time(extra.notice_deadline)} passed and the node is NotReady"

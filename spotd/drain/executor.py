@@ -32,7 +32,7 @@ from spotd.drain.plan import (
     retry_delay,
     shorter_grace,
 )
-from spotd.kube.keys import MIRROR_ANNOTATION, SAFE_TO_EVICT_ANNOTATION
+from spotd.kube.keys import DO_NOT_DISRUPT_ANNOTATION, MIRROR_ANNOTATION, SAFE_TO_EVICT_ANNOTATION
 from spotd.kube.ratelimit import RateLimiter
 from spotd.kube.watch import RESYNC, resilient_watch
 
@@ -84,6 +84,7 @@ def pod_facts(pod: Pod) -> PodFacts:
         terminating=bool(meta and meta.deletionTimestamp),
         local_storage=any(v.emptyDir is not None for v in volumes),
         safe_to_evict=annotations.get(SAFE_TO_EVICT_ANNOTATION),
+        do_not_disrupt=annotations.get(DO_NOT_DISRUPT_ANNOTATION, "").strip().lower() == "true",
         priority=(spec.priority or 0) if spec else 0,
         grace_seconds=_grace(spec),
         deletion_grace_seconds=meta.deletionGracePeriodSeconds if meta else None,
@@ -98,6 +99,13 @@ def _grace(spec: Any) -> int:
 def _is_pdb_refusal(exc: ApiError) -> bool:
     details = exc.status.details
     return any(c.reason == "DisruptionBudget" for c in (details.causes or [])) if details else False
+
+
+def _refusal_cause(exc: ApiError) -> str:
+    """What the API server said refused the eviction (it names the PodDisruptionBudget)."""
+    details = exc.status.details
+    causes = [c.message for c in (details.causes or []) if c.message] if details else []
+    return causes[0] if causes else (exc.status.message or "disruption budget")
 
 
 def _retry_after(exc: ApiError) -> float | None:
@@ -137,6 +145,7 @@ class _Drain:
         self.deleted: list[str] = []
         self.forced: list[str] = []
         self.refusal_logged: set[str] = set()  # uids whose PDB refusal was logged (once a pod)
+        self.refusals: dict[str, str] = {}  # pod ref -> what refused its eviction (names the PDB)
         self.evicted_uids: set[str] = set()  # eviction accepted: the pod is on its way out
         self.refused: set[str] = set()  # the last eviction of these was refused: the deadline action's pods
         self.untried: set[str] = set()  # evictions launched but not yet answered once
@@ -242,6 +251,7 @@ class _Drain:
                 self.refused.add(uid)
                 if code == 429 and _is_pdb_refusal(exc):
                     EVICTIONS.labels("pdb_blocked").inc()
+                    self.refusals[pod.ref] = _refusal_cause(exc)  # the latest: a stale budget's first word may differ
                     if uid not in self.refusal_logged:
                         self.refusal_logged.add(uid)
                         self.log.info("eviction_refused", pod=pod.ref, reason="disruption budget")
@@ -457,8 +467,12 @@ class _Drain:
             left=left,
             skipped=skipped,
             duration=duration,
-            reason="" if not left else f"{len(left)} pods still on the node",
+            reason="" if not left else f"{len(left)} pods still on the node{self._why(left)}",
         )
+
+    def _why(self, left: tuple[str, ...]) -> str:
+        refused = [ref for ref in left if ref in self.refusals]
+        return f"; {refused[0]}: {self.refusals[refused[0]]}" if refused else ""
 
 
 async def drain_node(

@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
-from spotd.kube.keys import SAFE_TO_EVICT_ANNOTATION
+from spotd.kube.keys import DO_NOT_DISRUPT_ANNOTATION, SAFE_TO_EVICT_ANNOTATION
 
 
 class PodVerdict(StrEnum):
@@ -35,6 +35,7 @@ class PodFacts:
     terminating: bool = False
     local_storage: bool = False
     safe_to_evict: str | None = None
+    do_not_disrupt: bool = False  # karpenter.sh/do-not-disrupt=true
     priority: int = 0
     grace_seconds: int = 30
     deletion_grace_seconds: int | None = None  # of a terminating pod: the grace its deletion was given
@@ -51,6 +52,7 @@ class PodPolicy:
     voluntary: bool = False
     evict_unreplicated: bool = True
     evict_local_storage: bool = True
+    evict_jobs: bool = True  # voluntary drains: running Job pods are batch work, left to finish (--evict-jobs)
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,10 @@ def decide_pod(pod: PodFacts, policy: PodPolicy) -> PodDecision:
     if policy.voluntary:
         if pod.safe_to_evict == "false":
             return PodDecision(pod, PodVerdict.BLOCK, f"annotated {SAFE_TO_EVICT_ANNOTATION}=false")
+        if pod.do_not_disrupt:
+            return PodDecision(pod, PodVerdict.BLOCK, f"annotated {DO_NOT_DISRUPT_ANNOTATION}=true")
+        if "Job" in pod.owner_kinds and not policy.evict_jobs:
+            return PodDecision(pod, PodVerdict.BLOCK, "a running Job pod (see --evict-jobs)")
         if not pod.owner_kinds and not policy.evict_unreplicated:
             return PodDecision(pod, PodVerdict.BLOCK, "no controller would recreate it")
         if pod.local_storage and not policy.evict_local_storage and pod.safe_to_evict != "true":

@@ -8,6 +8,7 @@ pod is kept as a small slotted record from there, so memory grows with what the 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -22,18 +23,19 @@ from spotd.inventory.records import (
     NodeExtra,
     NodeInfo,
     NodePods,
+    PendingPod,
     PodRecord,
     RawEvent,
     RawList,
     RawNode,
     RawPod,
     RawStatusObject,
+    node_extra,
     node_info,
     pod_record,
     summarize,
 )
 from spotd.kube.client import http_of
-from spotd.kube.keys import DRAINING_ANNOTATION
 
 _log = spotd_log.get("spotd.inventory")
 
@@ -82,6 +84,7 @@ class Inventory:
         self.pods_synced = asyncio.Event()
         self.relists = 0
         self._relisting: set[str] = set()
+        self.last_contact = 0.0  # wall time of the last list, watch start or watch event (0: never)
 
     @classmethod
     def from_client(cls, client: Any, **kw: Any) -> Inventory:
@@ -100,6 +103,16 @@ class Inventory:
     @property
     def pending_unschedulable(self) -> int:
         return len(self._unschedulable)
+
+    @property
+    def pending_pods(self) -> list[PendingPod]:
+        """The pods Pending for lack of capacity, with their node constraints."""
+        out = []
+        for key in self._unschedulable:
+            pod = self.pods.get(key)
+            if pod is not None and pod.pending is not None:
+                out.append(pod.pending)
+        return out
 
     def pods_of(self, node: str) -> list[PodRecord]:
         return [self.pods[k] for k in self._by_node.get(node, ()) if k in self.pods]
@@ -165,8 +178,7 @@ class Inventory:
         else:
             new = node_info(node, self._capacity_label)
             self.nodes[name] = new
-            annotations = node.metadata.annotations or {}
-            self.node_extra[name] = NodeExtra(node.spec.providerID or "", annotations.get(DRAINING_ANNOTATION, ""))
+            self.node_extra[name] = node_extra(node)
         if self.on_node is not None and self.nodes_synced.is_set() and not self._relisting and old != new:
             self.on_node(old, new)
         return node.metadata.resourceVersion
@@ -234,6 +246,7 @@ class Inventory:
         finally:
             self._relisting.discard(kind)
         self.relists += 1
+        self.last_contact = time.time()
         if kind == "node" and self.on_node is not None and self.nodes_synced.is_set():
             old_nodes = saved[0]
             for name in old_nodes.keys() | self.nodes.keys():
@@ -271,7 +284,9 @@ class Inventory:
             if resp.status_code == 410:
                 raise Gone()
             resp.raise_for_status()
+            self.last_contact = time.time()
             async for line in resp.aiter_lines():
+                self.last_contact = time.time()
                 if not line.strip():
                     continue
                 version = self._apply_line(kind, apply, line, version)

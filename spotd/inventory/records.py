@@ -6,8 +6,9 @@ with what the policy needs, not with the size of the objects.
 
 from __future__ import annotations
 
+import json
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -16,9 +17,15 @@ import msgspec
 
 from spotd.common.parsing import instance_id_from_provider_id, parse_iso_time
 from spotd.kube.keys import (
+    DO_NOT_DISRUPT_ANNOTATION,
     DRAIN_ANNOTATION,
+    DRAIN_RETRY_ANNOTATION,
+    DRAINED_ANNOTATION,
+    DRAINING_ANNOTATION,
     INSTANCE_TYPE_LABELS,
     MIRROR_ANNOTATION,
+    NOTICE_ANNOTATION,
+    OUT_OF_SERVICE_TAINT_KEY,
     SAFE_TO_EVICT_ANNOTATION,
     ZONE_LABELS,
     capacity_type_from_labels,
@@ -59,9 +66,33 @@ class _Volume(msgspec.Struct):
     emptyDir: dict[str, Any] | None = None
 
 
+class _SelectorRequirement(msgspec.Struct):
+    key: str = ""
+    operator: str = ""
+    values: list[str] | None = None
+
+
+class _SelectorTerm(msgspec.Struct):
+    matchExpressions: list[_SelectorRequirement] | None = None
+
+
+class _NodeSelector(msgspec.Struct):
+    nodeSelectorTerms: list[_SelectorTerm] | None = None
+
+
+class _NodeAffinity(msgspec.Struct):
+    requiredDuringSchedulingIgnoredDuringExecution: _NodeSelector | None = None
+
+
+class _Affinity(msgspec.Struct):
+    nodeAffinity: _NodeAffinity | None = None
+
+
 class _PodSpec(msgspec.Struct):
     nodeName: str | None = None
     volumes: list[_Volume] | None = None
+    nodeSelector: dict[str, str] | None = None
+    affinity: _Affinity | None = None
 
 
 class _Status(msgspec.Struct):
@@ -75,9 +106,15 @@ class RawPod(msgspec.Struct):
     status: _Status = msgspec.field(default_factory=_Status)
 
 
+class _Taint(msgspec.Struct):
+    key: str = ""
+    effect: str = ""
+
+
 class _NodeSpec(msgspec.Struct):
     unschedulable: bool | None = None
     providerID: str | None = None
+    taints: list[_Taint] | None = None
 
 
 class RawNode(msgspec.Struct):
@@ -119,22 +156,75 @@ POD_UNSCHEDULABLE = 32
 POD_TERMINAL = 64
 POD_SAFE_TO_EVICT = 128
 POD_TERMINATING = 256
+POD_JOB = 512
+POD_DO_NOT_DISRUPT = 1024
 
 # What the scheduler writes when no node has room (as opposed to a selector nothing matches, which no
 # amount of capacity fixes and must not hold the controller back forever).
 _CAPACITY_MESSAGES = ("Insufficient", "Too many pods")
 
 
-class PodRecord:
-    """One pod, as little as the policy and the probe need."""
+@dataclass(frozen=True, slots=True)
+class Requirement:
+    """One node label requirement (a selector's or a required node affinity's): In, NotIn, Exists,
+    DoesNotExist (Gt/Lt are read as not satisfied: fail closed means "could compete")."""
 
-    __slots__ = ("flags", "name", "namespace", "node", "owner_kind", "owner_name", "phase")
+    key: str
+    operator: str
+    values: tuple[str, ...] = ()
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        value = labels.get(self.key)
+        if self.operator == "In":
+            return value is not None and value in self.values
+        if self.operator == "NotIn":
+            return value is None or value not in self.values
+        if self.operator == "Exists":
+            return value is not None
+        if self.operator == "DoesNotExist":
+            return value is None
+        return True  # an operator we do not read: assume the pod could run there (it then holds drains)
+
+
+def matches_all(requirements: Iterable[Requirement], labels: Mapping[str, str]) -> bool:
+    return all(r.matches(labels) for r in requirements)
+
+
+@dataclass(frozen=True, slots=True)
+class PendingPod:
+    """A pod Pending for lack of capacity, with the node constraints it was scheduled with.
+
+    selector: its nodeSelector; terms: its required node affinity terms (ORed; each ANDed)."""
+
+    key: str
+    selector: tuple[Requirement, ...] = ()
+    terms: tuple[tuple[Requirement, ...], ...] = ()
+
+    def could_run_on(self, labels: Mapping[str, str]) -> bool:
+        if not matches_all(self.selector, labels):
+            return False
+        return not self.terms or any(matches_all(term, labels) for term in self.terms)
+
+
+class PodRecord:
+    """One pod, as little as the policy and the probe need. pending: constraints of a Pending pod."""
+
+    __slots__ = ("flags", "name", "namespace", "node", "owner_kind", "owner_name", "pending", "phase")
 
     def __init__(
-        self, namespace: str, name: str, node: str, phase: str, owner_kind: str, owner_name: str, flags: int
+        self,
+        namespace: str,
+        name: str,
+        node: str,
+        phase: str,
+        owner_kind: str,
+        owner_name: str,
+        flags: int,
+        pending: PendingPod | None = None,
     ) -> None:
         self.namespace, self.name, self.node, self.phase = namespace, name, node, phase
         self.owner_kind, self.owner_name, self.flags = owner_kind, owner_name, flags
+        self.pending = pending
 
     @property
     def key(self) -> str:
@@ -155,6 +245,10 @@ def pod_record(pod: RawPod) -> PodRecord:
     flags = 0
     if owner_kind == "DaemonSet":
         flags |= POD_DAEMONSET
+    if owner_kind == "Job":
+        flags |= POD_JOB
+    if annotations.get(DO_NOT_DISRUPT_ANNOTATION, "").strip().lower() == "true":
+        flags |= POD_DO_NOT_DISRUPT
     if not owner_kind:
         flags |= POD_UNREPLICATED
     if any(v.emptyDir is not None for v in spec.volumes or ()):
@@ -178,6 +272,7 @@ def pod_record(pod: RawPod) -> PodRecord:
                 message = cond.message or ""
                 if not message or any(m in message for m in _CAPACITY_MESSAGES):
                     flags |= POD_UNSCHEDULABLE
+    pending = _pending(meta.namespace, meta.name, spec) if flags & POD_UNSCHEDULABLE else None
     return PodRecord(
         intern(meta.namespace),
         meta.name,
@@ -186,7 +281,21 @@ def pod_record(pod: RawPod) -> PodRecord:
         intern(owner_kind),
         intern(owner_name),
         flags,
+        pending,
     )
+
+
+def _pending(namespace: str, name: str, spec: _PodSpec) -> PendingPod:
+    selector = tuple(Requirement(k, "In", (v,)) for k, v in sorted((spec.nodeSelector or {}).items()))
+    terms: tuple[tuple[Requirement, ...], ...] = ()
+    affinity = spec.affinity.nodeAffinity if spec.affinity else None
+    required = affinity.requiredDuringSchedulingIgnoredDuringExecution if affinity else None
+    if required is not None:
+        terms = tuple(
+            tuple(Requirement(e.key, e.operator, tuple(e.values or ())) for e in t.matchExpressions or ())
+            for t in required.nodeSelectorTerms or ()
+        )
+    return PendingPod(f"{namespace}/{name}", selector, terms)
 
 
 def _time(text: str | None) -> datetime:
@@ -196,11 +305,72 @@ def _time(text: str | None) -> datetime:
         return _EPOCH
 
 
+@dataclass(frozen=True, slots=True)
+class RetryMark:
+    """The controller's back-off annotation: a drain that ended badly is not tried before `after`."""
+
+    after: datetime
+    attempts: int = 1
+    started: datetime | None = None
+    outcome: str = ""
+
+    def to_json(self) -> str:
+        data: dict[str, Any] = {
+            "after": _iso(self.after),
+            "attempts": self.attempts,
+            "outcome": self.outcome,
+        }
+        if self.started is not None:
+            data["started"] = _iso(self.started)
+        return json.dumps(data, sort_keys=True, separators=(",", ":"))
+
+
+def _iso(at: datetime) -> str:
+    return at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def read_retry_mark(text: str | None) -> RetryMark | None:
+    """The back-off annotation, or None when absent or unreadable (the writer always writes a readable one)."""
+    if not text:
+        return None
+    try:
+        data = json.loads(text)
+        after = parse_iso_time(str(data["after"]))
+        started = parse_iso_time(str(data["started"])) if data.get("started") else None
+        return RetryMark(after, max(1, int(data.get("attempts", 1))), started, str(data.get("outcome", "")))
+    except (ValueError, TypeError, KeyError):
+        return None
+
+
+# Notices after whose deadline the instance is gone for good (spotd.notices.record.NoticeKind values); a
+# scheduled reboot or a Spot stop/hibernate comes back, and an out-of-service taint would outlive it.
+_ENDING_NOTICES = frozenset({"spot-itn", "asg-termination"})
+
+
+def notice_deadline(text: str | None) -> datetime | None:
+    """The deadline of the notice the agent recorded in spotd.io/notice (spotd.notices.record.Notice JSON),
+    when it ends the instance (a Spot interruption that terminates, an ASG termination); else None."""
+    if not text:
+        return None
+    try:
+        data = json.loads(text)
+        if not isinstance(data, dict) or not data.get("deadline") or data.get("kind") not in _ENDING_NOTICES:
+            return None
+        if str(data.get("action") or "terminate") != "terminate":
+            return None
+        return parse_iso_time(str(data["deadline"]))
+    except (ValueError, TypeError):
+        return None
+
+
 def node_info(node: RawNode, capacity_label: str | None = None) -> NodeInfo:
     meta = node.metadata
     labels = meta.labels or {}
     annotations = meta.annotations or {}
     ready = any(c.type == "Ready" and c.status == "True" for c in node.status.conditions or ())
+    retry = read_retry_mark(annotations.get(DRAIN_RETRY_ANNOTATION))
+    starts = [t for t in (_maybe_time(annotations.get(DRAINING_ANNOTATION)), retry and retry.started) if t]
+    drained = _maybe_time(annotations.get(DRAINED_ANNOTATION))
     return NodeInfo(
         name=meta.name,
         capacity_type=capacity_type_from_labels(labels, capacity_label),
@@ -211,6 +381,32 @@ def node_info(node: RawNode, capacity_label: str | None = None) -> NodeInfo:
         unschedulable=bool(node.spec.unschedulable),
         drain_annotation=annotations.get(DRAIN_ANNOTATION, ""),
         instance_id=instance_id_from_provider_id(node.spec.providerID or "") or "",
+        labels=tuple(sorted((sys.intern(k), v) for k, v in labels.items())),
+        do_not_disrupt=annotations.get(DO_NOT_DISRUPT_ANNOTATION, "").strip().lower() == "true",
+        retry_after=retry.after if retry else None,
+        drain_attempts=retry.attempts if retry else 0,
+        retry_outcome=retry.outcome if retry else "",
+        drain_started=max(starts) if starts else None,
+        drained_at=drained,
+    )
+
+
+def _maybe_time(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    try:
+        return parse_iso_time(text)
+    except ValueError:
+        return None
+
+
+def node_extra(node: RawNode) -> NodeExtra:
+    annotations = node.metadata.annotations or {}
+    return NodeExtra(
+        provider_id=node.spec.providerID or "",
+        draining_since=annotations.get(DRAINING_ANNOTATION, ""),
+        notice_deadline=notice_deadline(annotations.get(NOTICE_ANNOTATION)),
+        out_of_service=any(t.key == OUT_OF_SERVICE_TAINT_KEY for t in node.spec.taints or ()),
     )
 
 
@@ -220,6 +416,8 @@ class NodeExtra:
 
     provider_id: str = ""
     draining_since: str = ""  # our own annotation: a drain of ours was in flight
+    notice_deadline: datetime | None = None  # the agent's spotd.io/notice: when the instance goes
+    out_of_service: bool = False  # carries node.kubernetes.io/out-of-service
 
 
 def summarize(pods: Iterable[PodRecord]) -> NodePods:
@@ -228,6 +426,8 @@ def summarize(pods: Iterable[PodRecord]) -> NodePods:
     not_safe: list[str] = []
     unreplicated: list[str] = []
     local: list[str] = []
+    jobs: list[str] = []
+    keep: list[str] = []
     for pod in pods:
         flags = pod.flags
         if flags & (POD_DAEMONSET | POD_MIRROR | POD_TERMINAL | POD_TERMINATING):
@@ -237,10 +437,21 @@ def summarize(pods: Iterable[PodRecord]) -> NodePods:
             not_safe.append(pod.key)
         if flags & POD_UNREPLICATED:
             unreplicated.append(pod.key)
+        if flags & POD_JOB:
+            jobs.append(pod.key)
+        if flags & POD_DO_NOT_DISRUPT:
+            keep.append(pod.key)
         # safe-to-evict=true vouches for local storage, as spotd.decide reads it
         if flags & POD_LOCAL_STORAGE and not flags & POD_SAFE_TO_EVICT:
             local.append(pod.key)
-    return NodePods(evictable, tuple(sorted(not_safe)), tuple(sorted(unreplicated)), tuple(sorted(local)))
+    return NodePods(
+        evictable,
+        tuple(sorted(not_safe)),
+        tuple(sorted(unreplicated)),
+        tuple(sorted(local)),
+        tuple(sorted(jobs)),
+        tuple(sorted(keep)),
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,6 +467,13 @@ class NodeInfo:
     unschedulable: bool = False
     drain_annotation: str = ""
     instance_id: str = ""
+    labels: tuple[tuple[str, str], ...] = ()
+    do_not_disrupt: bool = False  # annotated karpenter.sh/do-not-disrupt=true
+    retry_after: datetime | None = None  # our back-off: no drain before
+    drain_attempts: int = 0  # drains that ended badly in a row (from the back-off annotation)
+    retry_outcome: str = ""
+    drain_started: datetime | None = None  # our last drain's start (draining mark or back-off record)
+    drained_at: datetime | None = None  # our drained mark
 
     def age(self, now: datetime) -> float:
         return (now - self.created).total_seconds()
@@ -269,3 +487,5 @@ class NodePods:
     not_safe_to_evict: tuple[str, ...] = ()
     unreplicated: tuple[str, ...] = ()
     local_storage: tuple[str, ...] = ()
+    jobs: tuple[str, ...] = ()  # running Job pods
+    do_not_disrupt: tuple[str, ...] = ()  # annotated karpenter.sh/do-not-disrupt=true

@@ -29,21 +29,31 @@ class EventRecorder:
         self._tasks: set[asyncio.Task[None]] = set()
 
     def record(self, node: str, reason: str, message: str, type: str = "Normal", node_uid: str = "") -> None:
+        self.record_object("Node", node, "", reason, message, type, node_uid)
+
+    def record_object(
+        self, kind: str, name: str, namespace: str, reason: str, message: str, type: str = "Normal", uid: str = ""
+    ) -> None:
+        """An Event on any core/v1 object (namespace "" for a cluster-scoped one: the Event goes to default)."""
         if self._dry_run:
-            self._log.info("would_record_event", node=node, reason=reason, message=message)
+            self._log.info("would_record_event", node=name, kind=kind, reason=reason, message=message)
             return
         if len(self._tasks) >= _MAX_PENDING:
-            self._log.warning("event_dropped", node=node, reason=reason)
+            self._log.warning("event_dropped", node=name, reason=reason)
             return
-        task = asyncio.get_running_loop().create_task(self._create(node, reason, message, type, node_uid))
+        task = asyncio.get_running_loop().create_task(self._create(kind, name, namespace, reason, message, type, uid))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _create(self, node: str, reason: str, message: str, type: str, node_uid: str) -> None:
+    async def _create(
+        self, kind: str, node: str, namespace: str, reason: str, message: str, type: str, node_uid: str
+    ) -> None:
         now = datetime.now(UTC)
         event = Event(
-            metadata=ObjectMeta(generateName=f"{node}.", namespace="default"),
-            involvedObject=ObjectReference(kind="Node", name=node, uid=node_uid or None, apiVersion="v1"),
+            metadata=ObjectMeta(generateName=f"{node}.", namespace=namespace or "default"),
+            involvedObject=ObjectReference(
+                kind=kind, name=node, namespace=namespace or None, uid=node_uid or None, apiVersion="v1"
+            ),
             reason=reason,
             message=message[:1024],
             type=type,
@@ -67,3 +77,28 @@ class EventRecorder:
         """Give pending Events a moment on shutdown."""
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=timeout)
+
+
+async def node_event_times(client: Any, reason: str, component: str) -> list[tuple[str, datetime]]:
+    """(node, time) of the Events with this reason that this component recorded on Nodes (namespace
+    default, where record() puts them); the API server keeps Events for an hour by default."""
+    from spotd.common.parsing import parse_iso_time
+    from spotd.kube.client import http_of
+
+    resp = await http_of(client).get(
+        "/api/v1/namespaces/default/events",
+        params={"fieldSelector": f"reason={reason},involvedObject.kind=Node"},
+    )
+    resp.raise_for_status()
+    out = []
+    for item in resp.json().get("items") or ():
+        source = (item.get("source") or {}).get("component") or item.get("reportingComponent") or ""
+        when = item.get("lastTimestamp") or item.get("firstTimestamp") or item.get("eventTime")
+        name = (item.get("involvedObject") or {}).get("name")
+        if source != component or not when or not name:
+            continue
+        try:
+            out.append((str(name), parse_iso_time(str(when))))
+        except ValueError:
+            continue
+    return out

@@ -17,11 +17,19 @@ REHEARSAL_LABEL = "spotd.io/rehearsal"  # on a ConfigMap in spotd's own namespac
 DRAIN_ANNOTATION = "spotd.io/drain"  # "false": the controller never drains this node
 DRAINING_ANNOTATION = "spotd.io/draining"  # the controller: a drain of ours is in flight (restart recovery)
 DRAINED_ANNOTATION = "spotd.io/drained"  # the controller: drained, left to the autoscaler
+# the controller: a drain that ended in timeout/blocked/failed, JSON {"after", "attempts", "started",
+# "outcome"}: not tried again before "after" (survives restarts and hand-overs)
+DRAIN_RETRY_ANNOTATION = "spotd.io/drain-retry-after"
+OUT_OF_SERVICE_TAINT_KEY = "node.kubernetes.io/out-of-service"  # Kubernetes' non-graceful node shutdown
+OUT_OF_SERVICE_TAINT_VALUE = "nodeshutdown"
 
 # Kubernetes and its autoscalers
 EXCLUDE_LB_LABEL = "node.kubernetes.io/exclude-from-external-load-balancers"
 SAFE_TO_EVICT_ANNOTATION = "cluster-autoscaler.kubernetes.io/safe-to-evict"
 MIRROR_ANNOTATION = "kubernetes.io/config.mirror"
+DO_NOT_DISRUPT_ANNOTATION = "karpenter.sh/do-not-disrupt"  # "true" on a pod or node: no voluntary disruption
+# Labels Karpenter puts on the nodes it manages (it consolidates them itself)
+KARPENTER_NODE_LABELS = ("karpenter.sh/nodepool", "karpenter.sh/provisioner-name")
 
 # The labels clusters put on nodes to say how they were bought, most specific first.
 CAPACITY_TYPE_LABELS = (

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -74,6 +75,14 @@ class ActivityCursor:
         self._seen = {aid: t for aid, t in self._seen.items() if t >= horizon}
 
 
+def tag_filters(tags: Iterable[tuple[str, str | None]]) -> list[dict[str, Any]]:
+    """DescribeAutoScalingGroups filters for KEY (any value) or KEY=VALUE tags."""
+    return [
+        {"Name": "tag-key", "Values": [key]} if value is None else {"Name": f"tag:{key}", "Values": [value]}
+        for key, value in tags
+    ]
+
+
 def _start_time(activity: Mapping[str, Any]) -> datetime | None:
     value = activity.get("StartTime")
     try:
@@ -99,8 +108,13 @@ class AsgSource:
         history: timedelta = timedelta(hours=24),
         lookup: InstanceLookup | None = None,
         log: Any = None,
+        fallback_tag: tuple[str, str | None] | None = None,
     ) -> None:
         self.tag_filters = tuple(tag_filters)
+        self.fallback_tag = fallback_tag
+        self.fallback_instances: frozenset[str] = frozenset()  # instances of the ASGs tagged fallback_tag
+        self.healthy = False
+        self.last_success = 0.0
         self.history = history
         self.lookup = lookup
         self.asgs: dict[str, AsgInfo] = {}
@@ -111,12 +125,33 @@ class AsgSource:
         self._cursors: dict[str, ActivityCursor] = {}
         self._log = log or logging.get("spotd.capacity")
 
+    async def discover_fallback(self) -> frozenset[str]:
+        """The instance ids of every ASG carrying the fallback tag (--fallback-asg-tag)."""
+        if self.fallback_tag is None:
+            return frozenset()
+        found: set[str] = set()
+        token: str | None = None
+        while True:
+            kwargs: dict[str, Any] = {"Filters": tag_filters([self.fallback_tag])}
+            if token:
+                kwargs["NextToken"] = token
+            response = await self._autoscaling.call("describe_auto_scaling_groups", **kwargs)
+            for group in response.get("AutoScalingGroups", []):
+                found.update(str(i["InstanceId"]) for i in group.get("Instances", []) if i.get("InstanceId"))
+            token = response.get("NextToken")
+            if not token:
+                break
+        self.fallback_instances = frozenset(found)
+        return self.fallback_instances
+
+    def reset(self) -> None:
+        """A new term: discover and read the activities' history window again before the first decision."""
+        self.initial_read_done = False
+        self._cursors = {}
+
     async def discover(self) -> dict[str, AsgInfo]:
         """Every ASG carrying the tags (value None: any value), with its types, zones and markets."""
-        filters = [
-            {"Name": "tag-key", "Values": [key]} if value is None else {"Name": f"tag:{key}", "Values": [value]}
-            for key, value in self.tag_filters
-        ]
+        filters = tag_filters(self.tag_filters)
         found: dict[str, AsgInfo] = {}
         token: str | None = None
         while True:
@@ -220,9 +255,18 @@ class AsgSource:
         return signals
 
     async def poll_once(self, now: datetime | None = None) -> list[CapacitySignal]:
-        """discover, then read_activities; initial_read_done once both have completed for every group."""
-        await self.discover()
-        signals = await self.read_activities(now)
+        """discover (and the fallback ASGs), then read_activities; initial_read_done once all have
+        completed for every group."""
+        try:
+            await self.discover()
+            await self.discover_fallback()
+            signals = await self.read_activities(now)
+        except Exception:
+            self.healthy = False
+            raise
+        self.healthy = self.last_read_complete
+        if self.last_read_complete:
+            self.last_success = time.time()
         self.initial_read_done = self.initial_read_done or self.last_read_complete
         return signals
 

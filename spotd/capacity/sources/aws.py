@@ -222,3 +222,59 @@ def log_signals(log: Any, signals: Iterable[CapacitySignal]) -> None:
 
 def _incomplete(signal: CapacitySignal) -> bool:
     return signal.pool.wildcard or signal.capacity_type == CapacityType.UNKNOWN
+
+
+class AwsStartupError(Exception):
+    """AWS is not usable as configured: the message is one line naming the problem."""
+
+
+def one_line(text: str, limit: int = 400) -> str:
+    """A start-up error is one line: an unparsed error body (XML where JSON was expected) keeps its words."""
+    words = " ".join(text.split())
+    return words if len(words) <= limit else words[: limit - 1] + "…"
+
+
+def check_aws_access(queue_url: str, asg_filters: list[dict[str, Any]], session: boto3.Session | None = None) -> str:
+    """At start, before anything runs: the region, the credentials (sts:GetCallerIdentity), the queue
+    (sqs:GetQueueAttributes) and the ASG read (autoscaling:DescribeAutoScalingGroups). Blocking (boto3).
+    Returns the caller's ARN; raises AwsStartupError with one line naming what is wrong."""
+    session = session or boto3.Session()
+    if not session.region_name:
+        raise AwsStartupError("no AWS region: set AWS_REGION (or AWS_DEFAULT_REGION, or a profile's region)")
+    try:
+        credentials = session.get_credentials()
+    except BotoCoreError as exc:
+        raise AwsStartupError(f"AWS credentials unusable: {exc}") from None
+    if credentials is None:
+        raise AwsStartupError(
+            "no AWS credentials found (IRSA / EKS Pod Identity, AWS_ACCESS_KEY_ID, a profile or instance role)"
+        )
+
+    def call(service: str, what: str, method: str, **kwargs: Any) -> Any:
+        try:
+            return getattr(make_client(service, session, read_timeout=10), method)(**kwargs)
+        except ClientError as exc:
+            error = exc.response.get("Error", {})
+            raise AwsStartupError(
+                one_line(f"{what} failed: {error.get('Code', '?')}: {error.get('Message', '')}")
+            ) from None
+        except BotoCoreError as exc:
+            raise AwsStartupError(one_line(f"{what} failed: {exc}")) from None
+
+    identity = call("sts", "AWS credentials check (sts:GetCallerIdentity)", "get_caller_identity")
+    if queue_url:
+        call(
+            "sqs",
+            f"SQS queue {queue_url} (sqs:GetQueueAttributes)",
+            "get_queue_attributes",
+            QueueUrl=queue_url,
+            AttributeNames=["QueueArn"],
+        )
+    call(
+        "autoscaling",
+        "ASG read (autoscaling:DescribeAutoScalingGroups)",
+        "describe_auto_scaling_groups",
+        Filters=asg_filters,
+        MaxRecords=1,
+    )
+    return str(identity.get("Arn", ""))

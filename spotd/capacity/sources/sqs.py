@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -40,9 +41,9 @@ AsgView = Callable[[], Mapping[str, AsgInfo]]
 class SqsSource:
     """Reads EventBridge events from one SQS queue. A message is deleted only once handled.
 
-    initial_read_done turns True once the backlog present at start is read: at the first receive that
-    returns nothing, or whose messages were all sent after this source was made (a busy queue may never
-    be empty).
+    initial_read_done turns True once the backlog is read: at the first receive that returns nothing
+    (reset() starts over, at the start of every leadership term). healthy / last_success: whether the last
+    receive worked, and when one last did (wall time, 0: never).
     """
 
     def __init__(
@@ -62,6 +63,9 @@ class SqsSource:
         self.lookup = lookup
         self.initial_read_done = False
         self.started_at = datetime.now(UTC)
+        self.healthy = False
+        self.last_success = 0.0
+        self._releasing: set[asyncio.Task[None]] = set()
         self._sqs = AwsApi("sqs", client, session, read_timeout=wait_seconds + 10)
         self._log = log or logging.get("spotd.capacity")
 
@@ -103,11 +107,23 @@ class SqsSource:
         whose handling raised stays in the queue (visible again after the visibility timeout; a
         redrive policy on the queue ends a poison message). Returns the number of messages received.
         """
-        msgs = await self.receive()
+        receiving = asyncio.ensure_future(self.receive())
+        try:
+            # The receive runs in a thread and completes even if we are cancelled (leadership lost):
+            # what it got must not stay hidden from the next leader for the visibility timeout.
+            msgs = await asyncio.shield(receiving)
+        except asyncio.CancelledError:
+            receiving.add_done_callback(self._release_orphans)
+            raise
+        except Exception:
+            self.healthy = False
+            raise
+        self.healthy, self.last_success = True, time.time()
         if not msgs:
+            if not self.initial_read_done:
+                self._log.info("sqs_backlog_read")
             self.initial_read_done = True
             return 0
-        backlog_read = all(m.sent_at is not None and m.sent_at >= self.started_at for m in msgs)
         view = asgs() if asgs else {}
         done: list[SqsMessage] = []
         for msg in msgs:
@@ -117,8 +133,36 @@ class SqsSource:
                 done.append(msg)
         if done:
             await self.delete(done)
-        self.initial_read_done = self.initial_read_done or backlog_read
         return len(msgs)
+
+    def _release_orphans(self, receiving: asyncio.Future[list[SqsMessage]]) -> None:
+        if receiving.cancelled() or receiving.exception() is not None or not receiving.result():
+            return
+        task = asyncio.get_running_loop().create_task(self.release(receiving.result()))
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
+
+    async def release(self, msgs: Sequence[SqsMessage]) -> None:
+        """ChangeMessageVisibilityBatch to 0: messages received but not handled are visible again at once."""
+        for start in range(0, len(msgs), 10):
+            batch = msgs[start : start + 10]
+            try:
+                await self._sqs.call(
+                    "change_message_visibility_batch",
+                    QueueUrl=self.queue_url,
+                    Entries=[
+                        {"Id": str(i), "ReceiptHandle": m.receipt_handle, "VisibilityTimeout": 0}
+                        for i, m in enumerate(batch)
+                    ],
+                )
+            except (ClientError, BotoCoreError) as exc:  # they come back after the visibility timeout
+                self._log.warning("sqs_release_failed", messages=len(batch), error=str(exc))
+        self._log.info("sqs_messages_released", messages=len(msgs))
+
+    def reset(self) -> None:
+        """A new term: the backlog is to be read again, to empty, before the first decision."""
+        self.initial_read_done = False
+        self.started_at = datetime.now(UTC)
 
     async def _handle(self, msg: SqsMessage, on_signals: SignalHandler, view: Mapping[str, AsgInfo]) -> str:
         try:
