@@ -64,15 +64,20 @@ async def imds() -> AsyncIterator[FakeImds]:
 
 
 @pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
-        yield s
+async def session() -> AsyncIterator[list[ImdsClient]]:
+    """The clients a test made, closed at its end (each keeps one connection open)."""
+    clients: list[ImdsClient] = []
+    yield clients
+    for client in clients:
+        await client.aclose()
 
 
-def client_for(session: aiohttp.ClientSession, imds: FakeImds, **kwargs: Any) -> ImdsClient:
+def client_for(session: list[ImdsClient], imds: FakeImds, **kwargs: Any) -> ImdsClient:
     kwargs.setdefault("timeout", 0.3)
     kwargs.setdefault("retry_backoff", 0.005)
-    return ImdsClient(session, imds.url, **kwargs)
+    client = ImdsClient(imds.url, **kwargs)
+    session.append(client)
+    return client
 
 
 def event(event_id: str, state: str, code: str = "system-reboot") -> dict[str, str]:
@@ -278,9 +283,9 @@ async def test_v1_fallback_is_not_used_while_v2_works(imds: FakeImds, session: A
     assert imds.requests[-1][2] is True
 
 
-async def test_fake_refuses_v1_and_bad_token_requests(imds: FakeImds, session: Any) -> None:
+async def test_fake_refuses_v1_and_bad_token_requests(imds: FakeImds) -> None:
     async def status(method: str, path: str, headers: dict[str, str]) -> int:
-        async with session.request(method, imds.url + path, headers=headers) as resp:
+        async with aiohttp.ClientSession() as http, http.request(method, imds.url + path, headers=headers) as resp:
             return resp.status
 
     ttl = "X-aws-ec2-metadata-token-ttl-seconds"
@@ -336,7 +341,8 @@ async def test_unreachable_endpoint(session: Any) -> None:
     async with FakeImds() as gone:
         url = gone.url
     before = requests_count("api/token", "error")
-    client = ImdsClient(session, url, timeout=0.3, retry_backoff=0.005)
+    client = ImdsClient(url, timeout=0.3, retry_backoff=0.005)
+    session.append(client)
     with pytest.raises(ImdsUnavailable):
         await client.get("instance-id")
     assert requests_count("api/token", "error") == before + 3
@@ -496,3 +502,49 @@ async def test_instance_info_is_never_fatal(imds: FakeImds, session: Any) -> Non
     assert (info.instance_type, info.lifecycle) == ("", "")
     imds.fail_next(None, status=503, times=1000)
     assert await client_for(session, imds).instance_info() == InstanceInfo()
+
+
+# -- one kept-alive connection, and polling by urgency ---------------------------------------------------
+
+
+async def test_requests_share_one_kept_alive_connection(imds: FakeImds, session: Any) -> None:
+    client = client_for(session, imds)
+    poller = NoticePoller(client)
+    for _ in range(5):
+        await poller.poll_once(NOW)
+    await client.instance_info()
+    assert imds.count("GET") == 5 * 4 + 5 and imds.count("PUT", "api/token") == 1
+    assert client.connections_opened == 1
+
+
+async def test_a_connection_imds_closed_is_replaced_without_a_failure(session: Any) -> None:
+    first = FakeImds()
+    await first.start()
+    client = client_for(session, first)
+    assert await client.get("instance-id") == "i-0123456789abcdef0"
+    await first.stop()  # closes the kept connection
+    async with FakeImds(port=first.port) as second:
+        before = requests_count("instance-id", "error")
+        assert await client.get("instance-id") == "i-0123456789abcdef0"  # a fresh token on a fresh connection
+        assert requests_count("instance-id", "error") == before
+        assert client.connections_opened == 2
+        assert second.count("PUT", "api/token") == 1  # the new IMDS knows no old token: 401, then a fresh one
+
+
+async def test_poll_of_some_paths_keeps_the_latest_reading_of_the_others(imds: FakeImds, session: Any) -> None:
+    poller = NoticePoller(client_for(session, imds))
+    imds.set_rebalance(notice_time=NOW)
+    await poller.poll_once(NOW)  # every path
+    imds.clear_rebalance()
+    imds.set_instance_action(time=NOW + timedelta(minutes=2))
+    result = await poller.poll_once(NOW, [ITN])
+    assert imds.count("GET", REBALANCE) == 1  # not read again
+    assert result.complete and {n.kind for n in result.notices} == {NoticeKind.SPOT_ITN, NoticeKind.REBALANCE}
+    result = await poller.poll_once(NOW)
+    assert [n.kind for n in result.notices] == [NoticeKind.SPOT_ITN]
+
+
+async def test_a_path_never_read_is_not_covered(imds: FakeImds, session: Any) -> None:
+    result = await NoticePoller(client_for(session, imds)).poll_once(NOW, [ITN])
+    assert result.covers(NoticeKind.SPOT_ITN) and not result.covers(NoticeKind.REBALANCE)
+    assert not result.complete and imds.count("GET") == 1

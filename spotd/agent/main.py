@@ -14,7 +14,6 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-import aiohttp
 import httpx
 from lightkube import AsyncClient, operators
 from lightkube.core.exceptions import ApiError
@@ -38,7 +37,7 @@ from spotd.kube.events import EventRecorder
 from spotd.kube.keys import REHEARSAL_LABEL, SIMULATION_ANNOTATION
 from spotd.kube.ratelimit import RateLimiter
 from spotd.kube.watch import RESYNC, resilient_watch
-from spotd.notices.imds import ImdsClient, NoticePoller, PollResult
+from spotd.notices.imds import URGENT_PATHS, ImdsClient, NoticePoller, PollResult
 from spotd.notices.metrics import NOTICES_MALFORMED
 from spotd.notices.record import (
     Notice,
@@ -55,7 +54,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--imds-endpoint", default="http://169.254.169.254", help="instance metadata service URL")
     p.add_argument("--imds-v1-fallback", action="store_true", help="use IMDSv1 if the token request is refused")
     p.add_argument("--imds-token-ttl", type=positive_duration, default=21600.0, help="IMDSv2 token TTL (6h)")
-    p.add_argument("--poll-interval", type=positive_duration, default=1.0, help="IMDS poll interval (1s)")
+    p.add_argument(
+        "--poll-interval",
+        type=positive_duration,
+        default=0.25,
+        help="how often the Spot interruption notice (spot/instance-action) is read (250ms)",
+    )
+    p.add_argument(
+        "--slow-poll-interval",
+        type=positive_duration,
+        default=5.0,
+        help="how often rebalance, scheduled maintenance and ASG lifecycle are read (5s)",
+    )
     p.add_argument("--listen", type=host_port, default=("0.0.0.0", 9101), help="HOST:PORT of /healthz /readyz /metrics")
     p.add_argument("--dry-run", action="store_true", help="log every action, change nothing")
     p.add_argument(
@@ -115,6 +125,7 @@ class AgentConfig:
     imds_v1_fallback: bool
     imds_token_ttl: int
     poll_interval: float
+    slow_poll_interval: float
     listen: tuple[str, int]
     dry_run: bool
     policies: dict[NoticeKind, NoticePolicy]
@@ -157,6 +168,7 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         imds_v1_fallback=args.imds_v1_fallback,
         imds_token_ttl=int(args.imds_token_ttl),
         poll_interval=args.poll_interval,
+        slow_poll_interval=max(args.poll_interval, args.slow_poll_interval),
         listen=args.listen,
         dry_run=args.dry_run,
         policies=policies,
@@ -178,19 +190,16 @@ def newer(a: NodeView, b: NodeView) -> bool:
 
 
 class Agent:
-    def __init__(
-        self, config: AgentConfig, client: AsyncClient, session: aiohttp.ClientSession, alerter: Alerter
-    ) -> None:
+    def __init__(self, config: AgentConfig, client: AsyncClient, alerter: Alerter) -> None:
         self.config = config
         self.client = client
         self.log = spotd_log.get("spotd.agent").bind(node=config.node_name)
         self.limiter = RateLimiter(config.api_qps, config.api_burst)
         self.imds = imds = ImdsClient(
-            session,
             config.imds_endpoint,
             token_ttl=config.imds_token_ttl,
             v1_fallback=config.imds_v1_fallback,
-            timeout=min(1.0, max(0.2, config.poll_interval)),
+            timeout=min(1.0, max(0.5, config.poll_interval)),
         )
         self.poller = NoticePoller(imds, asg_termination_window=config.asg_termination_window, log=self.log)
         self.nodes = NodeClient(client, config.node_name, self.limiter, self.log, config.dry_run)
@@ -201,6 +210,7 @@ class Agent:
         self.heartbeat = Heartbeat(time.monotonic)
         self.imds_result = PollResult((), False)
         self.polled = False
+        self.reconciled: PollResult | None = None  # the poll result last reconciled, successfully
         self.simulated: Notice | None = None
         self.requests: dict[str, tuple[str, Notice | None]] = {}  # ConfigMap name -> (resourceVersion, notice)
         self.annotation_warned: str | None = None
@@ -283,14 +293,34 @@ class Agent:
         info = await self.imds.instance_info()
         self.responder.instance = AlertNode(self.config.node_name, info.instance_id, info.zone, info.instance_type)
 
+    def quiet(self) -> bool:
+        """Nothing to reconcile: no notice now nor in hand, and the same poll result as last reconciled.
+
+        While a notice is present every poll reconciles, as before: its time to act may come, a drain may
+        need restarting, someone may have undone a step.
+        """
+        return (
+            self.imds_result is self.reconciled
+            and not self.imds_result.notices
+            and self.simulated is None
+            and self.responder.acting is None
+        )
+
     async def poll_loop(self) -> None:
-        interval = self.config.poll_interval
+        """The Spot interruption path every poll interval; every notice path every slow interval."""
+        interval, slow = self.config.poll_interval, self.config.slow_poll_interval
+        next_full = 0.0
         while True:
             started = time.monotonic()
+            paths = None if started >= next_full else URGENT_PATHS
+            if paths is None:
+                next_full = started + slow
             try:
-                self.imds_result = await self.poller.poll_once(datetime.now(UTC))
+                self.imds_result = await self.poller.poll_once(datetime.now(UTC), paths)
                 self.polled = True
-                await self.responder.reconcile(self.sighting())
+                if not self.quiet():
+                    await self.responder.reconcile(self.sighting())
+                    self.reconciled = self.imds_result
             except (ApiError, OSError, httpx.HTTPError) as exc:
                 LOOP_ERRORS.labels("poll").inc()
                 self.log.warning("reconcile_failed", error=repr(exc))
@@ -360,32 +390,33 @@ async def serve(config: AgentConfig, *, health_server: bool = True) -> None:
     log = spotd_log.get("spotd.agent").bind(node=config.node_name)
     client = make_client(config.kubeconfig)
     alerter = Alerter(config.alerts, log=log)
-    async with aiohttp.ClientSession() as session:
-        agent = Agent(config, client, session, alerter)
-        server = HealthServer(*config.listen, REGISTRY, agent.heartbeat.alive, lambda: agent.node_ready)
-        if health_server:
-            await server.start()
-        log.info(
-            "agent_started",
-            listen=f"{config.listen[0]}:{server.port}" if health_server else None,
-            imds=config.imds_endpoint,
-            poll_interval=config.poll_interval,
-            dry_run=config.dry_run,
-        )
-        try:
-            await agent.start()
-            async with asyncio.TaskGroup() as tasks:
-                tasks.create_task(agent.learn_instance())
-                tasks.create_task(agent.poll_loop())
-                tasks.create_task(agent.node_loop())
-                tasks.create_task(agent.rehearsal_loop())
-                tasks.create_task(alerter.run())
-        finally:
-            log.info("agent_stopping")
-            await agent.responder.close()
-            await agent.events.flush()
-            await server.stop()
-            await client.close()
+    agent = Agent(config, client, alerter)
+    server = HealthServer(*config.listen, REGISTRY, agent.heartbeat.alive, lambda: agent.node_ready)
+    if health_server:
+        await server.start()
+    log.info(
+        "agent_started",
+        listen=f"{config.listen[0]}:{server.port}" if health_server else None,
+        imds=config.imds_endpoint,
+        poll_interval=config.poll_interval,
+        slow_poll_interval=config.slow_poll_interval,
+        dry_run=config.dry_run,
+    )
+    try:
+        await agent.start()
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(agent.learn_instance())
+            tasks.create_task(agent.poll_loop())
+            tasks.create_task(agent.node_loop())
+            tasks.create_task(agent.rehearsal_loop())
+            tasks.create_task(alerter.run())
+    finally:
+        log.info("agent_stopping")
+        await agent.responder.close()
+        await agent.events.flush()
+        await agent.imds.aclose()
+        await server.stop()
+        await client.close()
 
 
 async def run(config: AgentConfig) -> int:

@@ -9,8 +9,7 @@ import ssl
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-
-from yarl import URL
+from urllib.parse import urlsplit
 
 from spotd.common.log import redact
 from spotd.common.parsing import parse_duration, parse_key_value
@@ -136,12 +135,13 @@ def add_alert_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] 
 def _check_url(text: str) -> str:
     shown = redact(text)
     try:
-        url = URL(text)
+        url = urlsplit(text)
+        url.port  # noqa: B018 - raises ValueError on a port that is not a number
     except ValueError:
         raise ValueError(f"--alertmanager-url: {shown!r} is not an http(s) URL") from None
-    if url.scheme not in ("http", "https") or not url.host:
+    if url.scheme not in ("http", "https") or not url.hostname:
         raise ValueError(f"--alertmanager-url: {shown!r} is not an http(s) URL")
-    if url.query_string or url.fragment:
+    if url.query or url.fragment:
         raise ValueError(f"--alertmanager-url: {shown!r} must not have a query or fragment")
     return text
 

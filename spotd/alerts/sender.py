@@ -20,9 +20,9 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import unquote, urlsplit, urlunsplit
 
-import aiohttp
-from yarl import URL
+import httpx
 
 from spotd.alerts.flags import AlertConfig
 from spotd.alerts.metrics import ALERT_QUEUE_DEPTH, ALERTS_DROPPED, ALERTS_SENT
@@ -41,13 +41,14 @@ class _Member:
     """One Alertmanager: where to POST, its credentials, its own queue and its own health."""
 
     def __init__(self, raw_url: str) -> None:
-        url = URL(raw_url)
+        url = urlsplit(raw_url)
         # The header is built once here; the URL that is used and logged carries no user info.
-        self.authorization = _basic_auth(url.user, url.password or "") if url.user else None
-        base = url.with_user(None)
-        path = base.path.rstrip("/")
-        self.endpoint = base.with_path(path if path.endswith(_API_PATH) else path + _API_PATH)
-        self.name = str(base)  # the only form that is ever logged: no user info
+        user, password = unquote(url.username or ""), unquote(url.password or "")
+        self.authorization = _basic_auth(user, password) if user else None
+        netloc = url.netloc.rpartition("@")[2]
+        path = url.path.rstrip("/")
+        self.endpoint = urlunsplit((url.scheme, netloc, path if path.endswith(_API_PATH) else path + _API_PATH, "", ""))
+        self.name = urlunsplit((url.scheme, netloc, url.path, "", ""))  # the only form ever logged: no user info
         self.pending: OrderedDict[Identity, Alert] = OrderedDict()
         self.wakeup = asyncio.Event()
         self.failing = False
@@ -94,8 +95,8 @@ class Alerter:
         self._extra_labels = config.labels()
         self._members = [_Member(url) for url in config.urls]
         self._token = _TokenFile(config.bearer_token_file, self._log) if config.bearer_token_file else None
-        self._ssl: ssl.SSLContext | bool = ssl.create_default_context(cafile=config.ca_file) if config.ca_file else True
-        self._timeout = aiohttp.ClientTimeout(total=config.timeout)
+        self._ca_file = config.ca_file
+        self._timeout = config.timeout
         self._active: dict[Identity, Alert] = {}
         self._resolved: dict[Identity, Alert] = {}
         self.dropped = 0
@@ -214,7 +215,9 @@ class Alerter:
             while True:  # nothing to send to; still forget what has ended
                 await asyncio.sleep(self._config.resend_interval)
                 self._tick()
-        async with aiohttp.ClientSession(timeout=self._timeout) as session:
+        # The system's CA certificates (or --alertmanager-ca-file), no proxy from the environment.
+        tls = ssl.create_default_context(cafile=self._ca_file) if self._ca_file else ssl.create_default_context()
+        async with httpx.AsyncClient(verify=tls, trust_env=False, timeout=self._timeout) as session:
             workers = [asyncio.create_task(self._deliver(m, session), name=f"alerts:{m.name}") for m in self._members]
             try:
                 while True:
@@ -227,7 +230,7 @@ class Alerter:
                 await self._flush(session)
                 raise
 
-    async def _deliver(self, member: _Member, session: aiohttp.ClientSession) -> None:
+    async def _deliver(self, member: _Member, session: httpx.AsyncClient) -> None:
         cfg = self._config
         backoff = cfg.backoff_initial
         while True:
@@ -255,9 +258,9 @@ class Alerter:
     async def _post(
         self,
         member: _Member,
-        session: aiohttp.ClientSession,
+        session: httpx.AsyncClient,
         alerts: list[Alert],
-        timeout: aiohttp.ClientTimeout | None = None,
+        timeout: float | None = None,
     ) -> str:
         """One POST of a batch; returns and counts the outcome: ok, error (retry) or rejected (don't)."""
         valid_until = self._clock() + timedelta(seconds=_VALIDITY_INTERVALS * self._config.resend_interval)
@@ -269,17 +272,12 @@ class Alerter:
             headers["Authorization"] = f"Bearer {token}"
         status, detail = 0, ""
         try:
-            async with session.post(
-                member.endpoint,
-                json=body,
-                headers=headers,
-                ssl=self._ssl,
-                timeout=timeout or self._timeout,
-            ) as resp:
-                status = resp.status
-                if status >= 300:
-                    detail = (await resp.text())[:200]
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            async with asyncio.timeout(timeout or self._timeout):  # connect to last byte, as the flag says
+                resp = await session.post(member.endpoint, json=body, headers=headers)
+            status = resp.status_code
+            if status >= 300:
+                detail = resp.text[:200]
+        except (httpx.HTTPError, TimeoutError, OSError) as exc:
             detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         if 200 <= status < 300:
             outcome = "ok"
@@ -306,9 +304,9 @@ class Alerter:
         else:
             self._log.debug("alertmanager_retry", **fields)
 
-    async def _flush(self, session: aiohttp.ClientSession) -> None:
+    async def _flush(self, session: httpx.AsyncClient) -> None:
         """Once, briefly, send every member what it still has waiting: one POST each, all at once."""
-        timeout = aiohttp.ClientTimeout(total=self._config.shutdown_timeout)
+        timeout = self._config.shutdown_timeout
 
         async def flush_one(member: _Member) -> None:
             alerts = list(member.pending.values())

@@ -1,12 +1,44 @@
-"""One small aiohttp server per process: /healthz, /readyz, /metrics."""
+"""One small HTTP server per process: /healthz, /readyz, /metrics.
+
+The standard library's WSGI server in a thread, with prometheus-client's WSGI app for /metrics: no web
+framework in the agent (aiohttp alone is about 11 MB resident on every node, bench/bench_agent.py), and no
+HTTP code of our own. Each request gets a short-lived thread (as prometheus-client's own server does), so
+a client that stalls (cut off after ``_CLIENT_TIMEOUT``) never delays a kubelet probe. The server thread
+sleeps in select() until a request comes (no periodic wake-ups); stop() wakes it with a connection.
+
+liveness and readiness are called from those threads: they must only read (a bool, a few floats).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+import socket
+import threading
+from collections.abc import Callable, Iterable
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from aiohttp import web
-from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CollectorRegistry, make_wsgi_app
+
+_CLIENT_TIMEOUT = 5.0
+_TEXT = ("Content-Type", "text/plain; charset=utf-8")
+
+
+class _Handler(WSGIRequestHandler):
+    timeout = _CLIENT_TIMEOUT  # socket timeout per connection: a stalled client does not hold the server
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # probes every few seconds are not worth a log line
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    allow_reuse_address = True
+    daemon_threads = True  # a stalled client does not hold up stop()
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
 
 
 class HealthServer:
@@ -23,42 +55,69 @@ class HealthServer:
     ) -> None:
         self._host, self._port = host, port
         self._detail = detail  # a line /readyz adds (the controller: what it may drain)
-        self._registry = registry
         self._liveness, self._readiness = liveness, readiness
-        self._runner: web.AppRunner | None = None
+        self._metrics = make_wsgi_app(registry)
+        self._server: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
         self.port = port
 
     async def start(self) -> None:
-        app = web.Application()
-        app.router.add_get("/healthz", self._healthz)
-        app.router.add_get("/readyz", self._readyz)
-        app.router.add_get("/metrics", self._metrics)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self._host, self._port)
-        await site.start()
-        if self._port == 0:
-            self.port = self._runner.addresses[0][1]
+        server_class = _Server6 if ":" in self._host else _Server
+        self._server = make_server(self._host, self._port, self._app, server_class, _Handler)
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": None}, name="health-server", daemon=True
+        )
+        self._thread.start()
 
     async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        server, thread = self._server, self._thread
+        if server is None or thread is None:
+            return
+        self._server = self._thread = None
+        await asyncio.to_thread(self._shutdown, server, thread)
+        server.server_close()
 
-    async def _healthz(self, _: web.Request) -> web.Response:
-        ok = self._liveness()
-        return web.Response(status=200 if ok else 503, text="ok\n" if ok else "loops stalled\n")
+    def _shutdown(self, server: WSGIServer, thread: threading.Thread) -> None:
+        """Ask serve_forever to return, and connect until it has: the select() it sleeps in returns on a
+        connection, and only then does it see the request (which may come after our first connection)."""
+        stopping = threading.Thread(target=server.shutdown, daemon=True)  # returns once serve_forever has
+        stopping.start()
+        host = "::1" if server.address_family == socket.AF_INET6 else "127.0.0.1"
+        if self._host not in ("", "0.0.0.0", "::"):
+            host = self._host
+        for _ in range(50):
+            try:
+                with socket.create_connection((host, self.port), timeout=1.0):
+                    pass
+            except OSError:
+                pass
+            stopping.join(0.1)
+            if not stopping.is_alive():
+                break
+        thread.join(1.0)
 
-    async def _readyz(self, _: web.Request) -> web.Response:
-        ok = self._readiness()
-        text = "ready\n" if ok else "not ready\n"
-        if self._detail is not None:
-            text += self._detail() + "\n"
-        return web.Response(status=200 if ok else 503, text=text)
+    def _app(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path == "/metrics":
+            return self._metrics(environ, start_response)
+        if path == "/healthz":
+            ok = self._liveness()
+            return _answer(start_response, ok, b"ok\n" if ok else b"loops stalled\n")
+        if path == "/readyz":
+            ok = self._readiness()
+            text = "ready\n" if ok else "not ready\n"
+            if self._detail is not None:
+                text += self._detail() + "\n"
+            return _answer(start_response, ok, text.encode())
+        start_response("404 Not Found", [_TEXT])
+        return [b"not found\n"]
 
-    async def _metrics(self, _: web.Request) -> web.Response:
-        body = generate_latest(self._registry)
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+def _answer(start_response: Callable[..., Any], ok: bool, body: bytes) -> list[bytes]:
+    # A new list each time: wsgiref adds Content-Length to the one it is given.
+    start_response("200 OK" if ok else "503 Service Unavailable", [_TEXT])
+    return [body]
 
 
 class Heartbeat:
@@ -72,5 +131,6 @@ class Heartbeat:
         self._last[loop] = (self._clock(), allowance)
 
     def alive(self) -> bool:
+        """Safe to call from another thread (the health server's)."""
         now = self._clock()
-        return all(now - at <= allowance for at, allowance in self._last.values())
+        return all(now - at <= allowance for at, allowance in list(self._last.values()))

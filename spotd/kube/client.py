@@ -28,6 +28,11 @@ def load_config(kubeconfig: str | None) -> KubeConfig:
 def make_client(kubeconfig: str | None, timeout: float = 10.0) -> AsyncClient:
     """One AsyncClient per process; lightkube keeps a connection pool behind it (watches lift the read timeout)."""
     config = load_config(kubeconfig)
+    for cluster in config.clusters.values():
+        if cluster.server.startswith("http://"):
+            # Plain HTTP (kubectl proxy, the fake API server): no TLS, so lightkube need not load a CA
+            # bundle into memory (certifi's, 2.5 MB resident) for a context it never uses.
+            cluster.insecure = True
     return AsyncClient(
         config=config,
         field_manager=FIELD_MANAGER,

@@ -12,13 +12,16 @@ ImdsClient
   the answer is one no retry will change (401 twice, 400, 403), ``ImdsUnavailable`` is raised.
 
 NoticePoller
-  Reads the four notice paths concurrently and returns every notice present now. A path that could not be
-  read is in ``failed_paths``; a path whose body could not be parsed is in ``malformed_paths`` (logged and
-  counted once per distinct body). Either makes the cycle incomplete (``complete`` False): a malformed
-  maintenance list says nothing about which events are still due, so it must not cancel one. Use
-  ``PollResult.covers(kind)`` to know whether the absence of a kind in this cycle means it is gone.
-  ``spotd_imds_last_success_timestamp_seconds`` is set when every path *answered* (malformed included:
-  IMDS is reachable, the payload is the problem, and it is counted separately).
+  Reads the notice paths it is asked for (all four by default; the agent reads ``URGENT_PATHS`` often and
+  the rest less often), one after another on one kept-alive connection, and returns every notice present
+  at each path's latest reading. A path that could not be read is in ``failed_paths``; a path whose body
+  could not be parsed is in ``malformed_paths`` (logged and counted once per distinct body). Either makes
+  the result incomplete (``complete`` False): a malformed maintenance list says nothing about which events
+  are still due, so it must not cancel one. Use ``PollResult.covers(kind)`` to know whether the absence of
+  a kind means it is gone. Once IMDS itself does not answer (timeouts, refused connections, no token), the
+  rest of that call's paths are marked failed untried: an outage costs one path's tries, not four.
+  ``spotd_imds_last_success_timestamp_seconds`` is set when every path's latest reading *answered*
+  (malformed included: IMDS is reachable, the payload is the problem, and it is counted separately).
   Bodies are cached per path: an unchanged body is not parsed (nor logged) again, so a notice keeps the
   ``seen_at`` of its first sighting, and an ASG termination keeps the deadline computed then (the ASG
   gives no time of its own). When a body changes, notices that keep their key keep their first ``seen_at``.
@@ -27,16 +30,17 @@ NoticePoller
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-import aiohttp
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential, wait_random
+import h11
 
 from spotd.common import log as spotd_log
+from spotd.common.keepalive import KeepAliveClient
 from spotd.notices.metrics import IMDS_LAST_SUCCESS, IMDS_REQUESTS, NOTICES_MALFORMED
 from spotd.notices.record import (
     MalformedNotice,
@@ -58,16 +62,25 @@ _log = spotd_log.get("spotd.imds")
 
 
 class ImdsUnavailable(Exception):
-    """IMDS did not answer a request usefully after the allowed tries; ``path`` and ``reason`` say why."""
+    """IMDS did not answer a request usefully after the allowed tries; ``path`` and ``reason`` say why.
 
-    def __init__(self, path: str, reason: str) -> None:
+    ``unreachable``: the service itself did not answer (timeouts, refused connections, no token), so
+    other paths will not fare better this cycle.
+    """
+
+    def __init__(self, path: str, reason: str, *, unreachable: bool = False) -> None:
         super().__init__(f"{path}: {reason}")
         self.path = path
         self.reason = reason
+        self.unreachable = unreachable
 
 
 class _Transient(Exception):
     """An attempt failed in a way another attempt may fix (timeout, connection, 5xx, 429)."""
+
+    def __init__(self, reason: str, *, unreachable: bool = False) -> None:
+        super().__init__(reason)
+        self.unreachable = unreachable
 
 
 _OUTCOMES = {200: "ok", 404: "not_found", 401: "unauthorized", 403: "unauthorized", 429: "throttled"}
@@ -87,13 +100,13 @@ class InstanceInfo:
 class ImdsClient:
     """Reads ``/latest/meta-data/`` paths over IMDSv2 (see the module docstring for the rules).
 
-    The session must not route through a proxy (``trust_env`` off, the aiohttp default): IMDS is link-local
-    and refuses token requests that carry ``X-Forwarded-For``.
+    Requests go one after another over one kept-alive connection (spotd.common.keepalive), never through
+    a proxy: IMDS is link-local and refuses token requests that carry ``X-Forwarded-For``. ``aclose()``
+    closes the connection.
     """
 
     def __init__(
         self,
-        session: aiohttp.ClientSession,
         endpoint: str = "http://169.254.169.254",
         *,
         token_ttl: int = 21600,
@@ -105,11 +118,10 @@ class ImdsClient:
     ) -> None:
         if not 1 <= token_ttl <= 21600:
             raise ValueError(f"token_ttl {token_ttl} is not within 1..21600 seconds")
-        self._session = session
-        self._endpoint = endpoint.rstrip("/")
+        self._http = KeepAliveClient(endpoint)
         self._token_ttl = token_ttl
         self._v1_fallback = v1_fallback
-        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._timeout = timeout
         self._attempts = max(1, retry_attempts)
         self._backoff = retry_backoff
         self._clock = clock
@@ -117,6 +129,14 @@ class ImdsClient:
         self._token_refresh_at = 0.0
         self._v1 = False
         self._token_fetch: asyncio.Future[str | None] | None = None
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    @property
+    def connections_opened(self) -> int:
+        """TCP connections opened so far: one for the agent's whole life while IMDS keeps it alive."""
+        return self._http.connections_opened
 
     @property
     def using_v1(self) -> bool:
@@ -126,19 +146,17 @@ class ImdsClient:
     async def get(self, path: str) -> str | None:
         """The body of ``/latest/meta-data/<path>`` on 200, None on 404; raises ImdsUnavailable."""
         path = path.strip("/")
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(self._attempts),
-            wait=wait_exponential(multiplier=self._backoff, max=self._backoff * 8) + wait_random(0, self._backoff),
-            retry=retry_if_exception_type(_Transient),
-            reraise=True,
-        )
-        try:
-            async for attempt in retrying:
-                with attempt:
-                    return await self._get_once(path)
-        except _Transient as exc:
-            raise ImdsUnavailable(path, str(exc)) from None
-        raise AssertionError("unreachable")  # pragma: no cover
+        attempt = 1
+        while True:
+            try:
+                return await self._get_once(path)
+            except _Transient as exc:
+                if attempt >= self._attempts:
+                    raise ImdsUnavailable(path, str(exc), unreachable=exc.unreachable) from None
+            # Exponential back-off with jitter, capped at 8 x the base.
+            delay = min(self._backoff * 2 ** (attempt - 1), self._backoff * 8) + random.uniform(0, self._backoff)
+            await asyncio.sleep(delay)
+            attempt += 1
 
     async def instance_info(self) -> InstanceInfo:
         """Instance id, type, zone, region and lifecycle; never raises (unknown fields are "")."""
@@ -149,7 +167,7 @@ class ImdsClient:
             "placement/region",
             "instance-life-cycle",
         )
-        values = await asyncio.gather(*(self._get_or_empty(k) for k in keys))
+        values = [await self._get_or_empty(k) for k in keys]  # in turn: one connection, once per process
         instance_id, instance_type, zone, region, lifecycle = values
         if not region and zone[-1:].isalpha():
             region = zone[:-1]  # us-east-1a -> us-east-1 (placement/region is absent on old instances)
@@ -212,8 +230,8 @@ class ImdsClient:
             self._v1 = True
             return None
         if status == 429 or status >= 500:
-            raise _Transient(f"token status {status}")
-        raise ImdsUnavailable("api/token", f"token refused with status {status}")
+            raise _Transient(f"token status {status}", unreachable=True)
+        raise ImdsUnavailable("api/token", f"token refused with status {status}", unreachable=True)
 
     def _granted_ttl(self, ttl_header: str | None) -> float:
         """The TTL IMDS says it granted (never more than asked), else the one asked for."""
@@ -235,19 +253,26 @@ class ImdsClient:
     ) -> tuple[int, str, str | None]:
         """One HTTP exchange, counted: (status, body, TTL header); transport failures become _Transient."""
         try:
-            async with self._session.request(
-                method, self._endpoint + url_path, headers=headers, timeout=self._timeout, raise_for_status=False
-            ) as resp:
-                text = await resp.text(errors="replace")
-                status, ttl_header = resp.status, resp.headers.get(TTL_HEADER)
+            resp = await self._http.request(method, url_path, headers, timeout=self._timeout)
         except TimeoutError:
-            IMDS_REQUESTS.labels(path=label, outcome="timeout").inc()
-            raise _Transient("timeout") from None
-        except (aiohttp.ClientError, OSError) as exc:
-            IMDS_REQUESTS.labels(path=label, outcome="error").inc()
-            raise _Transient(type(exc).__name__) from None
-        IMDS_REQUESTS.labels(path=label, outcome=_OUTCOMES.get(status, "error")).inc()
-        return status, text, ttl_header
+            _count(label, "timeout")
+            raise _Transient("timeout", unreachable=True) from None
+        except (h11.ProtocolError, OSError) as exc:
+            _count(label, "error")
+            raise _Transient(type(exc).__name__, unreachable=True) from None
+        _count(label, _OUTCOMES.get(resp.status, "error"))
+        return resp.status, resp.text(), resp.headers.get(TTL_HEADER.lower())
+
+
+_counters: dict[tuple[str, str], Any] = {}
+
+
+def _count(path: str, outcome: str) -> None:
+    """spotd_imds_requests_total{path,outcome} += 1; the labelled child is looked up once (polled 4x a second)."""
+    child = _counters.get((path, outcome))
+    if child is None:
+        child = _counters[path, outcome] = IMDS_REQUESTS.labels(path=path, outcome=outcome)
+    child.inc()
 
 
 # The notice paths and the kind each carries. Adding a source here is adding a line and a parser.
@@ -257,14 +282,17 @@ NOTICE_PATHS: dict[str, NoticeKind] = {
     "events/maintenance/scheduled": NoticeKind.SCHEDULED_MAINTENANCE,
     "autoscaling/target-lifecycle-state": NoticeKind.ASG_TERMINATION,
 }
+# Read on the short poll interval: a Spot interruption gives two minutes. The others are announced days
+# ahead (maintenance), advisory (rebalance) or held by a lifecycle hook (ASG): the slow interval will do.
+URGENT_PATHS: tuple[str, ...] = ("spot/instance-action",)
 
 
 @dataclass(frozen=True)
 class PollResult:
     """Every notice present in IMDS this cycle.
 
-    complete: every path was read and parsed. When False, a notice missing from ``notices`` may still be
-    present: check ``covers(kind)`` before concluding that one has gone.
+    complete: every path was read and parsed (at its latest reading). When False, a notice missing from
+    ``notices`` may still be present: check ``covers(kind)`` before concluding that one has gone.
     """
 
     notices: tuple[Notice, ...]
@@ -304,30 +332,59 @@ class NoticePoller:
         self._cache: dict[str, _Parsed] = {}  # last body per path, and what it parsed to
         self._last_good: dict[str, tuple[Notice, ...]] = {}  # for seen_at across a changed body
         self._failing: set[str] = set()  # paths whose failure was already logged
+        self._latest: dict[str, _Parsed | None] = {}  # each path's latest reading; None: it failed
+        self._last_result: PollResult | None = None  # returned again while no reading changed
 
-    async def poll_once(self, now: datetime) -> PollResult:
-        """Read every notice path concurrently; ``now`` stamps newly seen notices."""
-        paths = tuple(NOTICE_PATHS)
-        answers = await asyncio.gather(*(self._client.get(p) for p in paths), return_exceptions=True)
-        notices: list[Notice] = []
-        failed: list[str] = []
-        malformed: list[str] = []
-        for path, answer in zip(paths, answers, strict=True):
-            if isinstance(answer, BaseException):
-                if not isinstance(answer, Exception):
-                    raise answer  # cancellation is how we stop
-                failed.append(path)
-                self._note_failure(path, answer)
+    async def poll_once(self, now: datetime, paths: Sequence[str] | None = None) -> PollResult:
+        """Read ``paths`` (default: every notice path) one after another on one connection; ``now`` stamps
+        newly seen notices. The result holds every path at its latest reading: a path not read this time
+        counts as it was last read, and one never read yet as failed. While no reading changes, the same
+        PollResult object is returned (callers may compare with ``is``).
+
+        Once IMDS itself does not answer (timeouts, refused connections, no token) the remaining paths of
+        this call are marked failed without a try: an outage costs one path's tries, not one per path.
+        """
+        outage: ImdsUnavailable | None = None
+        answered = True
+        for path in NOTICE_PATHS if paths is None else paths:
+            if outage is not None:
+                self._latest[path] = self._last_result = None
+                self._note_failure(path, outage)
+                continue
+            try:
+                answer = await self._client.get(path)
+            except Exception as exc:  # cancellation (BaseException) is how we stop: not caught
+                self._latest[path] = self._last_result = None
+                self._note_failure(path, exc)
+                answered = False
+                if isinstance(exc, ImdsUnavailable) and exc.unreachable:
+                    outage = exc
                 continue
             if path in self._failing:
                 self._failing.discard(path)
                 self._log.info("imds_path_recovered", path=path)
             parsed = self._parse(path, answer, now)
+            if self._latest.get(path) is not parsed:
+                self._latest[path] = parsed
+                self._last_result = None
+        if answered and all(self._latest.get(p) is not None for p in NOTICE_PATHS):
+            IMDS_LAST_SUCCESS.set(time.time())
+        if self._last_result is None:
+            self._last_result = self._result()
+        return self._last_result
+
+    def _result(self) -> PollResult:
+        notices: list[Notice] = []
+        failed: list[str] = []
+        malformed: list[str] = []
+        for path in NOTICE_PATHS:
+            parsed = self._latest.get(path)
+            if parsed is None:
+                failed.append(path)
+                continue
             if parsed.malformed:
                 malformed.append(path)
             notices.extend(parsed.notices)
-        if not failed:
-            IMDS_LAST_SUCCESS.set(time.time())
         return PollResult(
             notices=tuple(notices),
             complete=not failed and not malformed,
