@@ -16,6 +16,10 @@ SIMULATION_ANNOTATION = "spotd.io/simulate-reclaim"
 DRAIN_ANNOTATION = "spotd.io/drain"  # "false": the controller never drains this node
 DRAINING_ANNOTATION = "spotd.io/draining"  # the controller: a drain of ours is in flight (restart recovery)
 DRAINED_ANNOTATION = "spotd.io/drained"  # the controller: drained, left to the autoscaler
+# spotd's own, on the controller's placeholder pods (make-before-break, docs/controller.md)
+PLACEHOLDER_FOR_LABEL = "spotd.io/placeholder-for"  # the fallback node surged for (a hash when too long)
+PLACEHOLDER_NODE_ANNOTATION = "spotd.io/placeholder-for"  # that node's full name
+PLACEHOLDER_POD_ANNOTATION = "spotd.io/placeholder-of"  # namespace/name of the pod whose room it holds
 
 # Kubernetes and its autoscalers
 EXCLUDE_LB_LABEL = "node.kubernetes.io/exclude-from-external-load-balancers"
