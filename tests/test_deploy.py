@@ -28,6 +28,7 @@ MANIFESTS = (
     "pdb.yaml",
     "service.yaml",
     "admission-policy.yaml",
+    "placeholder-priorityclass.yaml",
 )
 # Written by the alerting work; a CRD (monitoring.coreos.com/v1), so no bundled schema: checked for shape.
 PROMETHEUS_RULE = DEPLOY / "prometheusrule.yaml"
@@ -44,6 +45,7 @@ CLUSTER_SCOPED = (
     "ClusterRoleBinding",
     "ValidatingAdmissionPolicy",
     "ValidatingAdmissionPolicyBinding",
+    "PriorityClass",
 )
 
 Doc = dict[str, Any]
@@ -340,6 +342,13 @@ CONTROLLER_RULES = (
     | grants("policy", "poddisruptionbudgets", "get list watch")
     | EVENTS
 )
+PLACEHOLDER_RULES = grants("", "pods", "create delete")
+CA_CONFIGMAPS = ("cluster-autoscaler-status", "cluster-autoscaler-priority-expander")
+SURGE_RULES = (
+    grants("", "persistentvolumeclaims", "get")
+    | grants("", "persistentvolumes", "get")
+    | {("", "configmaps", "get", name) for name in CA_CONFIGMAPS}
+)
 LEASE_RULES = grants("coordination.k8s.io", "leases", "get update", "spotd-controller") | grants(
     "coordination.k8s.io", "leases", "create"
 )
@@ -351,6 +360,8 @@ LEASE_RULES = grants("coordination.k8s.io", "leases", "get update", "spotd-contr
         ("ClusterRole", "spotd-agent", AGENT_RULES),
         ("ClusterRole", "spotd-controller", CONTROLLER_RULES),
         ("Role", "spotd-controller-lease", LEASE_RULES),
+        ("Role", "spotd-controller-placeholders", PLACEHOLDER_RULES),
+        ("ClusterRole", "spotd-controller-surge", SURGE_RULES),
     ],
 )
 def test_rbac_is_exactly_the_least_set(kind: str, name: str, expected: set[Rule]) -> None:
@@ -361,12 +372,14 @@ def test_rbac_is_exactly_the_least_set(kind: str, name: str, expected: set[Rule]
 
 def test_rbac_has_no_wildcards_or_secrets() -> None:
     roles = [d for d in load("rbac.yaml") if d["kind"] in ("ClusterRole", "Role")]
-    assert len(roles) == 3
+    assert len(roles) == 5
     for role in roles:
         assert "aggregationRule" not in role
-        for group, resource, verb, _ in granted(role):
+        for group, resource, verb, name in granted(role):
             assert "*" not in (group, resource, verb), role["metadata"]["name"]
-            assert resource not in ("secrets", "configmaps", "serviceaccounts/token"), role["metadata"]["name"]
+            assert resource not in ("secrets", "serviceaccounts/token"), role["metadata"]["name"]
+            # ConfigMaps: only cluster-autoscaler's two, by name, read-only
+            assert resource != "configmaps" or (name in CA_CONFIGMAPS and verb == "get"), role["metadata"]["name"]
             assert verb not in ("escalate", "bind", "impersonate"), role["metadata"]["name"]
 
 
@@ -376,6 +389,8 @@ def test_rbac_has_no_wildcards_or_secrets() -> None:
         ("ClusterRoleBinding", "spotd-agent", "ClusterRole", "spotd-agent"),
         ("ClusterRoleBinding", "spotd-controller", "ClusterRole", "spotd-controller"),
         ("RoleBinding", "spotd-controller-lease", "Role", "spotd-controller"),
+        ("RoleBinding", "spotd-controller-placeholders", "Role", "spotd-controller"),
+        ("ClusterRoleBinding", "spotd-controller-surge", "ClusterRole", "spotd-controller"),
     ],
 )
 def test_bindings(binding_kind: str, name: str, role_kind: str, account: str) -> None:
