@@ -352,3 +352,19 @@ def nodes_of(placeholders: Sequence[PlaceholderState]) -> dict[str, list[str]]:
         if ph.node:
             out[ph.node].append(ph.name)
     return dict(out)
+
+
+# the zone keys a PV's node affinity may use: the well-known label, its beta name, the EBS CSI driver's own
+PV_ZONE_KEYS = (*ZONE_LABELS, "topology.ebs.csi.aws.com/zone")
+
+
+def pv_zones(pv: Obj) -> list[str]:
+    """The zones a PersistentVolume's required node affinity allows (In on a zone key, any term); [] when it
+    names none (not zonal, or a node-local volume whose pods cannot move anyway)."""
+    required = ((pv.get("spec") or {}).get("nodeAffinity") or {}).get("required") or {}
+    zones: set[str] = set()
+    for term in required.get("nodeSelectorTerms") or []:
+        for req in term.get("matchExpressions") or []:
+            if req.get("key") in PV_ZONE_KEYS and req.get("operator") == "In":
+                zones.update(req.get("values") or [])
+    return sorted(zones)
