@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import structlog
 
+from spotd.common.metrics import REGISTRY
 from spotd.controller.autoscaler_view import groups_in_backoff, parse_status
 from spotd.controller.landing import PodSeen, what_to_follow
 from spotd.controller.placeholders import placeholder_pods
@@ -138,6 +139,7 @@ async def test_no_spot_room_fails_after_the_timeout_and_touches_nothing(api: Fak
     api.create(workload_pod("web-2"))
     api.create(node("od-2", "on-demand", cpu="16"))  # plenty of on-demand room: placeholders must not use it
     events = Events()
+    failed_before = REGISTRY.get_sample_value("spotd_surges_total", {"outcome": "failed"}) or 0
     task = asyncio.get_running_loop().create_task(run_surge(client, api, timeout=1.5, events=events))
 
     await eventually(lambda: len(placeholders(api)) == 2)
@@ -160,6 +162,7 @@ async def test_no_spot_room_fails_after_the_timeout_and_touches_nothing(api: Fak
     assert sorted(p["metadata"]["name"] for p in pods_of(api, OD_NODE)) == ["web-1", "web-2"]
     assert not api.get("Node", OD_NODE)["spec"].get("unschedulable")
     assert [(e[0], e[1], e[3]) for e in events.recorded] == [(OD_NODE, "SpotdSurgeFailed", "Warning")]
+    assert REGISTRY.get_sample_value("spotd_surges_total", {"outcome": "failed"}) == failed_before + 1
 
 
 async def test_a_spot_node_appears_and_the_surge_is_ready(api: FakeApiServer, client: Any) -> None:
@@ -280,8 +283,10 @@ async def test_where_the_replacements_landed(api: FakeApiServer, client: Any) ->
     api.create(workload_pod("web-3", on="spot-1"))
     api.create(node("od-2", "on-demand"))
     api.create(workload_pod("web-4", on="od-2"))
+    short_before = REGISTRY.get_sample_value("spotd_drain_landings_total", {"result": "short"}) or 0
     landing = await replacements_landed(client, follow, capacity_label=CT, timeout=5, log=log, poll=0.05)
     assert landing.short and not landing.returned
+    assert REGISTRY.get_sample_value("spotd_drain_landings_total", {"result": "short"}) == short_before + 1
     assert "landed on on-demand node(s) ['od-2']: ['shop/web-4']" in landing.reason
     assert landing.placed == {"shop/web-3": "spot-1 (spot)", "shop/web-4": "od-2 (on-demand)"}
 

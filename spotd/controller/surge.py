@@ -23,6 +23,7 @@ from lightkube import AsyncClient
 from spotd.common.metrics import LOOP_ERRORS
 from spotd.controller.autoscaler_view import AUTOSCALER_NAMESPACE, PRIORITY_EXPANDER_CONFIGMAP, STATUS_CONFIGMAP
 from spotd.controller.landing import Follow, Landing, PodSeen, landing_verdict, pod_seen, replacements, what_to_follow
+from spotd.controller.metrics import DRAIN_LANDINGS, SURGES
 from spotd.controller.placeholders import (
     PAUSE_IMAGE,
     PLACEHOLDER_PRIORITY_CLASS,
@@ -237,6 +238,7 @@ def _message(resp: httpx.Response) -> str:
 
 def _ended(outcome: SurgeOutcome, node: str, log: Any, events: EventSink | None, t0: float) -> SurgeOutcome:
     seconds = time.monotonic() - t0
+    SURGES.labels("ready" if outcome.ready else "failed").inc()
     if outcome.ready:
         log.info("surge_ready", reason=outcome.reason, nodes=dict(outcome.nodes), seconds=round(seconds, 1))
         if events is not None:
@@ -356,6 +358,7 @@ async def replacements_landed(
             capacity = dict(capacities.known)
         verdict = landing_verdict(found, capacity, follow.expected, timed_out)
         if verdict is not None:
+            DRAIN_LANDINGS.labels("returned" if verdict.returned else "short" if verdict.short else "unknown").inc()
             log.info(
                 "replacements_landed",
                 node=follow.node,
