@@ -8,6 +8,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
+from spotd.controller.node_groups import node_selection_matches
 from spotd.sim.kubeapi.errors import ApiError
 from spotd.sim.kubeapi.server import FakeApiServer
 
@@ -217,43 +218,9 @@ def _schedulable(node: Obj, pod: Obj) -> bool:
 
 
 def matches_node(node: Obj, pod: Obj) -> bool:
-    """The pod's nodeSelector and required node affinity (terms ORed, expressions ANDed) against the node."""
-    labels = node.get("metadata", {}).get("labels") or {}
-    spec = pod.get("spec", {})
-    if any(labels.get(k) != v for k, v in (spec.get("nodeSelector") or {}).items()):
-        return False
-    required = ((spec.get("affinity") or {}).get("nodeAffinity") or {}).get(
-        "requiredDuringSchedulingIgnoredDuringExecution"
-    ) or {}
-    terms = required.get("nodeSelectorTerms")
-    if not terms:
-        return True
-    fields = {"metadata.name": node.get("metadata", {}).get("name", "")}
-    return any(
-        (term.get("matchExpressions") or term.get("matchFields"))
-        and all(_requirement_holds(r, labels) for r in term.get("matchExpressions") or [])
-        and all(_requirement_holds(r, fields) for r in term.get("matchFields") or [])
-        for term in terms
-    )
-
-
-def _requirement_holds(req: Obj, labels: dict[str, str]) -> bool:
-    key, op, values = req.get("key", ""), req.get("operator"), req.get("values") or []
-    if op == "In":
-        return key in labels and labels[key] in values
-    if op == "NotIn":
-        return key not in labels or labels[key] not in values
-    if op == "Exists":
-        return key in labels
-    if op == "DoesNotExist":
-        return key not in labels
-    if op in ("Gt", "Lt") and key in labels and values:
-        try:
-            have, want = int(labels[key]), int(values[0])
-        except ValueError:
-            return False
-        return have > want if op == "Gt" else have < want
-    return False
+    """The pod's nodeSelector and required node affinity against the node (as kube-scheduler's NodeAffinity)."""
+    meta = node.get("metadata", {})
+    return node_selection_matches(pod.get("spec", {}), meta.get("labels") or {}, meta.get("name", ""))
 
 
 def _tolerates_unschedulable(pod: Obj) -> bool:
