@@ -332,3 +332,11 @@ def test_what_to_follow_and_replacements() -> None:
     now = [sibling, seen("web-1", NODE), seen("web-3", "spot-2"), seen("x", "spot-2", owner="api-rs")]
     assert [p.name for p in replacements(now, follow.owners, follow.before, NODE)] == ["web-3"]
     assert pod_seen(pod(owner=None)) is None
+
+
+def test_every_capacity_label_has_its_spot_spelling() -> None:
+    from spotd.controller.placeholders import SPOT_LABEL_VALUES
+    from spotd.kube.keys import CAPACITY_TYPE_LABELS, normalize_capacity_type
+
+    assert set(SPOT_LABEL_VALUES) == set(CAPACITY_TYPE_LABELS)
+    assert all(normalize_capacity_type(v) == "spot" for values in SPOT_LABEL_VALUES.values() for v in values)

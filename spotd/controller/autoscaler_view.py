@@ -38,7 +38,7 @@ class StatusFormatError(ValueError):
 
 
 @dataclass(frozen=True)
-class Verdict:
+class AutoscalerVerdict:
     ok: bool
     reason: str
 
@@ -80,21 +80,22 @@ def rank_of(priorities: Mapping[int, Iterable[re.Pattern[str]]], group: str) -> 
 
 def spot_ranks_above_fallback(
     priorities: Mapping[int, Iterable[re.Pattern[str]]], spot_groups: Iterable[str], fallback_groups: Iterable[str]
-) -> Verdict:
+) -> AutoscalerVerdict:
     """ok when the best-ranked Spot group ranks strictly above every fallback group: only then does
     cluster-autoscaler, given a pod both could run, scale up Spot first."""
     spot = {g: rank_of(priorities, g) for g in spot_groups}
     fallback = {g: rank_of(priorities, g) for g in fallback_groups}
     if not spot:
-        return Verdict(False, "no Spot node group known")
+        return AutoscalerVerdict(False, "no Spot node group known")
     ranked_spot = {g: r for g, r in spot.items() if r is not None}
     if not ranked_spot:
-        return Verdict(False, f"no Spot group matches a priority: {sorted(spot)}")
+        return AutoscalerVerdict(False, f"no Spot group matches a priority: {sorted(spot)}")
     best_group, best = max(ranked_spot.items(), key=lambda kv: (kv[1], kv[0]))
     rivals = sorted(g for g, r in fallback.items() if r is not None and r >= best)
     if rivals:
-        return Verdict(False, f"fallback group(s) {rivals} rank at or above the best Spot group {best_group} ({best})")
-    return Verdict(True, f"Spot group {best_group} ranks first ({best})")
+        why = f"fallback group(s) {rivals} rank at or above the best Spot group {best_group} ({best})"
+        return AutoscalerVerdict(False, why)
+    return AutoscalerVerdict(True, f"Spot group {best_group} ranks first ({best})")
 
 
 # ---- the status ConfigMap ----------------------------------------------------------------------------------
@@ -225,15 +226,15 @@ def groups_in_backoff(status: AutoscalerStatus, now: datetime, stale_after: floa
     return {g.name: g for g in status.groups if g.scale_up == BACKOFF}
 
 
-def surge_allowed(backoffs: Mapping[str, GroupStatus], spot_groups: Iterable[str]) -> Verdict:
+def surge_allowed(backoffs: Mapping[str, GroupStatus], spot_groups: Iterable[str]) -> AutoscalerVerdict:
     """ok unless every Spot group that could take the placeholders is in back-off (a surge into them would
     only wait out --surge-timeout)."""
     groups = sorted(set(spot_groups))
     if not groups:
-        return Verdict(True, "no Spot group named: back-offs not checked")
+        return AutoscalerVerdict(True, "no Spot group named: back-offs not checked")
     backed_off = [g for g in groups if g in backoffs]
     if len(backed_off) == len(groups):
         errors = "; ".join(f"{g}: {backoffs[g].error or 'back-off'}" for g in backed_off)
-        return Verdict(False, f"every Spot group is in back-off ({errors})")
+        return AutoscalerVerdict(False, f"every Spot group is in back-off ({errors})")
     free = [g for g in groups if g not in backoffs]
-    return Verdict(True, f"Spot group(s) not in back-off: {free}")
+    return AutoscalerVerdict(True, f"Spot group(s) not in back-off: {free}")

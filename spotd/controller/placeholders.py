@@ -50,6 +50,13 @@ PLACEHOLDER_PRIORITY_CLASS = "spotd-placeholder"
 PLACEHOLDER_GRACE_SECONDS = 1
 # the uid and gid the pause image runs as (its Dockerfile: USER 65535:65535)
 PAUSE_USER = 65535
+# The value each capacity-type label gives Spot nodes (kube.keys.CAPACITY_TYPE_LABELS), for the placeholders'
+# required affinity: the placeholders ask for the cluster's own spelling, as its node templates carry it.
+SPOT_LABEL_VALUES: dict[str, tuple[str, ...]] = {
+    "eks.amazonaws.com/capacityType": ("SPOT",),
+    "karpenter.sh/capacity-type": ("spot",),
+    "node.kubernetes.io/lifecycle": ("spot", "Ec2Spot"),
+}
 # container states from which a placeholder cannot start by itself: the surge fails at once
 _STUCK_REASONS = frozenset(
     {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError", "CreateContainerError"}
