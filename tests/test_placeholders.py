@@ -327,7 +327,7 @@ def test_what_to_follow_and_replacements() -> None:
     sibling = seen("web-2", "spot-1")  # already running elsewhere before the drain: not a replacement
     follow = what_to_follow(NODE, evicted, [sibling, seen("other", "spot-1", owner="api-rs")])
     assert follow.owners == {("shop", "ReplicaSet", "web-rs")}
-    assert follow.before == {"shop/web-1", "shop/web-2"}
+    assert follow.before == {"shop/web-1", "shop/web-2"}  # no uid in these records: their refs
     assert follow.expected == 1
     now = [sibling, seen("web-1", NODE), seen("web-3", "spot-2"), seen("x", "spot-2", owner="api-rs")]
     assert [p.name for p in replacements(now, follow.owners, follow.before, NODE)] == ["web-3"]
@@ -340,3 +340,12 @@ def test_every_capacity_label_has_its_spot_spelling() -> None:
 
     assert set(SPOT_LABEL_VALUES) == set(CAPACITY_TYPE_LABELS)
     assert all(normalize_capacity_type(v) == "spot" for values in SPOT_LABEL_VALUES.values() for v in values)
+
+
+def test_a_statefulset_replacement_keeps_the_name_but_not_the_uid() -> None:
+    evicted = pod("db-0", owner="StatefulSet")
+    evicted["metadata"]["uid"] = "old"
+    follow = what_to_follow(NODE, [evicted], [])
+    again = PodSeen("shop", "db-0", "StatefulSet", "web-rs", "spot-1", running=True, uid="new")
+    old = PodSeen("shop", "db-0", "StatefulSet", "web-rs", "spot-1", running=True, uid="old")
+    assert replacements([again, old], follow.owners, follow.before, NODE) == [again]

@@ -204,7 +204,9 @@ async def test_nothing_to_move_needs_no_placeholder(api: FakeApiServer, client: 
 
 async def test_a_refused_create_fails_the_surge(api: FakeApiServer, client: Any) -> None:
     api.create(workload_pod("web-1"))
-    # the controller may create pods in its own namespace only
+    # the controller may create pods in its own namespace only (a denial on purpose: kept out of the
+    # session's permission records, tests/permissions.py)
+    api.report_access = False
     result = await surge(
         client,
         OD_NODE,
@@ -276,7 +278,8 @@ async def test_where_the_replacements_landed(api: FakeApiServer, client: Any) ->
     api.create(workload_pod("web-0", on="spot-1"))  # a sibling already on Spot: not a replacement
     pods_now = api_pods(client)
     follow = await follow_before_drain(pods_now, OD_NODE, pods_of(api, OD_NODE))
-    assert follow.expected == 2 and "shop/web-0" in follow.before
+    web_0 = api.get("Pod", "web-0", "shop")["metadata"]["uid"]
+    assert follow.expected == 2 and web_0 in follow.before and len(follow.before) == 3
 
     for name in ("web-1", "web-2"):  # the drain
         api.delete("Pod", name, "shop")

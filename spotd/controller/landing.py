@@ -24,6 +24,12 @@ class PodSeen:
     node: str
     running: bool
     terminating: bool = False
+    uid: str = ""
+
+    @property
+    def key(self) -> str:
+        """The pod's identity across re-creation: its uid (a StatefulSet's replacement keeps the name)."""
+        return self.uid or self.ref
 
     @property
     def owner(self) -> Owner:
@@ -37,9 +43,10 @@ class PodSeen:
 def replacements(
     pods: Iterable[PodSeen], owners: Collection[Owner], before: Collection[str], drained_node: str
 ) -> list[PodSeen]:
-    """The pods of the drained pods' owners that were not there before the drain and are not on its node."""
+    """The pods of the drained pods' owners that were not there before the drain (by uid) and are not on its
+    node."""
     return [
-        p for p in pods if p.owner in owners and p.ref not in before and p.node != drained_node and not p.terminating
+        p for p in pods if p.owner in owners and p.key not in before and p.node != drained_node and not p.terminating
     ]
 
 
@@ -106,13 +113,14 @@ def pod_seen(pod: Mapping[str, object]) -> PodSeen | None:
         node=str(spec.get("nodeName") or "") if isinstance(spec, dict) else "",
         running=phase == "Running",
         terminating=bool(meta.get("deletionTimestamp")),
+        uid=str(meta.get("uid") or ""),
     )
 
 
 @dataclass(frozen=True)
 class Follow:
     """What the landing check follows after a drain: the evicted pods' owners, every pod of those owners that
-    existed before (none of them is a replacement), how many replacements to expect, and the drained node."""
+    existed before (by uid: none of them is a replacement), how many replacements to expect, and the drained node."""
 
     node: str
     owners: frozenset[Owner]
@@ -124,5 +132,5 @@ def what_to_follow(node: str, evicted: Iterable[Mapping[str, object]], present: 
     """From the pods a drain is about to evict and the pods present now (of their namespaces)."""
     seen = [p for p in (pod_seen(pod) for pod in evicted) if p is not None]
     owners = frozenset(p.owner for p in seen)
-    before = frozenset(p.ref for p in seen) | frozenset(p.ref for p in present if p.owner in owners)
+    before = frozenset(p.key for p in seen) | frozenset(p.key for p in present if p.owner in owners)
     return Follow(node, owners, before, len(seen))

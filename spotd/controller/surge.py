@@ -14,7 +14,7 @@ import contextlib
 import time
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 import httpx
@@ -212,7 +212,9 @@ async def surge(
                 ]
             except httpx.HTTPError as exc:  # a failed poll is no verdict: the timeout still bounds the wait
                 log.warning("surge_poll_failed", error=repr(exc))
-            verdict = surge_verdict(states or [PlaceholderState(n) for n in created], clock(), started, timeout)
+            # elapsed time from the monotonic clock: a wall clock that jumps neither ends nor prolongs a surge
+            now = started + timedelta(seconds=time.monotonic() - t0)
+            verdict = surge_verdict(states or [PlaceholderState(n) for n in created], now, started, timeout)
             if verdict.state != SurgeState.WAITING:
                 break
             await asyncio.sleep(poll)
