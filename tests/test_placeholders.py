@@ -349,3 +349,18 @@ def test_a_statefulset_replacement_keeps_the_name_but_not_the_uid() -> None:
     again = PodSeen("shop", "db-0", "StatefulSet", "web-rs", "spot-1", running=True, uid="new")
     old = PodSeen("shop", "db-0", "StatefulSet", "web-rs", "spot-1", running=True, uid="old")
     assert replacements([again, old], follow.owners, follow.before, NODE) == [again]
+
+
+def test_placeholder_validates_against_the_kubernetes_schema() -> None:
+    import kubernetes_validate
+
+    anti = {"labelSelector": {"matchLabels": {"app": "web"}}, "topologyKey": "kubernetes.io/hostname"}
+    the_pod = pod(
+        nodeSelector={"team": "shop"},
+        tolerations=[{"key": "dedicated", "operator": "Exists", "effect": "NoSchedule"}],
+        affinity={"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [anti]}},
+        volumes=[{"name": "data", "persistentVolumeClaim": {"claimName": "d"}}],
+    )
+    (ph,) = build([the_pod], zone_of_claim={("shop", "d"): ["us-east-1a"]})
+    for version in ("1.30", kubernetes_validate.latest_version()):
+        kubernetes_validate.validate(ph, version, strict=True)
