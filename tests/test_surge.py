@@ -322,3 +322,71 @@ async def test_cluster_autoscaler_configmaps(api: FakeApiServer, client: Any) ->
     assert read.status is not None
     parsed = parse_status(read.status)
     assert list(groups_in_backoff(parsed, parsed.time)) == ["spot-a"]  # type: ignore[arg-type]
+
+
+# ---- the issue's "done when", composed as the drain job is meant to compose it (docs/controller.md) ----------
+
+
+def replica_set(name: str, replicas: int, cpu: str) -> dict[str, Any]:
+    labels = {"app": name}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "ReplicaSet",
+        "metadata": {"name": name, "namespace": "shop"},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": labels},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "terminationGracePeriodSeconds": 1,
+                    "containers": [{"name": "app", "image": "app", "resources": {"requests": {"cpu": cpu}}}],
+                },
+            },
+        },
+    }
+
+
+async def make_before_break(client: Any, api: FakeApiServer, surge_timeout: float) -> tuple[Any, Any, Any]:
+    """What the drain job will do with surge.py: surge, and only when ready cordon, drain, follow the landing."""
+    from spotd.drain.executor import DrainOptions, drain_node
+    from spotd.drain.plan import PodPolicy
+    from spotd.kube.client import http_of
+
+    policy = PodPolicy(voluntary=True)
+    pods = pods_of(api, OD_NODE)
+    outcome = await run_surge(client, api, timeout=surge_timeout, zone_of_claim=await zones_of_claims(client, pods))
+    if not outcome.ready:
+        return outcome, None, None  # the node is not touched: no cordon, no eviction
+    follow = await follow_before_drain(api_pods(client), OD_NODE, pods)
+    patch = {"spec": {"unschedulable": True}}
+    resp = await http_of(client).patch(
+        f"/api/v1/nodes/{OD_NODE}", json=patch, headers={"Content-Type": "application/merge-patch+json"}
+    )
+    assert resp.status_code == 200
+    result = await drain_node(client, OD_NODE, DrainOptions(policy=policy, deadline_action="leave"), None, log=log)
+    landing = await replacements_landed(client, follow, capacity_label=CT, timeout=10, log=log, poll=0.05)
+    return outcome, result, landing
+
+
+async def test_done_when_spot_is_short_and_then_back(api: FakeApiServer, client: Any) -> None:
+    api.create(replica_set("web", 2, "1"))
+    await eventually(lambda: len([p for p in pods_of(api, OD_NODE) if p["status"].get("phase") == "Running"]) == 2)
+    before = sorted(p["metadata"]["uid"] for p in pods_of(api, OD_NODE))
+
+    # Spot short: nothing evicted, placeholders gone after the timeout, node schedulable, the surge failed
+    outcome, result, _ = await make_before_break(client, api, surge_timeout=1.0)
+    assert not outcome.ready and result is None
+    await eventually(lambda: placeholders(api) == [], timeout=3.0)
+    assert sorted(p["metadata"]["uid"] for p in pods_of(api, OD_NODE)) == before
+    assert not api.get("Node", OD_NODE)["spec"].get("unschedulable")
+
+    # Spot back (cluster-autoscaler launches a node for the placeholders): evicted only after that,
+    # and the replacements run where the placeholders held the room
+    spot_added = asyncio.get_running_loop().call_later(0.5, api.create, node("spot-1", "spot", cpu="2"))
+    outcome, result, landing = await make_before_break(client, api, surge_timeout=20)
+    spot_added.cancel()
+    assert outcome.ready and list(outcome.nodes) == ["spot-1"]
+    assert result.outcome == "complete"
+    assert landing.returned and not landing.short, landing.reason
+    assert sorted(landing.placed.values()) == ["spot-1 (spot)", "spot-1 (spot)"]
