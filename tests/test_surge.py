@@ -25,6 +25,8 @@ from spotd.controller.landing import PodSeen, what_to_follow
 from spotd.controller.placeholders import placeholder_pods
 from spotd.controller.surge import (
     api_pods,
+    backoff_gate,
+    check_priorities,
     cleanup_stale_placeholders,
     follow_before_drain,
     read_autoscaler_configmaps,
@@ -390,3 +392,40 @@ async def test_done_when_spot_is_short_and_then_back(api: FakeApiServer, client:
     assert result.outcome == "complete"
     assert landing.returned and not landing.short, landing.reason
     assert sorted(landing.placed.values()) == ["spot-1 (spot)", "spot-1 (spot)"]
+
+
+def configmap(name: str, key: str, text: str) -> dict[str, Any]:
+    meta = {"name": name, "namespace": "kube-system"}
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": {key: text}}
+
+
+async def test_backoff_gate(api: FakeApiServer, client: Any) -> None:
+    from datetime import UTC, datetime
+
+    now = datetime(2026, 11, 30, 12, 1, tzinfo=UTC)
+    verdict = await backoff_gate(client, ["spot-a"], now, log)
+    assert verdict.ok and "back-offs not checked" in verdict.reason
+    status = "time: 2026-11-30 12:00:10 +0000 UTC\nnodeGroups:\n- name: spot-a\n  scaleUp:\n    status: Backoff\n"
+    api.create(configmap("cluster-autoscaler-status", "status", status))
+    assert not (await backoff_gate(client, ["spot-a"], now, log)).ok
+    assert (await backoff_gate(client, ["spot-a", "spot-b"], now, log)).ok
+    # stale (cluster-autoscaler stopped writing it): fail closed
+    later = datetime(2026, 11, 30, 13, 0, tzinfo=UTC)
+    verdict = await backoff_gate(client, ["spot-b"], later, log)
+    assert not verdict.ok and "old" in verdict.reason
+    stored = api.get("ConfigMap", "cluster-autoscaler-status", "kube-system")
+    api.update({**stored, "data": {"status": "garbage"}})
+    assert not (await backoff_gate(client, ["spot-b"], now, log)).ok
+
+
+async def test_check_priorities_sets_the_gauge(api: FakeApiServer, client: Any) -> None:
+    def gauge() -> float | None:
+        return REGISTRY.get_sample_value("spotd_autoscaler_spot_ranked_first")
+
+    assert await check_priorities(client, ["eks-spot-a"], ["eks-od-a"], log) is None
+    assert gauge() == -1
+    api.create(configmap("cluster-autoscaler-priority-expander", "priorities", "10:\n  - .*od.*\n50:\n  - .*spot.*\n"))
+    verdict = await check_priorities(client, ["eks-spot-a"], ["eks-od-a"], log)
+    assert verdict is not None and verdict.ok and gauge() == 1
+    verdict = await check_priorities(client, ["eks-spot-a"], ["eks-od-spot-a"], log)  # matches both patterns
+    assert verdict is not None and not verdict.ok and gauge() == 0

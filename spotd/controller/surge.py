@@ -21,9 +21,21 @@ import httpx
 from lightkube import AsyncClient
 
 from spotd.common.metrics import LOOP_ERRORS
-from spotd.controller.autoscaler_view import AUTOSCALER_NAMESPACE, PRIORITY_EXPANDER_CONFIGMAP, STATUS_CONFIGMAP
+from spotd.controller.autoscaler_view import (
+    AUTOSCALER_NAMESPACE,
+    PRIORITY_EXPANDER_CONFIGMAP,
+    STATUS_CONFIGMAP,
+    AutoscalerVerdict,
+    PrioritiesFormatError,
+    StatusFormatError,
+    groups_in_backoff,
+    parse_priorities,
+    parse_status,
+    spot_ranks_above_fallback,
+    surge_allowed,
+)
 from spotd.controller.landing import Follow, Landing, PodSeen, landing_verdict, pod_seen, replacements, what_to_follow
-from spotd.controller.metrics import DRAIN_LANDINGS, SURGES
+from spotd.controller.metrics import AUTOSCALER_SPOT_FIRST, DRAIN_LANDINGS, SURGES
 from spotd.controller.placeholders import (
     PAUSE_IMAGE,
     PLACEHOLDER_PRIORITY_CLASS,
@@ -279,6 +291,52 @@ async def read_autoscaler_configmaps(
         resp.raise_for_status()
         found.append(str((resp.json().get("data") or {}).get(key, "")))
     return AutoscalerConfigMaps(found[0], found[1])
+
+
+async def backoff_gate(
+    client: AsyncClient, spot_groups: Iterable[str], now: datetime, log: Any, stale_after: float = 600.0
+) -> AutoscalerVerdict:
+    """May a surge go ahead, as far as cluster-autoscaler's back-offs tell? No status ConfigMap (not
+    cluster-autoscaler, or it writes none): yes. Unreadable, unknown format, no time, stale: no (fail
+    closed). Every Spot group that fits in back-off: no."""
+    try:
+        status_text = (await read_autoscaler_configmaps(client)).status
+    except httpx.HTTPError as exc:
+        return AutoscalerVerdict(False, f"{STATUS_CONFIGMAP} unreadable: {exc!r}")
+    if status_text is None:
+        return AutoscalerVerdict(True, f"no {STATUS_CONFIGMAP}: back-offs not checked")
+    try:
+        backoffs = groups_in_backoff(parse_status(status_text), now, stale_after)
+    except StatusFormatError as exc:
+        log.warning("autoscaler_status_unreadable", reason=str(exc))
+        return AutoscalerVerdict(False, f"{STATUS_CONFIGMAP}: {exc}")
+    return surge_allowed(backoffs, spot_groups)
+
+
+async def check_priorities(
+    client: AsyncClient, spot_groups: Iterable[str], fallback_groups: Iterable[str], log: Any
+) -> AutoscalerVerdict | None:
+    """Does cluster-autoscaler's priority expander rank a Spot group above the fallback groups? Sets
+    spotd_autoscaler_spot_ranked_first and logs a warning when not; None when there is no such ConfigMap
+    (another expander: nothing to check). Call at start-up and when the groups change."""
+    try:
+        text = (await read_autoscaler_configmaps(client)).priorities
+    except httpx.HTTPError as exc:
+        AUTOSCALER_SPOT_FIRST.set(-1)
+        log.warning("autoscaler_priorities", ok=False, reason=f"unreadable: {exc!r}")
+        return None
+    if text is None:
+        AUTOSCALER_SPOT_FIRST.set(-1)
+        return None
+    try:
+        verdict = spot_ranks_above_fallback(parse_priorities(text), spot_groups, fallback_groups)
+    except PrioritiesFormatError as exc:
+        AUTOSCALER_SPOT_FIRST.set(-1)
+        log.warning("autoscaler_priorities", ok=False, reason=str(exc))
+        return AutoscalerVerdict(False, str(exc))
+    AUTOSCALER_SPOT_FIRST.set(1 if verdict.ok else 0)
+    (log.info if verdict.ok else log.warning)("autoscaler_priorities", ok=verdict.ok, reason=verdict.reason)
+    return verdict
 
 
 # ---- restarts --------------------------------------------------------------------------------------------------
