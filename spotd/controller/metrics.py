@@ -41,7 +41,33 @@ DECISION_PASS_SECONDS = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1, 2),
     registry=REGISTRY,
 )
+# Make-before-break (docs/controller.md): surges, where drained pods landed, cluster-autoscaler's ranking.
+SURGE_OUTCOMES = ("ready", "failed")
+SURGES = Counter(
+    "spotd_surges",
+    "Surges of placeholder pods before a drain, by outcome (ready: all ran on Spot; failed: the node was left).",
+    ["outcome"],
+    registry=REGISTRY,
+)
+LANDING_RESULTS = ("returned", "short", "unknown")
+DRAIN_LANDINGS = Counter(
+    "spotd_drain_landings",
+    "Where the replacements of a drained node's pods ran: returned (all on Spot), short (one or more on "
+    "on-demand: the pool is short), unknown (not all running by the timeout).",
+    ["result"],
+    registry=REGISTRY,
+)
+AUTOSCALER_SPOT_FIRST = Gauge(
+    "spotd_autoscaler_spot_ranked_first",
+    "1 when cluster-autoscaler's priority expander ranks a Spot group above every fallback group, 0 when "
+    "not, -1 when its ConfigMap is absent or unreadable.",
+    registry=REGISTRY,
+)
 
+for _outcome in SURGE_OUTCOMES:
+    SURGES.labels(_outcome)
+for _result in LANDING_RESULTS:
+    DRAIN_LANDINGS.labels(_result)
 for _outcome in DRAIN_OUTCOMES:
     CONTROLLER_DRAINS.labels(_outcome)
 for _ctype in ("spot", "on-demand", "unknown"):

@@ -22,6 +22,10 @@ DRAINED_ANNOTATION = "spotd.io/drained"  # the controller: drained, left to the 
 DRAIN_RETRY_ANNOTATION = "spotd.io/drain-retry-after"
 OUT_OF_SERVICE_TAINT_KEY = "node.kubernetes.io/out-of-service"  # Kubernetes' non-graceful node shutdown
 OUT_OF_SERVICE_TAINT_VALUE = "nodeshutdown"
+# spotd's own, on the controller's placeholder pods (make-before-break, docs/controller.md)
+PLACEHOLDER_FOR_LABEL = "spotd.io/placeholder-for"  # the fallback node surged for (a hash when too long)
+PLACEHOLDER_NODE_ANNOTATION = "spotd.io/placeholder-for"  # that node's full name
+PLACEHOLDER_POD_ANNOTATION = "spotd.io/placeholder-of"  # namespace/name of the pod whose room it holds
 
 # Kubernetes and its autoscalers
 EXCLUDE_LB_LABEL = "node.kubernetes.io/exclude-from-external-load-balancers"

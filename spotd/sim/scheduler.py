@@ -8,6 +8,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
+from spotd.controller.node_groups import node_selection_matches
 from spotd.sim.kubeapi.errors import ApiError
 from spotd.sim.kubeapi.server import FakeApiServer
 
@@ -48,32 +49,10 @@ def tolerates(tolerations: Iterable[Obj], taint: Obj) -> bool:
     return False
 
 
-def _expression_holds(expr: Obj, labels: dict[str, str]) -> bool:
-    key, op, values = expr.get("key", ""), expr.get("operator", ""), expr.get("values") or []
-    if op == "In":
-        return labels.get(key) in values
-    if op == "NotIn":
-        return labels.get(key) not in values
-    if op == "Exists":
-        return key in labels
-    if op == "DoesNotExist":
-        return key not in labels
-    return False  # Gt, Lt: not modelled, never hold
-
-
-def selects_node(pod: Obj, labels: dict[str, str]) -> bool:
-    """The pod's nodeSelector and required node affinity (In, NotIn, Exists, DoesNotExist) hold for these
-    node labels; terms are ORed, the expressions of a term ANDed, as the real scheduler does."""
-    spec = pod.get("spec") or {}
-    if any(labels.get(k) != v for k, v in (spec.get("nodeSelector") or {}).items()):
-        return False
-    required = ((spec.get("affinity") or {}).get("nodeAffinity") or {}).get(
-        "requiredDuringSchedulingIgnoredDuringExecution"
-    ) or {}
-    terms = required.get("nodeSelectorTerms") or []
-    if not terms:
-        return True
-    return any(all(_expression_holds(e, labels) for e in t.get("matchExpressions") or []) for t in terms)
+def selects_node(pod: Obj, labels: dict[str, str], name: str = "") -> bool:
+    """The pod's nodeSelector and required node affinity hold for a node with these labels (and name), as
+    kube-scheduler's NodeAffinity: one implementation, the controller's (spotd.controller.node_groups)."""
+    return node_selection_matches(pod.get("spec") or {}, labels, name)
 
 
 def requests_of(pod: Obj) -> tuple[int, int]:
@@ -236,7 +215,8 @@ def schedulable(node: Obj, pod: Obj) -> bool:
     """The node takes the pod, resources aside: not cordoned, taints tolerated, selectors and affinity hold."""
     if node.get("spec", {}).get("unschedulable") and not _tolerates_unschedulable(pod):
         return False
-    if not selects_node(pod, node["metadata"].get("labels") or {}):
+    meta = node.get("metadata") or {}
+    if not selects_node(pod, meta.get("labels") or {}, meta.get("name", "")):
         return False
     tolerations = pod.get("spec", {}).get("tolerations") or []
     for taint in node.get("spec", {}).get("taints") or []:

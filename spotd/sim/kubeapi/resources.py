@@ -77,6 +77,8 @@ RESOURCES: tuple[Resource, ...] = (
     Resource("", "v1", "services", "Service", True, ("svc",), ("status",), ("all",)),
     Resource("", "v1", "endpoints", "Endpoints", True, ("ep",)),
     Resource("", "v1", "configmaps", "ConfigMap", True, ("cm",)),
+    Resource("", "v1", "persistentvolumeclaims", "PersistentVolumeClaim", True, ("pvc",), ("status",)),
+    Resource("", "v1", "persistentvolumes", "PersistentVolume", False, ("pv",), ("status",)),
     Resource("policy", "v1", "poddisruptionbudgets", "PodDisruptionBudget", True, ("pdb",), ("status",)),
     Resource("coordination.k8s.io", "v1", "leases", "Lease", True),
     Resource("apps", "v1", "deployments", "Deployment", True, ("deploy",), ("status",), ("all",)),
