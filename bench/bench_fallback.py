@@ -18,7 +18,7 @@ import sys
 import time
 from typing import Any
 
-from spotd.rehearsal.controller_process import controller_options
+from spotd.rehearsal.running_controller import controller_options
 
 ROWS = (
     ("on-demand node-hours", lambda r: f"{r['on_demand_node_hours']:.2f}"),

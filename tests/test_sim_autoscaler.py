@@ -1,4 +1,4 @@
-"""The embedded cluster's cluster-autoscaler model (spotd.sim.autoscaler) over the fake API server, with the
+"""The embedded cluster's cluster-autoscaler model (spotd.sim.ca_model) over the fake API server, with the
 sim scheduler and controllers: scale-up by priority, ICE and back-off to on-demand, return to Spot,
 scale-down of empty nodes, and the two ConfigMaps CA publishes or reads."""
 
@@ -14,13 +14,13 @@ from typing import Any
 import pytest
 import yaml
 
-from spotd.sim.autoscaler import (
+from spotd.sim.ca_model import (
     NODEGROUP_LABEL,
     PRIORITY_CONFIGMAP,
     STATUS_CONFIGMAP,
     Autoscaler,
     AutoscalerTiming,
-    NodeGroup,
+    SimulatedGroup,
     expand,
     fits_template,
     parse_priorities,
@@ -29,9 +29,9 @@ from spotd.sim.autoscaler import (
 from spotd.sim.controllers import Controllers
 from spotd.sim.kubeapi.server import FakeApiServer
 
-SPOT_A = NodeGroup("spot-1a", "spot", "m5.xlarge", "us-east-1a", priority=20, max_size=5)
-SPOT_B = NodeGroup("spot-1b", "spot", "m5.xlarge", "us-east-1b", priority=20, max_size=5)
-FALLBACK = NodeGroup(
+SPOT_A = SimulatedGroup("spot-1a", "spot", "m5.xlarge", "us-east-1a", priority=20, max_size=5)
+SPOT_B = SimulatedGroup("spot-1b", "spot", "m5.xlarge", "us-east-1b", priority=20, max_size=5)
+FALLBACK = SimulatedGroup(
     "fallback-1a", "on-demand", "m5.xlarge", "us-east-1a", priority=10, labels={"node-pool": "fallback"}
 )
 GROUPS = (SPOT_A, SPOT_B, FALLBACK)
@@ -47,7 +47,7 @@ TIMING = AutoscalerTiming(
 
 
 class Sim:
-    def __init__(self, groups: tuple[NodeGroup, ...] = GROUPS) -> None:
+    def __init__(self, groups: tuple[SimulatedGroup, ...] = GROUPS) -> None:
         self.api = FakeApiServer(termination_scale=0.01)
         self.controllers = Controllers(self.api, random.Random(1), 0.01)
         self.failures: list[tuple[str, datetime, str]] = []
@@ -220,7 +220,7 @@ def test_expand_prefers_priority_then_name_and_unmatched_groups_last() -> None:
     priorities = parse_priorities(priorities_yaml(GROUPS))
     assert expand([FALLBACK, SPOT_B, SPOT_A], priorities) == SPOT_A
     assert expand([FALLBACK], priorities) == FALLBACK
-    other = NodeGroup("other", "spot", "m5.large", "us-east-1a", priority=99)
+    other = SimulatedGroup("other", "spot", "m5.large", "us-east-1a", priority=99)
     assert expand([other, FALLBACK], priorities) == FALLBACK  # `other` matches no regex
     assert expand([other], priorities) == other
     assert expand([], priorities) is None
@@ -282,11 +282,13 @@ def test_expand_prefers_priority_then_name_and_unmatched_groups_last() -> None:
         ),
     ],
 )
-def test_fits_template_reads_selectors_and_affinity(spec: dict[str, Any], group: NodeGroup, fits: bool) -> None:
+def test_fits_template_reads_selectors_and_affinity(spec: dict[str, Any], group: SimulatedGroup, fits: bool) -> None:
     assert fits_template({"spec": spec}, group) is fits
 
 
 def test_fits_template_needs_a_toleration_for_the_template_taints() -> None:
-    tainted = NodeGroup("gpu", "on-demand", "g5.xlarge", "us-east-1a", taints=({"key": "gpu", "effect": "NoSchedule"},))
+    tainted = SimulatedGroup(
+        "gpu", "on-demand", "g5.xlarge", "us-east-1a", taints=({"key": "gpu", "effect": "NoSchedule"},)
+    )
     assert not fits_template({"spec": {}}, tainted)
     assert fits_template({"spec": {"tolerations": [{"key": "gpu", "operator": "Exists"}]}}, tainted)

@@ -11,9 +11,7 @@ from typing import Any
 import pytest
 
 from spotd.cli.main import main
-from spotd.rehearsal.controller_process import controller_argv, controller_options, scaled_duration_flags
-from spotd.rehearsal.fallback import FALLBACK_SELECTOR
-from spotd.rehearsal.fallback_report import (
+from spotd.rehearsal.cycle_report import (
     OTHER,
     RECLAIM,
     RETURN,
@@ -26,6 +24,8 @@ from spotd.rehearsal.fallback_report import (
     to_json,
     to_text,
 )
+from spotd.rehearsal.fallback import FALLBACK_SELECTOR
+from spotd.rehearsal.running_controller import controller_argv, controller_options, scaled_duration_flags
 
 OPTIONS = {
     "--kubeconfig": None,

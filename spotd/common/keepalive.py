@@ -23,7 +23,7 @@ _READ_SIZE = 65536
 
 
 @dataclass(frozen=True)
-class Response:
+class Reply:
     status: int
     headers: dict[str, str]  # names lower-cased; a repeated header keeps its last value
     body: bytes
@@ -41,7 +41,7 @@ class _Connection:
         self.reader, self.writer = reader, writer
         self.h11 = h11.Connection(h11.CLIENT)
 
-    async def exchange(self, request: h11.Request, reused: bool) -> Response:
+    async def exchange(self, request: h11.Request, reused: bool) -> Reply:
         self.writer.write(self.h11.send(request) + self.h11.send(h11.EndOfMessage()))
         await self.writer.drain()
         status, headers, body = 0, {}, bytearray()
@@ -60,7 +60,7 @@ class _Connection:
             elif isinstance(event, h11.Data):
                 body += event.data
             elif isinstance(event, h11.EndOfMessage):
-                return Response(status, headers, bytes(body))
+                return Reply(status, headers, bytes(body))
             elif isinstance(event, h11.ConnectionClosed):
                 raise ConnectionResetError("connection closed before the end of the response")
             # InformationalResponse (1xx): nothing to keep
@@ -100,9 +100,7 @@ class KeepAliveClient:
         self._requests: dict[tuple[str, str, tuple[tuple[str, str], ...]], h11.Request] = {}
         self.connections_opened = 0
 
-    async def request(
-        self, method: str, path: str, headers: dict[str, str] | None = None, *, timeout: float
-    ) -> Response:
+    async def request(self, method: str, path: str, headers: dict[str, str] | None = None, *, timeout: float) -> Reply:
         """One request without a body; the whole exchange (connecting included) is bounded by ``timeout``."""
         key = (method, path, tuple((headers or {}).items()))
         request = self._requests.get(key)

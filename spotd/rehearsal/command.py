@@ -25,11 +25,11 @@ from lightkube.core.exceptions import ApiError
 from spotd.cli.flags import duration, positive_duration
 from spotd.kube.client import KubeConfigError
 from spotd.notices.record import NoticeKind
+from spotd.rehearsal.cycle_report import FallbackReport
+from spotd.rehearsal.cycle_report import to_json as fallback_json
+from spotd.rehearsal.cycle_report import to_text as fallback_text
 from spotd.rehearsal.fallback import FallbackConfig
 from spotd.rehearsal.fallback import add_arguments as add_fallback_arguments
-from spotd.rehearsal.fallback_report import FallbackReport
-from spotd.rehearsal.fallback_report import to_json as fallback_json
-from spotd.rehearsal.fallback_report import to_text as fallback_text
 from spotd.rehearsal.report import Report, to_json, to_text
 from spotd.rehearsal.runner import Rehearsal, RehearsalConfig
 from spotd.rehearsal.targets import RehearsalRefused, Target

@@ -2,7 +2,7 @@
 way back, on the embedded cluster with cluster-autoscaler's model and the real controller.
 
 The run, every duration multiplied by the time scale (given here at real scale):
-  start   the embedded cluster, its node groups under spotd.sim.autoscaler (Spot per zone at priority 20,
+  start   the embedded cluster, its node groups under spotd.sim.ca_model (Spot per zone at priority 20,
           on-demand `fallback-*` at 10, labelled node-pool=fallback), the real agents; moto (SQS) and the real
           `spotd controller` as a subprocess reading the queue, ready before anything happens;
   +0      Spot short (ICE on for every Spot pool) and a spot-itn notice to --count Spot nodes; the agents
@@ -31,8 +31,7 @@ from typing import Any
 from spotd.common.parsing import format_time
 from spotd.kube.keys import DRAIN_ANNOTATION, REHEARSAL_LABEL
 from spotd.notices.record import NoticeKind
-from spotd.rehearsal.controller_process import ControllerProcess, controller_argv, controller_options, free_port
-from spotd.rehearsal.fallback_report import (
+from spotd.rehearsal.cycle_report import (
     OTHER,
     RECLAIM,
     RETURN,
@@ -43,10 +42,11 @@ from spotd.rehearsal.fallback_report import (
     PodWait,
     build_fallback_report,
 )
+from spotd.rehearsal.running_controller import ControllerProcess, controller_argv, controller_options, free_port
 from spotd.rehearsal.targets import RehearsalRefused, rehearsal_request_data
-from spotd.sim.autoscaler import NODEGROUP_LABEL, ON_DEMAND, SPOT, Autoscaler, AutoscalerTiming, NodeGroup
-from spotd.sim.aws_events import AwsEvents, MotoMissing
+from spotd.sim.ca_model import NODEGROUP_LABEL, ON_DEMAND, SPOT, Autoscaler, AutoscalerTiming, SimulatedGroup
 from spotd.sim.cluster import ZONES, ClusterSpec, EmbeddedCluster
+from spotd.sim.eventbridge import AwsEvents, MotoMissing
 from spotd.sim.scheduler import Obj
 
 FALLBACK_LABEL = ("node-pool", "fallback")
@@ -103,13 +103,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 # ---- the cluster's node groups ------------------------------------------------------------------------------
 
 
-def node_groups(spec: ClusterSpec) -> list[NodeGroup]:
-    spot = [NodeGroup(f"spot-{z}", SPOT, INSTANCE_TYPE, z, priority=20, max_size=30) for z in ZONES]
+def node_groups(spec: ClusterSpec) -> list[SimulatedGroup]:
+    spot = [SimulatedGroup(f"spot-{z}", SPOT, INSTANCE_TYPE, z, priority=20, max_size=30) for z in ZONES]
     fallback = [
-        NodeGroup(f"fallback-{z}", ON_DEMAND, INSTANCE_TYPE, z, priority=10, max_size=30, labels=dict([FALLBACK_LABEL]))
+        SimulatedGroup(
+            f"fallback-{z}", ON_DEMAND, INSTANCE_TYPE, z, priority=10, max_size=30, labels=dict([FALLBACK_LABEL])
+        )
         for z in ZONES
     ]
-    base = NodeGroup(
+    base = SimulatedGroup(
         "on-demand-base",
         ON_DEMAND,
         INSTANCE_TYPE,
@@ -144,7 +146,7 @@ def adopt_nodes(cluster: EmbeddedCluster) -> None:
 class Recorder:
     """Follows the store's change feed from the reclaim on (in-process: the embedded mode only)."""
 
-    def __init__(self, cluster: EmbeddedCluster, groups: dict[str, NodeGroup]) -> None:
+    def __init__(self, cluster: EmbeddedCluster, groups: dict[str, SimulatedGroup]) -> None:
         self.cluster = cluster
         self.groups = groups
         self.t0: datetime | None = None
@@ -259,13 +261,13 @@ async def run_fallback(
         def publish(body: str) -> None:
             loop.run_in_executor(None, aws.send, body)
 
-        def launched(group: NodeGroup, node: Obj) -> None:
+        def launched(group: SimulatedGroup, node: Obj) -> None:
             iid = node["spec"]["providerID"].rsplit("/", 1)[-1]
             publish(aws.launch_event(group, datetime.now(UTC), "", iid))
 
         failures: dict[str, int] = {}
 
-        def failed(group: NodeGroup, at: datetime, message: str) -> None:
+        def failed(group: SimulatedGroup, at: datetime, message: str) -> None:
             failures[group.name] = failures.get(group.name, 0) + 1
             publish(aws.launch_event(group, at, message))
 

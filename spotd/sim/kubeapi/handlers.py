@@ -14,7 +14,7 @@ from aiohttp import web
 from . import errors, events, patch, protobuf
 from .auth import ADMIN, AdmissionAttributes, UserInfo
 from .codec import clone, dumps, loads
-from .policy import Disruption, check_preconditions
+from .policy import DisruptionController, check_preconditions
 from .resources import BY_PATH, EVENTS_V1_FIELD_ALIASES, Resource, field_labels
 from .selectors import make_matcher, parse_field_selector, parse_label_selector, required_value
 from .store import Matcher, Obj, Store
@@ -32,7 +32,7 @@ def json_response(body: Any, status: int = 200, headers: Mapping[str, str] | Non
 
 
 @dataclass(frozen=True)
-class Target:
+class RequestTarget:
     res: Resource
     namespace: str | None
     name: str | None
@@ -40,7 +40,7 @@ class Target:
     legacy_watch: bool = False
 
 
-def parse_path(path: str) -> Target | None:
+def parse_path(path: str) -> RequestTarget | None:
     """/api/v1/... or /apis/{group}/{version}/... into the served resource and its coordinates."""
     parts = [p for p in path.split("/") if p]
     if len(parts) >= 2 and parts[0] == "api":
@@ -66,7 +66,7 @@ def parse_path(path: str) -> Target | None:
     sub = rest[2] if len(rest) > 2 else None
     if sub is not None and sub not in res.subresources:
         return None
-    return Target(res, namespace, name, sub, legacy_watch)
+    return RequestTarget(res, namespace, name, sub, legacy_watch)
 
 
 def query_flag(query: Mapping[str, str], name: str) -> bool:
@@ -88,10 +88,10 @@ def decode_continue(token: str) -> tuple[str, str]:
 
 
 class ResourceHandlers:
-    """One method per verb; each takes the parsed Target and returns a response."""
+    """One method per verb; each takes the parsed RequestTarget and returns a response."""
 
     def __init__(
-        self, store: Store, disruption: Disruption, admission_hooks: list[AdmissionHook] | None = None
+        self, store: Store, disruption: DisruptionController, admission_hooks: list[AdmissionHook] | None = None
     ) -> None:
         self.store = store
         self.disruption = disruption
@@ -100,7 +100,7 @@ class ResourceHandlers:
     def admit(
         self,
         request: web.Request,
-        t: Target,
+        t: RequestTarget,
         operation: str,
         obj: Obj | None,
         old: Obj | None,
@@ -164,13 +164,13 @@ class ResourceHandlers:
                 return yaml.safe_load(raw)
             raise errors.bad_request("the request body is not valid JSON") from None
 
-    def existing(self, t: Target) -> Obj:
+    def existing(self, t: RequestTarget) -> Obj:
         obj = self.store.get(t.res.kind, t.namespace or "", t.name or "")
         if obj is None:
             raise errors.not_found(t.res.group, t.res.plural, t.name or "")
         return obj
 
-    def respond(self, request: web.Request, t: Target, obj: Obj, status: int = 200) -> web.Response:
+    def respond(self, request: web.Request, t: RequestTarget, obj: Obj, status: int = 200) -> web.Response:
         if wants_table(request.headers.get("Accept", "")):
             rv = obj["metadata"].get("resourceVersion", "")
             return json_response(to_table(t.res.kind, [obj], rv, request.query.get("includeObject", "Metadata")))
@@ -178,12 +178,12 @@ class ResourceHandlers:
 
     # ---- read ----------------------------------------------------------------------------------------
 
-    def get(self, request: web.Request, t: Target) -> web.Response:
+    def get(self, request: web.Request, t: RequestTarget) -> web.Response:
         if t.res.kind == "PodDisruptionBudget":
             self.disruption.before_read()
         return self.respond(request, t, self.existing(t))
 
-    def selection(self, t: Target, query: Mapping[str, str]) -> tuple[Matcher | None, str | None]:
+    def selection(self, t: RequestTarget, query: Mapping[str, str]) -> tuple[Matcher | None, str | None]:
         """The list/watch predicate, and the node name when pods are selected by spec.nodeName."""
         labels = parse_label_selector(query.get("labelSelector"))
         aliases = EVENTS_V1_FIELD_ALIASES if t.res.group == "events.k8s.io" else None
@@ -193,7 +193,7 @@ class ResourceHandlers:
         node = required_value(fields, "spec.nodeName") if t.res.kind == "Pod" else None
         return make_matcher(labels, fields), node
 
-    def list(self, request: web.Request, t: Target) -> web.Response:
+    def list(self, request: web.Request, t: RequestTarget) -> web.Response:
         query = request.query
         matcher, node = self.selection(t, query)
         if t.res.kind == "PodDisruptionBudget":
@@ -236,7 +236,7 @@ class ResourceHandlers:
 
     # ---- write ---------------------------------------------------------------------------------------
 
-    def _check_identity(self, t: Target, obj: Obj) -> None:
+    def _check_identity(self, t: RequestTarget, obj: Obj) -> None:
         meta = obj.setdefault("metadata", {})
         if not isinstance(meta, dict):
             raise errors.bad_request("metadata must be an object")
@@ -253,7 +253,7 @@ class ResourceHandlers:
         if t.name is not None:
             meta["name"] = t.name
 
-    async def create(self, request: web.Request, t: Target) -> web.Response:
+    async def create(self, request: web.Request, t: RequestTarget) -> web.Response:
         if t.res.namespaced and t.namespace is None:
             raise errors.ApiError(405, "the server does not allow this method on the requested resource")
         body = await self.body(request)
@@ -268,7 +268,7 @@ class ResourceHandlers:
         created = self.store.create(obj)
         return json_response(self.out(t.res, created), 201)
 
-    def _merge_subresource(self, t: Target, old: Obj, new: Obj) -> Obj:
+    def _merge_subresource(self, t: RequestTarget, old: Obj, new: Obj) -> Obj:
         """Status writes change only status (and metadata); main writes never change status."""
         if not t.res.has_status:
             return new
@@ -283,7 +283,7 @@ class ResourceHandlers:
             merged["status"] = old["status"]
         return merged
 
-    def _write(self, request: web.Request, t: Target, old: Obj, new: Obj) -> web.Response:
+    def _write(self, request: web.Request, t: RequestTarget, old: Obj, new: Obj) -> web.Response:
         new = self._merge_subresource(t, old, new)
         new.setdefault("metadata", {})
         # identity cannot change through an update
@@ -297,7 +297,7 @@ class ResourceHandlers:
         stored = self.store.update(new)
         return self.respond(request, t, stored)
 
-    async def replace(self, request: web.Request, t: Target) -> web.Response:
+    async def replace(self, request: web.Request, t: RequestTarget) -> web.Response:
         body = await self.body(request)
         if not isinstance(body, dict):
             raise errors.bad_request("the body must be an object")
@@ -306,7 +306,7 @@ class ResourceHandlers:
         old = self.existing(t)
         return self._write(request, t, old, obj)
 
-    async def patch(self, request: web.Request, t: Target) -> web.Response:
+    async def patch(self, request: web.Request, t: RequestTarget) -> web.Response:
         body = await self.body(request)
         content_type = request.content_type
         old = self.store.get(t.res.kind, t.namespace or "", t.name or "")
@@ -328,7 +328,7 @@ class ResourceHandlers:
             raise errors.conflict(t.res.group, t.res.plural, t.name or "")
         return self._write(request, t, old, patched)
 
-    async def delete(self, request: web.Request, t: Target) -> web.Response:
+    async def delete(self, request: web.Request, t: RequestTarget) -> web.Response:
         options = await self.body(request, optional=True) or {}
         if not isinstance(options, dict):
             raise errors.bad_request("the body must be a DeleteOptions object")
@@ -351,7 +351,7 @@ class ResourceHandlers:
 
     # ---- pod subresources ----------------------------------------------------------------------------
 
-    async def evict(self, request: web.Request, t: Target) -> web.Response:
+    async def evict(self, request: web.Request, t: RequestTarget) -> web.Response:
         body = await self.body(request)
         if not isinstance(body, dict) or body.get("kind", "Eviction") != "Eviction":
             raise errors.bad_request("the body must be a policy/v1 Eviction")
@@ -361,7 +361,7 @@ class ResourceHandlers:
         self.disruption.evict(t.namespace or "", t.name or "", body, dry_run)
         return json_response(errors.status_body(201, ""), 201)
 
-    async def bind(self, request: web.Request, t: Target) -> web.Response:
+    async def bind(self, request: web.Request, t: RequestTarget) -> web.Response:
         body = await self.body(request)
         node = (body.get("target") or {}).get("name") if isinstance(body, dict) else None
         if not node:

@@ -54,7 +54,7 @@ def _controller_of(pod: Obj) -> tuple[str, str] | None:
     return None
 
 
-class Disruption:
+class DisruptionController:
     """Keeps every PodDisruptionBudget's status following its pods `lag` seconds behind (as the disruption
     controller does) and carries out pod deletions and evictions."""
 

@@ -13,7 +13,7 @@ Labels = Mapping[str, str]
 
 
 @dataclass(frozen=True)
-class Requirement:
+class SelectorRequirement:
     key: str
     op: str  # "=", "!=", "in", "notin", "exists", "!exists", "gt", "lt"
     values: tuple[str, ...] = ()
@@ -39,7 +39,7 @@ class Requirement:
         return number > limit if self.op == "gt" else number < limit
 
 
-Selector = tuple[Requirement, ...]
+Selector = tuple[SelectorRequirement, ...]
 
 _KEY = r"[A-Za-z0-9./_-]+"
 _SET_RE = re.compile(rf"^\s*({_KEY})\s+(in|notin)\s*\(([^)]*)\)\s*$")
@@ -70,22 +70,22 @@ def parse_label_selector(text: str | None) -> Selector:
     """The `labelSelector` query grammar (=, ==, !=, in, notin, exists, !exists, >, <); 400 on errors."""
     if not text or not text.strip():
         return ()
-    requirements: list[Requirement] = []
+    requirements: list[SelectorRequirement] = []
     for part in _split_top_level(text):
         if not part.strip():
             raise bad_request(f"unable to parse requirement: found '', expected: identifier in {text!r}")
         if m := _SET_RE.match(part):
             values = tuple(v.strip() for v in m.group(3).split(",") if v.strip())
-            requirements.append(Requirement(m.group(1), m.group(2), values))
+            requirements.append(SelectorRequirement(m.group(1), m.group(2), values))
         elif m := _CMP_RE.match(part):
             op = {"==": "=", ">": "gt", "<": "lt"}.get(m.group(2), m.group(2))
             if op in ("gt", "lt") and not m.group(3).lstrip("-").isdigit():
                 raise bad_request(
                     f"unable to parse requirement: for 'gt', 'lt' operators, value must be an integer: {part!r}"
                 )
-            requirements.append(Requirement(m.group(1), op, (m.group(3),)))
+            requirements.append(SelectorRequirement(m.group(1), op, (m.group(3),)))
         elif m := _EXISTS_RE.match(part):
-            requirements.append(Requirement(m.group(2), "!exists" if m.group(1) else "exists"))
+            requirements.append(SelectorRequirement(m.group(2), "!exists" if m.group(1) else "exists"))
         else:
             raise bad_request(f"unable to parse requirement: {part.strip()!r} in label selector {text!r}")
     return tuple(requirements)
@@ -103,12 +103,12 @@ def from_label_selector_object(obj: Mapping[str, Any] | None) -> Selector | None
     """A metav1.LabelSelector as a Selector; None (matches nothing) for a null selector, () for {}."""
     if obj is None:
         return None
-    reqs = [Requirement(k, "=", (str(v),)) for k, v in (obj.get("matchLabels") or {}).items()]
+    reqs = [SelectorRequirement(k, "=", (str(v),)) for k, v in (obj.get("matchLabels") or {}).items()]
     for expr in obj.get("matchExpressions") or []:
         op = _LS_OPS.get(expr.get("operator", ""))
         if op is None:
             raise bad_request(f"{expr.get('operator')!r} is not a valid label selector operator")
-        reqs.append(Requirement(expr["key"], op, tuple(expr.get("values") or ())))
+        reqs.append(SelectorRequirement(expr["key"], op, tuple(expr.get("values") or ())))
     return tuple(reqs)
 
 

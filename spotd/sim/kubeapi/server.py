@@ -30,7 +30,7 @@ from .auth import (
 )
 from .codec import clone
 from .handlers import USER_KEY, ResourceHandlers, json_response, parse_path, query_flag
-from .policy import Disruption
+from .policy import DisruptionController
 from .rbac import AccessRecord, Authorizer, access_review_attributes, forbidden, request_attributes
 from .store import Obj, Store, Subscription
 from .watch import serve_watch
@@ -96,7 +96,7 @@ class FakeApiServer:
         self.tls = tls
         self.bookmark_interval = bookmark_interval
         self.store = Store(history_size=history_size)
-        self.disruption = Disruption(self.store, termination_scale, pdb_lag)
+        self.disruption = DisruptionController(self.store, termination_scale, pdb_lag)
         # ValidatingAdmissionPolicies stored in the fake apply to every request, as on a real server.
         self.admission_hooks: list[Callable[[AdmissionAttributes], None]] = [self._admit_by_policies]
         self._policies: Any = None

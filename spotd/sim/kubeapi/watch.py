@@ -10,7 +10,7 @@ from aiohttp import web
 
 from . import errors
 from .codec import dumps
-from .handlers import JSON, ResourceHandlers, Target, query_flag
+from .handlers import JSON, RequestTarget, ResourceHandlers, query_flag
 from .store import Converter, Obj, Watcher
 from .tables import to_table, wants_table
 
@@ -22,7 +22,7 @@ def _line(event_type: str, obj: object) -> bytes:
 
 
 async def serve_watch(
-    handlers: ResourceHandlers, request: web.Request, t: Target, bookmark_interval: float
+    handlers: ResourceHandlers, request: web.Request, t: RequestTarget, bookmark_interval: float
 ) -> web.StreamResponse:
     """Stream events until timeoutSeconds, the client leaving, or server stop."""
     store, res, query = handlers.store, t.res, request.query

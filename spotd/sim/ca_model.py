@@ -67,7 +67,7 @@ ICE_MESSAGE = (
 
 
 @dataclass(frozen=True)
-class NodeGroup:
+class SimulatedGroup:
     """One node group (an ASG) and the template of its nodes."""
 
     name: str
@@ -131,7 +131,7 @@ class AutoscalerTiming:
 class Launch:
     """A node asked of a group: it becomes a Node at `due`, or fails then when `fails`."""
 
-    group: NodeGroup
+    group: SimulatedGroup
     asked_at: datetime
     due: datetime
     fails: bool
@@ -149,7 +149,7 @@ class Backoff:
 # ---- pure: fitting pods to templates, the priority expander -----------------------------------------------
 
 
-def fits_template(pod: Obj, group: NodeGroup) -> bool:
+def fits_template(pod: Obj, group: SimulatedGroup) -> bool:
     """Would the pod schedule on an empty node of this group (selectors, affinity, taints)?"""
     if not selects_node(pod, group.node_labels()):
         return False
@@ -157,7 +157,7 @@ def fits_template(pod: Obj, group: NodeGroup) -> bool:
     return all(tolerates(tolerations, dict(t)) for t in group.taints if t.get("effect") in ("NoSchedule", "NoExecute"))
 
 
-def priorities_yaml(groups: Iterable[NodeGroup]) -> str:
+def priorities_yaml(groups: Iterable[SimulatedGroup]) -> str:
     """The priority expander's `data.priorities`: priority -> regexes of group names (one per group)."""
     by_priority: dict[int, list[str]] = {}
     for g in sorted(groups, key=lambda g: g.name):
@@ -183,7 +183,7 @@ def parse_priorities(text: str) -> list[tuple[int, re.Pattern[str]]]:
     return out
 
 
-def expand(options: Iterable[NodeGroup], priorities: list[tuple[int, re.Pattern[str]]]) -> NodeGroup | None:
+def expand(options: Iterable[SimulatedGroup], priorities: list[tuple[int, re.Pattern[str]]]) -> SimulatedGroup | None:
     """The priority expander: the options of the highest priority any regex gives them (groups no regex
     matches only when none matches); ties broken by name, so the choice is deterministic."""
     scored = []
@@ -219,8 +219,8 @@ def _time(at: datetime) -> str:
 
 # ---- the model ---------------------------------------------------------------------------------------------
 
-LaunchHook = Callable[[NodeGroup, Obj], None]
-FailureHook = Callable[[NodeGroup, datetime, str], None]
+LaunchHook = Callable[[SimulatedGroup, Obj], None]
+FailureHook = Callable[[SimulatedGroup, datetime, str], None]
 
 
 class Autoscaler:
@@ -233,7 +233,7 @@ class Autoscaler:
     def __init__(
         self,
         api: FakeApiServer,
-        groups: Iterable[NodeGroup],
+        groups: Iterable[SimulatedGroup],
         timing: AutoscalerTiming = AutoscalerTiming(),
         *,
         seed: int = 1,
@@ -346,7 +346,7 @@ class Autoscaler:
         return b is not None and b.until > now
 
     # -- scale-up --
-    def _daemonset_overhead(self, group: NodeGroup) -> tuple[int, int, int]:
+    def _daemonset_overhead(self, group: SimulatedGroup) -> tuple[int, int, int]:
         cpu = mem = pods = 0
         for ds in self.store.iter_objects("DaemonSet"):
             template = {"spec": (ds["spec"].get("template") or {}).get("spec") or {}}
@@ -363,7 +363,7 @@ class Autoscaler:
         pending.sort(key=lambda p: (-int(p["spec"].get("priority") or 0), p["metadata"]["name"]))
         # the room of the nodes there (the scheduler may not have placed these pods yet) and of the nodes on
         # their way, as CA's simulation counts both; CA does not know yet that a launch will fail
-        slots: list[tuple[Callable[[Obj], bool], list[int], NodeGroup | None]] = self._node_slots()
+        slots: list[tuple[Callable[[Obj], bool], list[int], SimulatedGroup | None]] = self._node_slots()
         for launch in self.launches:
             slots.append((partial(fits_template, group=launch.group), self._empty_room(launch.group), None))
         size = {
@@ -397,14 +397,14 @@ class Autoscaler:
             if new is not None:
                 self._launch(new, now)
 
-    def _node_slots(self) -> list[tuple[Callable[[Obj], bool], list[int], NodeGroup | None]]:
+    def _node_slots(self) -> list[tuple[Callable[[Obj], bool], list[int], SimulatedGroup | None]]:
         used: dict[str, list[int]] = {}
         for pod in self.store.iter_objects("Pod"):
             node = pod.get("spec", {}).get("nodeName")
             if node:
                 cpu, mem = requests_of(pod)
                 _take(used.setdefault(node, [0, 0, 0]), (-cpu, -mem, -1))  # adds up what is in use
-        slots: list[tuple[Callable[[Obj], bool], list[int], NodeGroup | None]] = []
+        slots: list[tuple[Callable[[Obj], bool], list[int], SimulatedGroup | None]] = []
         for node in self.store.iter_objects("Node"):
             if not _node_ready(node):
                 continue
@@ -418,12 +418,12 @@ class Autoscaler:
             slots.append((partial(schedulable, node), room, None))
         return slots
 
-    def _empty_room(self, group: NodeGroup) -> list[int]:
+    def _empty_room(self, group: SimulatedGroup) -> list[int]:
         cpu, mem, pods = group.room()
         dcpu, dmem, dpods = self._daemonset_overhead(group)
         return [cpu - dcpu, mem - dmem, pods - dpods]
 
-    def _launch(self, group: NodeGroup, now: datetime) -> None:
+    def _launch(self, group: SimulatedGroup, now: datetime) -> None:
         fails = group.ice_key in self.ice
         delay = self.timing.launch_failure_delay if fails else self.timing.provision_delay
         name = f"{group.name}-{next(self.counter)}"
@@ -456,7 +456,7 @@ class Autoscaler:
             if self.on_launched is not None:
                 self.on_launched(group, node)
 
-    def node_object(self, group: NodeGroup, name: str) -> Obj:
+    def node_object(self, group: SimulatedGroup, name: str) -> Obj:
         instance_id = f"i-0{self.rng.getrandbits(64):016x}"
         return {
             "apiVersion": "v1",

@@ -10,7 +10,7 @@ from datetime import datetime
 from typing import Any
 
 from spotd.common.parsing import format_time
-from spotd.sim.autoscaler import NodeGroup
+from spotd.sim.ca_model import SimulatedGroup
 
 QUEUE = "spotd-capacity-events"
 REGION = "us-east-1"
@@ -72,7 +72,7 @@ class AwsEvents:
         )
         return env
 
-    def launch_event(self, group: NodeGroup, at: datetime, message: str, instance_id: str = "") -> str:
+    def launch_event(self, group: SimulatedGroup, at: datetime, message: str, instance_id: str = "") -> str:
         ok = not message
         when = format_time(at)
         self.sent += 1
