@@ -1,0 +1,86 @@
+"""Promises of docs/controller.md on the decision pass that mutation testing
+(scripts/mutation controller/policy) found unchecked."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from spotd.controller.policy import OnDemandPolicy, SpotAnswer, age_text, choose_drains
+from spotd.inventory.records import NodeInfo
+from spotd.kube.keys import ON_DEMAND
+
+NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+POLICY = OnDemandPolicy(min_on_demand_age=7200, max_concurrent_drains=1, max_drains_per_hour=6)
+
+
+def node(name: str, hours: float) -> NodeInfo:
+    return NodeInfo(name, ON_DEMAND, NOW - timedelta(hours=hours), "m5.large", "eu-west-1a")
+
+
+def available(_node: NodeInfo) -> SpotAnswer:
+    return SpotAnswer(True, "no ICE seen")
+
+
+NODES = [node("a", 5), node("b", 4), node("c", 3)]
+
+
+@pytest.mark.parametrize(
+    ("situation", "kw", "first_reason"),
+    [
+        ("in flight", {"in_flight": ("a",)}, "drain in progress"),
+        ("pending pods", {"pending_unschedulable": 3}, "3 pods Pending for lack of capacity"),
+        (
+            "hourly budget",
+            {"history": [NOW - timedelta(minutes=m) for m in range(6)]},
+            "--max-drains-per-hour (6) reached",
+        ),
+    ],
+)
+def test_one_verdict_per_on_demand_node_with_its_age_whatever_stops_the_first(
+    situation: str, kw: dict[str, object], first_reason: str
+) -> None:
+    args: dict[str, object] = {"pending_unschedulable": 0, **kw}
+    verdicts = choose_drains(NODES, {}, spot_for=available, now=NOW, policy=POLICY, **args)  # type: ignore[arg-type]
+    assert [v.node for v in verdicts] == ["a", "b", "c"], situation
+    assert verdicts[0].reason == first_reason
+    assert [v.age for v in verdicts] == [5 * 3600, 4 * 3600, 3 * 3600]
+
+
+def test_a_drain_verdict_carries_the_age_probe_or_not() -> None:
+    (drain,) = [v for v in choose_drains(NODES[:1], {}, 0, available, NOW, POLICY) if v.drain]
+    assert drain.age == 5 * 3600 and drain.reason == "on-demand for 5h00m, Spot available: no ICE seen"
+    probe_due = SpotAnswer(False, "ICE in m5.large/eu-west-1a", probe_due=True)
+    (probe,) = choose_drains(NODES[:1], {}, 0, lambda _n: probe_due, NOW, POLICY)
+    assert probe.drain and probe.probe and probe.age == 5 * 3600
+
+
+def test_each_drain_uses_one_of_the_hourly_budget() -> None:
+    policy = OnDemandPolicy(min_on_demand_age=7200, max_concurrent_drains=3, max_drains_per_hour=2)
+    verdicts = choose_drains(NODES, {}, 0, available, NOW, policy)
+    assert [v.drain for v in verdicts] == [True, True, False]
+
+
+def test_a_node_exactly_min_on_demand_age_old_is_no_longer_younger() -> None:
+    (verdict,) = choose_drains([node("a", 2)], {}, 0, available, NOW, POLICY)
+    assert verdict.drain, verdict.reason
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (18000, "5h00m"),
+        (3600, "1h00m"),
+        (3599, "59m"),
+        (3660, "1h01m"),
+        (300, "5m"),
+        (60, "1m"),
+        (59, "59s"),
+        (0, "0s"),
+        (-5, "0s"),
+    ],
+)
+def test_age_text(seconds: float, text: str) -> None:
+    # the age in the drain reason (the Event, the log line, --dry-run)
+    assert age_text(seconds) == text
