@@ -7,16 +7,25 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from spotd.controller.policy import OnDemandPolicy, SpotAnswer, age_text, choose_drains
+from spotd.controller.policy import (
+    FallbackScope,
+    OnDemandPolicy,
+    SpotAnswer,
+    age_text,
+    choose_drains,
+    parse_label_selector,
+)
 from spotd.inventory.records import NodeInfo
 from spotd.kube.keys import ON_DEMAND
 
 NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
-POLICY = OnDemandPolicy(min_on_demand_age=7200, max_concurrent_drains=1, max_drains_per_hour=6)
+SCOPE = FallbackScope(parse_label_selector("node-pool=fallback"), "node-pool=fallback")
+POLICY = OnDemandPolicy(min_on_demand_age=7200, max_concurrent_drains=1, max_drains_per_hour=6, scope=SCOPE)
 
 
 def node(name: str, hours: float) -> NodeInfo:
-    return NodeInfo(name, ON_DEMAND, NOW - timedelta(hours=hours), "m5.large", "eu-west-1a")
+    labels = (("node-pool", "fallback"),)
+    return NodeInfo(name, ON_DEMAND, NOW - timedelta(hours=hours), "m5.large", "eu-west-1a", labels=labels)
 
 
 def available(_node: NodeInfo) -> SpotAnswer:
@@ -30,7 +39,7 @@ NODES = [node("a", 5), node("b", 4), node("c", 3)]
     ("situation", "kw", "first_reason"),
     [
         ("in flight", {"in_flight": ("a",)}, "drain in progress"),
-        ("pending pods", {"pending_unschedulable": 3}, "3 pods Pending for lack of capacity"),
+        ("pending pods", {"pending": 3}, "3 pods Pending for lack of capacity"),
         (
             "hourly budget",
             {"history": [NOW - timedelta(minutes=m) for m in range(6)]},
@@ -41,7 +50,7 @@ NODES = [node("a", 5), node("b", 4), node("c", 3)]
 def test_one_verdict_per_on_demand_node_with_its_age_whatever_stops_the_first(
     situation: str, kw: dict[str, object], first_reason: str
 ) -> None:
-    args: dict[str, object] = {"pending_unschedulable": 0, **kw}
+    args: dict[str, object] = {"pending": 0, **kw}
     verdicts = choose_drains(NODES, {}, spot_for=available, now=NOW, policy=POLICY, **args)  # type: ignore[arg-type]
     assert [v.node for v in verdicts] == ["a", "b", "c"], situation
     assert verdicts[0].reason == first_reason
@@ -57,7 +66,7 @@ def test_a_drain_verdict_carries_the_age_probe_or_not() -> None:
 
 
 def test_each_drain_uses_one_of_the_hourly_budget() -> None:
-    policy = OnDemandPolicy(min_on_demand_age=7200, max_concurrent_drains=3, max_drains_per_hour=2)
+    policy = OnDemandPolicy(min_on_demand_age=7200, max_concurrent_drains=3, max_drains_per_hour=2, scope=SCOPE)
     verdicts = choose_drains(NODES, {}, 0, available, NOW, policy)
     assert [v.drain for v in verdicts] == [True, True, False]
 

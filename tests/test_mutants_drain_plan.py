@@ -36,8 +36,8 @@ def test_the_plan_hands_the_executor_the_pods_of_each_verdict() -> None:
     names = {v: [p.name for p in plan.with_verdict(v)] for v in PodVerdict}
     assert names == {
         PodVerdict.EVICT: ["app"],
-        PodVerdict.DELETE: ["done"],
-        PodVerdict.SKIP: ["logs", "proxy", "old"],
+        PodVerdict.WAIT: ["old"],  # already terminating: counted as left until gone
+        PodVerdict.SKIP: ["done", "logs", "proxy"],  # completed pods too: nobody deletes pods
         PodVerdict.BLOCK: ["bare", "cache", "pinned"],
     }
     assert [d.pod.name for d in plan.blocked] == names[PodVerdict.BLOCK]
