@@ -25,7 +25,7 @@ import pytest
 
 from spotd.common.parsing import format_time
 from spotd.sim.kubeapi.server import FakeApiServer
-from tests.agent_harness import AgentProcess, eventually, free_port, pdb_obj, pod_obj
+from tests.agent_harness import DEPLOY, AgentProcess, eventually, free_port, pdb_obj, pod_obj
 from tests.moto_server import EVENTS_QUEUE, MotoAws, aws, moto_endpoint  # noqa: F401  (pytest fixtures)
 
 OLD = timedelta(hours=5)
@@ -124,7 +124,7 @@ class ControllerProcess(AgentProcess):
             *controller_command(),
             "--kubeconfig", kubeconfig,
             "--listen", f"127.0.0.1:{self.port}",
-            "--lease-namespace", "kube-system",
+            "--lease-namespace", "spotd",
             "--min-on-demand-age", "1h",
             "--ice-cooldown", "8s",
             "--lease-duration", f"{LEASE['duration']}s",
@@ -155,7 +155,10 @@ class ControllerProcess(AgentProcess):
 async def api(tmp_path: Path) -> AsyncIterator[FakeApiServer]:
     server = FakeApiServer(host="127.0.0.1", port=0, termination_scale=0.2)
     await server.start()
-    server.write_kubeconfig(tmp_path / "kubeconfig")
+    # The controller as deployed: its ServiceAccount's token, under deploy/'s RBAC and admission policies.
+    server.load_manifests([DEPLOY])
+    token = server.service_account_token("spotd", "spotd-controller")
+    server.write_kubeconfig(tmp_path / "kubeconfig", token=token)
     yield server
     await server.stop()
 
@@ -434,6 +437,7 @@ async def run_in_process(
     settings: dict[str, Any] = {
         "kubeconfig": str(tmp_path / "kubeconfig"),
         "identity": "probe-test",
+        "lease_namespace": "spotd",
         "min_on_demand_age": 3600.0,
         "ice_cooldown": 60.0,
         "interval": 0.2,
@@ -509,7 +513,7 @@ async def test_a_leader_that_loses_its_lease_stops_at_once_and_leaves_the_node_m
     api.create(pdb_obj("web", min_available=2, app="web"))  # the drain hangs
     c = start(procs, tmp_path, "ctl")
     await eventually(lambda: c.events("drain_starting"), timeout=20)
-    lease = api.get("Lease", "spotd-controller", "kube-system")
+    lease = api.get("Lease", "spotd-controller", "spotd")
     assert lease is not None
     lease["spec"]["holderIdentity"] = "intruder"
     lease["spec"]["renewTime"] = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

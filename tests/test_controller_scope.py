@@ -255,7 +255,7 @@ async def test_a_leader_that_gets_the_lease_back_reads_every_source_before_decid
     try:
         await eventually(lambda: ctl.ready, timeout=20)
         await asyncio.sleep(0.5)
-        lease = api.get("Lease", "spotd-controller", "kube-system")
+        lease = api.get("Lease", "spotd-controller", "spotd")
         assert lease is not None
         lease["spec"]["holderIdentity"] = "other-leader"
         lease["spec"]["renewTime"] = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
@@ -273,7 +273,7 @@ async def test_a_leader_that_gets_the_lease_back_reads_every_source_before_decid
         api.update(free)
         await asyncio.sleep(0.5)
         api.requests.clear()
-        lease = api.get("Lease", "spotd-controller", "kube-system")
+        lease = api.get("Lease", "spotd-controller", "spotd")
         assert lease is not None
         lease["spec"]["holderIdentity"] = ""  # released: ours again at the next retry
         api.update(lease)

@@ -237,6 +237,7 @@ def test_malformed_raw_object() -> None:
 # --- against the fake API server ----------------------------------------------------------------------
 
 from spotd.sim import kubeapi  # noqa: E402
+from tests.agent_harness import DEPLOY  # noqa: E402
 
 
 async def eventually(check: Any, timeout: float = 5.0) -> None:
@@ -252,7 +253,8 @@ async def fake(tmp_path: Any) -> AsyncIterator[tuple[Any, Any]]:
     api = kubeapi.FakeApiServer(host="127.0.0.1", port=0, history_size=50)
     await api.start()
     path = tmp_path / "kubeconfig"
-    api.write_kubeconfig(str(path))
+    api.load_manifests([DEPLOY])  # the inventory is the controller's: its RBAC, its token
+    api.write_kubeconfig(str(path), token=api.service_account_token("spotd", "spotd-controller"))
     client = make_client(str(path))
     yield api, client
     await client.close()

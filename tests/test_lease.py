@@ -15,8 +15,10 @@ import pytest
 from spotd.kube.client import make_client
 from spotd.kube.lease import LeaderElector, LeaseConfig, micro_time
 from spotd.sim import kubeapi
+from tests.agent_harness import DEPLOY
 
-NS = "kube-system"
+NS = "spotd"  # the controller's namespace, where its Role lets it hold the Lease
+LEASE = "spotd-controller"  # the one name its Role grants get and update on
 FAST = {"lease_duration": 2.0, "renew_deadline": 1.0, "renew_period": 0.3, "retry_period": 0.2}
 # A lease duration far longer than any wait below: what a test sees then is the mechanism, not the clock.
 LONG = {**FAST, "lease_duration": 60.0, "renew_deadline": 30.0}
@@ -26,7 +28,9 @@ LONG = {**FAST, "lease_duration": 60.0, "renew_deadline": 30.0}
 async def api(tmp_path: Path) -> AsyncIterator[Any]:
     server = kubeapi.FakeApiServer(host="127.0.0.1", port=0)
     await server.start()
-    server.write_kubeconfig(str(tmp_path / "kubeconfig"))
+    server.load_manifests([DEPLOY])  # the controller's RBAC: the lease tests run as the controller
+    token = server.service_account_token("spotd", "spotd-controller")
+    server.write_kubeconfig(str(tmp_path / "kubeconfig"), token=token)
     server.kubeconfig_path = str(tmp_path / "kubeconfig")
     yield server
     await server.stop()
@@ -35,7 +39,7 @@ async def api(tmp_path: Path) -> AsyncIterator[Any]:
 class Candidate:
     def __init__(self, api: Any, identity: str, **timings: float) -> None:
         self.client = make_client(api.kubeconfig_path)
-        self.elector = LeaderElector(self.client, LeaseConfig("spotd", NS, identity, **(timings or FAST)))
+        self.elector = LeaderElector(self.client, LeaseConfig(LEASE, NS, identity, **(timings or FAST)))
         self.task: asyncio.Task[None] | None = None
 
     def start(self) -> Candidate:
@@ -70,7 +74,7 @@ async def wait_for(predicate: Any, timeout: float) -> float:
 
 
 def holder(api: Any) -> str | None:
-    lease = api.get("Lease", "spotd", NS)
+    lease = api.get("Lease", LEASE, NS)
     return (lease or {}).get("spec", {}).get("holderIdentity")
 
 
@@ -79,9 +83,9 @@ async def test_single_candidate_creates_and_renews(api: Any) -> None:
     try:
         await wait_for(lambda: a.leading, 2)
         assert holder(api) == "a"
-        first = api.get("Lease", "spotd", NS)["spec"]["renewTime"]
+        first = api.get("Lease", LEASE, NS)["spec"]["renewTime"]
         await asyncio.sleep(0.5)
-        assert api.get("Lease", "spotd", NS)["spec"]["renewTime"] != first
+        assert api.get("Lease", LEASE, NS)["spec"]["renewTime"] != first
     finally:
         await a.stop()
     assert holder(api) is None  # released on shutdown
@@ -98,7 +102,7 @@ async def test_two_candidates_one_leader_and_graceful_handover(api: Any) -> None
         # A released lease is taken at the next retry; waiting out its 60 s duration would miss this.
         await wait_for(lambda: b.leading, 10)
         assert holder(api) == "b"
-        lease = api.get("Lease", "spotd", NS)
+        lease = api.get("Lease", LEASE, NS)
         assert lease["spec"]["leaseTransitions"] >= 1
     finally:
         await b.stop()
@@ -124,8 +128,8 @@ async def test_leader_that_cannot_renew_steps_down_by_its_deadline(api: Any) -> 
     a = Candidate(api, "a", **{**LONG, "renew_deadline": 1.0}).start()
     try:
         await wait_for(lambda: a.leading, 2)
-        api.inject_fault("PUT", r"/leases/spotd$", 500, times=1000)
-        api.inject_fault("GET", r"/leases/spotd$", 500, times=1000)
+        api.inject_fault("PUT", r"/leases/spotd-controller$", 500, times=1000)
+        api.inject_fault("GET", r"/leases/spotd-controller$", 500, times=1000)
         # It steps down on its renew deadline (1 s), long before anyone may take its 60 s lease.
         await wait_for(lambda: not a.leading, 10)
     finally:
@@ -139,7 +143,7 @@ async def test_leader_that_finds_another_holder_stops_at_once(api: Any) -> None:
     a.start()
     try:
         await wait_for(lambda: a.leading, 2)
-        lease = api.get("Lease", "spotd", NS)
+        lease = api.get("Lease", LEASE, NS)
         lease["spec"]["holderIdentity"] = "intruder"
         lease["spec"]["renewTime"] = micro_time(datetime.now(UTC))
         api.update(lease)

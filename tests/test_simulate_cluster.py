@@ -23,7 +23,7 @@ from spotd.rehearsal.targets import Target
 from spotd.sim.cluster import ClusterSpec, EmbeddedCluster
 from spotd.sim.imds import FakeImds
 from spotd.sim.kubeapi.server import FakeApiServer
-from tests.agent_harness import AgentProcess, eventually
+from tests.agent_harness import AgentProcess, agent_kubeconfig, eventually
 from tests.moto_server import ACCOUNT, MotoAws, aws, moto_endpoint  # noqa: F401  (pytest fixtures)
 
 NODE = "spot-01"
@@ -81,7 +81,8 @@ async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
 async def agent(cluster: Cluster) -> AsyncIterator[AgentProcess]:
     imds = FakeImds()
     await imds.start()
-    proc = AgentProcess(cluster.tmp, cluster.kubeconfig, imds.url, NODE, "--safety-margin", "2s").start()
+    kubeconfig = agent_kubeconfig(cluster.api, cluster.tmp / "agent-kubeconfig", NODE)  # the agent as itself
+    proc = AgentProcess(cluster.tmp, kubeconfig, imds.url, NODE, "--safety-margin", "2s").start()
     try:
         await proc.ready()
         yield proc
