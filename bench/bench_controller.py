@@ -26,6 +26,7 @@ from typing import Any
 from moto.server import ThreadedMotoServer
 
 from spotd.common.parsing import format_time
+from spotd.sim import builders
 from spotd.sim.kubeapi.server import FakeApiServer
 
 ZONES = ("us-east-1a", "us-east-1b", "us-east-1c")
@@ -33,46 +34,31 @@ TYPES = ("m5.large", "m5.xlarge", "c5.xlarge", "r5.large")
 
 
 def node_obj(i: int) -> dict[str, Any]:
+    """The builder's node, with the annotations and conditions a real kubelet adds: the bytes the inventory
+    decodes are what this bench weighs."""
     spot = i % 2 == 0
     zone, itype = ZONES[i % 3], TYPES[i % 4]
-    return {
-        "apiVersion": "v1",
-        "kind": "Node",
-        "metadata": {
-            "name": f"ip-10-{i // 250}-{i % 250}-1.ec2.internal",
-            "labels": {
-                "kubernetes.io/hostname": f"ip-10-{i // 250}-{i % 250}-1",
-                "kubernetes.io/os": "linux",
-                "kubernetes.io/arch": "amd64",
-                "node.kubernetes.io/instance-type": itype,
-                "topology.kubernetes.io/zone": zone,
-                "topology.kubernetes.io/region": "us-east-1",
-                "eks.amazonaws.com/capacityType": "SPOT" if spot else "ON_DEMAND",
-                "eks.amazonaws.com/nodegroup": "workers-spot" if spot else "workers-od",
-            },
-            "annotations": {
-                "node.alpha.kubernetes.io/ttl": "0",
-                "volumes.kubernetes.io/controller-managed-attach-detach": "true",
-            },
-        },
-        "spec": {"providerID": f"aws:///{zone}/i-{i:017x}"},
-        "status": {
-            "capacity": {"cpu": "4", "memory": "16Gi", "pods": "58"},
-            "allocatable": {"cpu": "3920m", "memory": "15Gi", "pods": "58"},
-            "conditions": [
-                {"type": "MemoryPressure", "status": "False", "reason": "KubeletHasSufficientMemory"},
-                {"type": "DiskPressure", "status": "False", "reason": "KubeletHasNoDiskPressure"},
-                {"type": "PIDPressure", "status": "False", "reason": "KubeletHasSufficientPID"},
-                {
-                    "type": "Ready",
-                    "status": "True",
-                    "reason": "KubeletReady",
-                    "message": "kubelet is posting ready status",
-                },
-            ],
-            "nodeInfo": {"kubeletVersion": "v1.30.0", "containerRuntimeVersion": "containerd://1.7.11"},
-        },
+    node = builders.node(
+        f"ip-10-{i // 250}-{i % 250}-1.ec2.internal",
+        builders.SPOT if spot else builders.ON_DEMAND,
+        instance_type=itype,
+        zone=zone,
+        labels={"kubernetes.io/arch": "amd64", "eks.amazonaws.com/nodegroup": "workers-spot" if spot else "workers-od"},
+        instance_id=f"i-{i:017x}",
+        allocatable={"cpu": "3920m", "memory": "15Gi", "pods": "58"},
+        capacity_resources={"cpu": "4", "memory": "16Gi", "pods": "58"},
+    )
+    node["metadata"]["annotations"] = {
+        "node.alpha.kubernetes.io/ttl": "0",
+        "volumes.kubernetes.io/controller-managed-attach-detach": "true",
     }
+    node["status"]["conditions"] = [
+        {"type": "MemoryPressure", "status": "False", "reason": "KubeletHasSufficientMemory"},
+        {"type": "DiskPressure", "status": "False", "reason": "KubeletHasNoDiskPressure"},
+        {"type": "PIDPressure", "status": "False", "reason": "KubeletHasSufficientPID"},
+        {"type": "Ready", "status": "True", "reason": "KubeletReady", "message": "kubelet is posting ready status"},
+    ]
+    return node
 
 
 def pod_obj(node: str, i: int, j: int) -> dict[str, Any]:

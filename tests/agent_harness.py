@@ -17,6 +17,10 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from spotd.sim.builders import node as node_obj  # noqa: F401  (the one builder, under the tests' names)
+from spotd.sim.builders import pdb as pdb_obj  # noqa: F401
+from spotd.sim.builders import pod as pod_obj  # noqa: F401
+
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 
 
@@ -45,91 +49,6 @@ async def eventually(check: Callable[[], Any], timeout: float = 10.0, interval: 
             return last
         await asyncio.sleep(interval)
     raise AssertionError(f"condition not met within {timeout}s (last: {last!r})")
-
-
-def node_obj(name: str, *, labels: dict[str, str] | None = None, boot_id: str = "boot-1") -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Node",
-        "metadata": {
-            "name": name,
-            "labels": {
-                "kubernetes.io/hostname": name,
-                "node.kubernetes.io/instance-type": "m5.large",
-                "topology.kubernetes.io/zone": "us-east-1a",
-                "eks.amazonaws.com/capacityType": "SPOT",
-                **(labels or {}),
-            },
-        },
-        "spec": {"providerID": f"aws:///us-east-1a/i-{abs(hash(name)) % 10**17:017x}"},
-        "status": {
-            "conditions": [{"type": "Ready", "status": "True"}],
-            "nodeInfo": {
-                "bootID": boot_id,
-                "architecture": "amd64",
-                "containerRuntimeVersion": "containerd://1.7.11",
-                "kernelVersion": "6.1.0",
-                "kubeProxyVersion": "v1.30.0",
-                "kubeletVersion": "v1.30.0",
-                "machineID": "ec2" + boot_id,
-                "operatingSystem": "linux",
-                "osImage": "Amazon Linux 2023",
-                "systemUUID": "ec2" + boot_id,
-            },
-            "allocatable": {"cpu": "2", "memory": "8Gi", "pods": "110"},
-        },
-    }
-
-
-def pod_obj(
-    name: str,
-    node: str,
-    *,
-    namespace: str = "default",
-    owner: str | None = "ReplicaSet",
-    phase: str = "Running",
-    labels: dict[str, str] | None = None,
-    annotations: dict[str, str] | None = None,
-    grace: int = 30,
-    empty_dir: bool = False,
-) -> dict[str, Any]:
-    meta: dict[str, Any] = {"name": name, "namespace": namespace, "labels": labels or {"app": "web"}}
-    if annotations:
-        meta["annotations"] = annotations
-    if owner:
-        meta["ownerReferences"] = [
-            {
-                "apiVersion": "apps/v1",
-                "kind": owner,
-                "name": f"{owner.lower()}-1",
-                "uid": f"uid-{owner}",
-                "controller": True,
-            }
-        ]
-    spec: dict[str, Any] = {
-        "nodeName": node,
-        "terminationGracePeriodSeconds": grace,
-        "containers": [{"name": "c", "image": "registry.k8s.io/pause:3.9"}],
-    }
-    if empty_dir:
-        spec["volumes"] = [{"name": "scratch", "emptyDir": {}}]
-    ready = "True" if phase == "Running" else "False"
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": meta,
-        "spec": spec,
-        "status": {"phase": phase, "conditions": [{"type": "Ready", "status": ready}]},
-    }
-
-
-def pdb_obj(name: str, *, min_available: int | str, app: str = "web", namespace: str = "default") -> dict[str, Any]:
-    return {
-        "apiVersion": "policy/v1",
-        "kind": "PodDisruptionBudget",
-        "metadata": {"name": name, "namespace": namespace},
-        "spec": {"minAvailable": min_available, "selector": {"matchLabels": {"app": app}}},
-    }
 
 
 class AgentProcess:

@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from spotd.common.parsing import format_time
+from spotd.sim import builders
 from spotd.sim.kubeapi.server import FakeApiServer
 from tests.agent_harness import DEPLOY, AgentProcess, eventually, free_port, pdb_obj, pod_obj
 from tests.moto_server import EVENTS_QUEUE, MotoAws, aws, moto_endpoint  # noqa: F401  (pytest fixtures)
@@ -36,22 +37,10 @@ def node_obj(
     name: str, capacity: str, itype: str = "m5.large", zone: str = "us-east-1a", pool: str = "fallback"
 ) -> dict[str, Any]:
     """A Ready node; on-demand ones are in the node-pool=fallback group (the tests' --fallback-selector)."""
-    return {
-        "apiVersion": "v1",
-        "kind": "Node",
-        "metadata": {
-            "name": name,
-            "labels": {
-                "kubernetes.io/hostname": name,
-                "node.kubernetes.io/instance-type": itype,
-                "topology.kubernetes.io/zone": zone,
-                "karpenter.sh/capacity-type": capacity,
-                **({"node-pool": pool} if capacity == "on-demand" and pool else {}),
-            },
-        },
-        "spec": {"providerID": f"aws:///{zone}/i-{abs(hash(name)) % 16**17:017x}"},
-        "status": {"conditions": [{"type": "Ready", "status": "True"}]},
-    }
+    labels = {"node-pool": pool} if capacity == "on-demand" and pool else {}
+    return builders.node(
+        name, capacity, capacity_label=builders.KARPENTER_CAPACITY_LABEL, instance_type=itype, zone=zone, labels=labels
+    )
 
 
 def add_node(api: FakeApiServer, name: str, capacity: str, age: timedelta = timedelta(0), **kw: str) -> None:

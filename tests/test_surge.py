@@ -35,6 +35,7 @@ from spotd.controller.surge import (
     zones_of_claims,
 )
 from spotd.kube.client import make_client
+from spotd.sim import builders
 from spotd.sim.controllers import Controllers
 from spotd.sim.kubeapi.server import FakeApiServer
 from tests.agent_harness import eventually
@@ -56,16 +57,8 @@ class Events:
 
 
 def node(name: str, capacity: str, zone: str = "us-east-1a", cpu: str = "4") -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Node",
-        "metadata": {"name": name, "labels": {CT: capacity, "topology.kubernetes.io/zone": zone}},
-        "spec": {},
-        "status": {
-            "allocatable": {"cpu": cpu, "memory": "16Gi", "pods": "110"},
-            "conditions": [{"type": "Ready", "status": "True"}],
-        },
-    }
+    allocatable = {"cpu": cpu, "memory": "16Gi", "pods": "110"}
+    return builders.node(name, capacity, capacity_label=CT, zone=zone, allocatable=allocatable)
 
 
 def workload_pod(name: str, on: str = OD_NODE, cpu: str = "1", **spec: Any) -> dict[str, Any]:

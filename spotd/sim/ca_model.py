@@ -37,6 +37,7 @@ from typing import Any
 import yaml
 
 from spotd.kube.keys import INSTANCE_TYPE_LABELS, ZONE_LABELS
+from spotd.sim import builders
 from spotd.sim.kubeapi.errors import ApiError
 from spotd.sim.kubeapi.server import FakeApiServer
 from spotd.sim.scheduler import (
@@ -457,19 +458,18 @@ class Autoscaler:
                 self.on_launched(group, node)
 
     def node_object(self, group: SimulatedGroup, name: str) -> Obj:
-        instance_id = f"i-0{self.rng.getrandbits(64):016x}"
-        return {
-            "apiVersion": "v1",
-            "kind": "Node",
-            "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name, **group.node_labels()}},
-            "spec": {"providerID": f"aws:///{group.zone}/{instance_id}", "taints": [dict(t) for t in group.taints]},
-            "status": {
-                "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady"}],
-                "allocatable": {"cpu": group.cpu, "memory": group.memory, "pods": str(group.pods)},
-                "capacity": {"cpu": group.cpu, "memory": group.memory, "pods": str(group.pods)},
-                "nodeInfo": {"bootID": f"{self.rng.getrandbits(128):032x}", "kubeletVersion": "v1.32.0"},
-            },
-        }
+        resources = {"cpu": group.cpu, "memory": group.memory, "pods": str(group.pods)}
+        return builders.node(
+            name,
+            group.capacity_type,
+            instance_type=group.instance_type,
+            zone=group.zone,
+            labels=dict(group.node_labels()),
+            instance_id=f"i-0{self.rng.getrandbits(64):016x}",
+            boot_id=f"{self.rng.getrandbits(128):032x}",
+            allocatable=resources,
+            taints=[dict(t) for t in group.taints],
+        )
 
     # -- scale-down --
     def _scale_down(self, now: datetime, members: dict[str, list[Obj]]) -> None:

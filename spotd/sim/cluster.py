@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
+from spotd.sim import builders
 from spotd.sim.controllers import Controllers, owner_ref
 from spotd.sim.imds import FakeImds
 from spotd.sim.kubeapi.errors import ApiError
@@ -119,40 +120,17 @@ def node_objects(spec: ClusterSpec, rng: random.Random) -> list[Obj]:
         instance_type = rng.choice(SPOT_TYPES) if spot else "m5.xlarge"
         instance_id = f"i-0{rng.getrandbits(64):016x}"
         nodes.append(
-            {
-                "apiVersion": "v1",
-                "kind": "Node",
-                "metadata": {
-                    "name": name,
-                    "labels": {
-                        "kubernetes.io/hostname": name,
-                        "kubernetes.io/os": "linux",
-                        "node.kubernetes.io/instance-type": instance_type,
-                        "topology.kubernetes.io/zone": zone,
-                        "topology.kubernetes.io/region": zone[:-1],
-                        CAPACITY_LABEL: "SPOT" if spot else "ON_DEMAND",
-                        "eks.amazonaws.com/nodegroup": "spot-mixed" if spot else "on-demand",
-                    },
-                },
-                "spec": {"providerID": f"aws:///{zone}/{instance_id}"},
-                "status": {
-                    "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady"}],
-                    "allocatable": {"cpu": "3920m", "memory": "15136Mi", "pods": "58"},
-                    "capacity": {"cpu": "4", "memory": "16Gi", "pods": "58"},
-                    "nodeInfo": {
-                        "bootID": f"{rng.getrandbits(128):032x}",
-                        "machineID": f"ec2{rng.getrandbits(96):024x}",
-                        "systemUUID": f"ec2{rng.getrandbits(96):024x}",
-                        "kubeletVersion": "v1.32.0",
-                        "kubeProxyVersion": "v1.32.0",
-                        "containerRuntimeVersion": "containerd://1.7.22",
-                        "kernelVersion": "6.1.112",
-                        "osImage": "Amazon Linux 2023",
-                        "architecture": "amd64",
-                        "operatingSystem": "linux",
-                    },
-                },
-            }
+            builders.node(
+                name,
+                builders.SPOT if spot else builders.ON_DEMAND,
+                instance_type=instance_type,
+                zone=zone,
+                labels={"eks.amazonaws.com/nodegroup": "spot-mixed" if spot else "on-demand"},
+                instance_id=instance_id,
+                boot_id=f"{rng.getrandbits(128):032x}",
+                allocatable={"cpu": "3920m", "memory": "15136Mi", "pods": "58"},
+                capacity_resources={"cpu": "4", "memory": "16Gi", "pods": "58"},
+            )
         )
     return nodes
 
