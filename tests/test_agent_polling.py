@@ -14,7 +14,7 @@ import pytest
 
 from spotd.sim.imds import FakeImds
 from spotd.sim.kubeapi.server import FakeApiServer
-from tests.agent_harness import AgentProcess, eventually, node_obj
+from tests.agent_harness import AgentProcess, agent_kubeconfig, eventually, node_obj
 
 NODE = "ip-10-0-1-20.ec2.internal"
 ITN = "spot/instance-action"
@@ -23,7 +23,7 @@ SLOW = ("events/recommendations/rebalance", "events/maintenance/scheduled", "aut
 
 @pytest.fixture
 async def api() -> AsyncIterator[FakeApiServer]:
-    server = FakeApiServer(termination_scale=0.0)
+    server = FakeApiServer(termination_scale=0.02)
     await server.start()
     server.create(node_obj(NODE))
     yield server
@@ -45,7 +45,7 @@ def agent_for(api: FakeApiServer, imds: FakeImds, tmp_path: Path) -> Iterator[li
 
 
 def start(started: list[AgentProcess], api: FakeApiServer, imds: FakeImds, tmp: Path, *extra: str) -> AgentProcess:
-    kubeconfig = str(api.write_kubeconfig(tmp / "kubeconfig"))
+    kubeconfig = agent_kubeconfig(api, tmp / "kubeconfig", NODE)
     agent = AgentProcess(tmp, kubeconfig, imds.url, NODE, *extra).start()
     started.append(agent)
     return agent

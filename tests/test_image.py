@@ -21,19 +21,18 @@ import tomllib
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 import yaml
 
 from spotd.sim.imds import FakeImds
 from spotd.sim.kubeapi import FakeApiServer
 from tests.agent_harness import eventually, free_port, node_obj, pod_obj
-from tests.moto_server import aws, moto_endpoint  # noqa: F401  (pytest fixtures)
+from tests.moto_server import EVENTS_QUEUE, MotoAws, aws, moto_endpoint  # noqa: F401  (pytest fixtures)
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -314,11 +313,14 @@ async def imds() -> AsyncIterator[FakeImds]:
     await fake.stop()
 
 
-@pytest.fixture
-def kubeconfig(api: FakeApiServer, tmp_path: Path) -> Iterator[str]:
-    path = api.write_kubeconfig(tmp_path / "kubeconfig")
+def kubeconfig_of(api: FakeApiServer, tmp_path: Path, account: str, node: str | None = None) -> str:
+    """The ServiceAccount's token, as a pod of it would have, under deploy/'s RBAC and admission policies."""
+    if api.get("ClusterRole", "spotd-agent") is None:
+        api.load_manifests([DEPLOY])
+    token = api.service_account_token("spotd", account, node_name=node)
+    path = api.write_kubeconfig(tmp_path / f"kubeconfig-{account}", token=token)
     path.chmod(0o644)  # read by the container's user through the read-only bind mount
-    yield str(path)
+    return str(path)
 
 
 def pods_on_node(api: FakeApiServer) -> list[str]:
@@ -330,12 +332,13 @@ async def test_agent_drains_its_node_on_a_spot_notice(
     image: str,
     api: FakeApiServer,
     imds: FakeImds,
-    kubeconfig: str,
     probe: bool,
     capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
 ) -> None:
     ds = daemonset()
     api.create(node_obj(NODE))
+    kubeconfig = kubeconfig_of(api, tmp_path, "spotd-agent", node=NODE)
     for i in range(10):
         api.create(pod_obj(f"web-{i}", NODE))
     api.create(pod_obj("logs-agent", NODE, owner="DaemonSet", labels={"app": "logs"}))
@@ -386,24 +389,25 @@ async def test_agent_drains_its_node_on_a_spot_notice(
 async def test_controller_takes_its_lease_and_is_ready(
     image: str,
     api: FakeApiServer,
-    kubeconfig: str,
-    aws: str,  # noqa: F811
+    aws: MotoAws,  # noqa: F811
     probe: bool,
     capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
 ) -> None:
+    kubeconfig = kubeconfig_of(api, tmp_path, "spotd-controller")
     deploy = deployment()
     namespace = deploy["metadata"]["namespace"]
     lease_name = next(a.split("=", 1)[1] for a in container_of(deploy)["args"] if a.startswith("--lease-name="))
     api.create(node_obj("ip-10-0-2-20.ec2.internal", labels={"eks.amazonaws.com/capacityType": "ON_DEMAND"}))
-    queue_url = boto3.client("sqs").create_queue(QueueName="spotd-events")["QueueUrl"]
+    queue_url = aws.client("sqs").create_queue(QueueName=EVENTS_QUEUE)["QueueUrl"]
     pod_name = "spotd-controller-6d9f7-abcde"
     port = free_port()
     # The per-cluster values the manifest says to patch (queue URL), and the test's AWS (moto).
     aws_env = {
         "SPOTD_SQS_QUEUE_URL": queue_url,
-        "AWS_ENDPOINT_URL": aws,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_ENDPOINT_URL": aws.url,
+        "AWS_ACCESS_KEY_ID": aws.controller.access_key_id,  # the controller's IAM user: deploy/iam-policy.json
+        "AWS_SECRET_ACCESS_KEY": aws.controller.secret_access_key,
         "AWS_EC2_METADATA_DISABLED": "true",
     }
     options = [*run_options(deploy, pod_name=pod_name, env=aws_env), "--volume", f"{kubeconfig}:{KUBECONFIG}:ro"]
