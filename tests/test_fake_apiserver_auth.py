@@ -256,7 +256,7 @@ async def test_access_sinks_collect_across_servers() -> None:
 
 
 async def test_lightkube_sends_its_token_over_plain_http(tmp_path: Path) -> None:
-    server = FakeApiServer(tls=False)
+    server = FakeApiServer(tls=False, report_access=False)  # a denial on purpose: not the suite's record
     await server.start()
     client = client_for(server, tmp_path, server.service_account_token("spotd", "spotd-agent"))
     try:
