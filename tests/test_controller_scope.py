@@ -152,7 +152,7 @@ async def test_a_node_with_a_completed_pod_drains_without_any_delete(api: FakeAp
 
 def unschedulable_pod(name: str, node_selector: dict[str, str] | None, message: str) -> dict[str, Any]:
     pod = pod_obj(name, "", labels={"app": name})
-    del pod["spec"]["nodeName"]
+    pod["spec"].pop("nodeName", None)
     if node_selector:
         pod["spec"]["nodeSelector"] = node_selector
     pod["status"] = {
