@@ -206,7 +206,7 @@ async def test_a_nearer_deadline_restarts_the_drain_and_shortens_a_grace(apis, i
     await agent.ready()
     imds.set_instance_action("terminate", soon(110))
     await eventually(lambda: history.collect().deletion_graces("slow"), timeout=10)
-    assert history.deletion_graces("slow") == [60]  # 100 s left before the margin: its own grace
+    assert set(history.deletion_graces("slow")) == {60}  # 100 s left before the margin: its own grace
     imds.set_instance_action("terminate", soon(30))
     await eventually(lambda: min(history.collect().deletion_graces("slow")) <= 20, timeout=10)
 
