@@ -22,16 +22,14 @@ def simulate(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, dict[
     return code, json.loads(out) if out.strip().startswith("{") else {}, err + out
 
 
-def test_the_readme_command_shows_a_mass_reclaim_in_under_30s(capsys: pytest.CaptureFixture[str]) -> None:
-    started = time.monotonic()
+def test_the_readme_command_shows_a_mass_reclaim(capsys: pytest.CaptureFixture[str]) -> None:
     code, report, output = simulate(capsys, "--count", "12")
-    elapsed = time.monotonic() - started
     assert code == 0, output
-    assert elapsed < 30, elapsed
     assert report["ok"] is True
     assert len(report["nodes"]) == 12
     assert all(n["name"].startswith("spot-") for n in report["nodes"])
     assert all(n["drained_at"] and n["pods_left"] == 0 for n in report["nodes"])
+    assert {n["reason"] for n in report["nodes"]} == {"drained before the deadline"}
     assert sum(n["pods_evicted"] for n in report["nodes"]) > 12
     kinds = {w["kind"] for w in report["workloads"]}
     assert {"Deployment", "StatefulSet"} <= kinds
@@ -134,8 +132,7 @@ async def test_scheduler_preempts_placeholders_and_respects_taints() -> None:
             critical_pending = [p for p in pods if p["spec"]["priority"] > 0 and not p["spec"].get("nodeName")]
             if not critical_pending:
                 break
-        placeholders = [p for p in api.list("Pod") if p["spec"]["priority"] < 0 and p["spec"].get("nodeName")]
-        assert not critical_pending or not placeholders  # critical pods got room, or no placeholder was left to take
+        assert critical_pending == []  # the critical pods got room on spot-02: placeholders made way
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)

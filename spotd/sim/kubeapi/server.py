@@ -10,6 +10,7 @@ import json
 import re
 import ssl
 import tempfile
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,12 +42,15 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class RecordedRequest(NamedTuple):
-    """One request as received; unpacks as (method, path, query, content_type)."""
+    """One request as received; unpacks as (method, path, query, content_type, at).
+
+    at: when it was received, on the monotonic clock (time.monotonic(), as the agent counts time)."""
 
     method: str
     path: str
     query: dict[str, str]
     content_type: str
+    at: float = 0.0
 
 
 @dataclass
@@ -316,7 +320,8 @@ class FakeApiServer:
         query_regex: str | None = None,
     ) -> None:
         """The next `times` requests with this method ("*" for any) whose path (and query, when given) matches
-        answer `status`, after `delay` seconds."""
+        answer `status`, after `delay` seconds. status 0 holds them `delay` seconds, then answers them as
+        usual (a slow API server: what the store holds may change meanwhile)."""
         self._faults.append(
             Fault(
                 method.upper() if method != "*" else "*",
@@ -358,7 +363,13 @@ class FakeApiServer:
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         self.requests.append(
-            RecordedRequest(request.method, request.path, dict(request.query), request.headers.get("Content-Type", ""))
+            RecordedRequest(
+                request.method,
+                request.path,
+                dict(request.query),
+                request.headers.get("Content-Type", ""),
+                time.monotonic(),
+            )
         )
         try:
             request[USER_KEY] = self._authorize(request)
@@ -371,6 +382,8 @@ class FakeApiServer:
                 self._faults.remove(fault)
             if fault.delay:
                 await asyncio.sleep(fault.delay)
+            if fault.status == 0:
+                return await self._answer(request, handler)
             details: dict[str, Any] | None = None
             headers = {}
             if fault.retry_after is not None:
@@ -380,6 +393,10 @@ class FakeApiServer:
                 fault.status, f"injected fault: HTTP {fault.status}", details=details
             )
             return json_response(body, fault.status, headers)
+        return await self._answer(request, handler)
+
+    @staticmethod
+    async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
             return await handler(request)
         except errors.ApiError as exc:
