@@ -226,6 +226,8 @@ async def _drain(deps: DrainDeps, job: DrainJob, reason: str, log: Any) -> tuple
             not_ready = await _surge_first(deps, job, log)
             if not_ready is not None:
                 return "surge_failed", not_ready
+            if job.stop.is_set():  # an ICE in the zone while the placeholders waited: do not cordon at all
+                return job.abort or "aborted_ice", "a new ICE arrived during the surge"
         refused = await _cordon(deps, job.node)
         if refused is not None:
             return "blocked", refused
