@@ -214,3 +214,20 @@ async def test_replacements_on_on_demand_mark_the_pool_short_and_no_drain_follow
         await stop_in_process(ctl, task)
     assert events_for(api, "od-2") == [] and node_patches(api, "od-2") == []
     assert len(pods_on(api, "od-2", running=True)) == 1
+
+
+async def test_a_new_term_deletes_the_placeholders_a_previous_leader_left(api: FakeApiServer, tmp_path: Path) -> None:
+    from spotd.controller.placeholders import placeholder_pods
+
+    await cluster(api)
+    left = placeholder_pods("od-9", pods_on(api, "od-1"), namespace="spotd", capacity_label=CT, spot_values=["spot"])
+    for i, pod in enumerate(left):
+        pod["metadata"]["name"] = f"spotd-placeholder-left-{i}"
+        api.create(pod)
+    assert len(placeholders(api)) == 2
+    ctl, task = await start(api, tmp_path, min_on_demand_age=24 * 3600.0)  # nothing to drain
+    try:
+        await eventually(lambda: ctl.ready, timeout=20)
+        await eventually(lambda: placeholders(api) == [], timeout=5)
+    finally:
+        await stop_in_process(ctl, task)
