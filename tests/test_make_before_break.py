@@ -231,3 +231,28 @@ async def test_a_new_term_deletes_the_placeholders_a_previous_leader_left(api: F
         await eventually(lambda: placeholders(api) == [], timeout=5)
     finally:
         await stop_in_process(ctl, task)
+
+
+def test_the_make_before_break_flags(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import argparse
+
+    from spotd.controller.config import add_arguments, config_from_args
+
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(
+        "apiVersion: v1\nkind: Config\ncurrent-context: c\nclusters: [{name: c, cluster: {server: 'http://127.0.0.1:1'}}]\n"
+        "contexts: [{name: c, context: {cluster: c, user: u}}]\nusers: [{name: u, user: {}}]\n"
+    )
+    monkeypatch.setenv("SPOTD_KUBECONFIG", str(kubeconfig))
+    monkeypatch.setenv("POD_NAMESPACE", "ops")
+    monkeypatch.setenv("SPOTD_LANDING_TIMEOUT", "2m")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    config = config_from_args(parser.parse_args([]))
+    assert config.surge_timeout == 900 and config.landing_timeout == 120
+    assert config.placeholder_namespace == "ops" and config.placeholder_priority_class == "spotd-placeholder"
+    assert config.placeholder_image == "registry.k8s.io/pause:3.10"
+    off = config_from_args(parser.parse_args(["--surge-timeout", "0", "--placeholder-image", "mirror/pause:3.10"]))
+    assert off.surge_timeout == 0 and off.placeholder_image == "mirror/pause:3.10"
+    with pytest.raises(ValueError, match="--surge-timeout"):
+        config_from_args(parser.parse_args(["--surge-timeout", "soon"]))
