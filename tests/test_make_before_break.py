@@ -159,6 +159,7 @@ async def test_spot_short_evicts_nothing_and_records_the_pool_short(api: FakeApi
         assert events_for(api, "od-1").count("SpotdSurgeFailed") == 1
         assert "SpotdDrainStarted" not in events_for(api, "od-1")
         assert "short" in ctl.reasons.get("od-1", ""), ctl.reasons
+        assert list(ctl.history) == []  # a failed surge disrupted nothing: no drain in the hourly budget
     finally:
         await stop_in_process(ctl, task)
     assert evictions(api) == []

@@ -359,6 +359,9 @@ class Controller:
     def drain_finished(self, job: DrainJob, outcome: DrainOutcome) -> None:
         """A drain ended (or was interrupted): out of flight, its alert remembered, a probe's answer booked."""
         self.in_flight.pop(job.node, None)
+        if outcome.outcome == "surge_failed":  # nothing was disrupted: not a drain for --max-drains-per-hour
+            with contextlib.suppress(ValueError):
+                self.history.remove((job.node, job.started))
         if outcome.outcome == "complete":
             self.completed.add(job.node)
         if outcome.alerted:
