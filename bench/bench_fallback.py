@@ -63,7 +63,9 @@ def main() -> int:
         print(f"side {label}: spotd controller {' '.join(flags) or '(defaults)'} ...", file=sys.stderr, flush=True)
         sides.append((label, flags, *run_side(flags, args.rest)))
     width = 30
-    print(f"{'':{width}}" + "".join(f"{label + ': ' + (' '.join(f) or 'defaults'):44}" for label, f, *_ in sides))
+    for label, f, *_ in sides:
+        print(f"{label}: spotd controller {' '.join(f) or '(defaults)'}")
+    print(f"{'':{width}}" + "".join(f"{label:44}" for label, *_ in sides))
     for name, cell in ROWS:
         values = [cell(r) if r is not None else why for _, _, r, why, _ in sides]
         print(f"{name:{width}}" + "".join(f"{v[:42]:44}" for v in values))

@@ -215,3 +215,66 @@ def test_spot_where_known(name: str, book: PoolBook, groups: list[object], avail
     verdict = spot_where_known(book, M5A, T0 + timedelta(minutes=5), COOLDOWN, groups)  # type: ignore[arg-type]
     assert verdict.available is available, name
     assert reason in verdict.reason
+
+
+# --- short until a surge succeeds (make-before-break) -----------------------------------------------
+
+SHORT = "short"
+SURGE_OK = "surge_ok"
+SURGE_FAILED = "surge_failed"
+PROBE_OK = "probe_ok"
+
+
+def apply(book: PoolBook, step: tuple[str, Pool, float]) -> PoolBook:
+    kind, pool, minutes = step
+    if kind == SHORT:
+        return book.record_short(pool, at(minutes), "replacements on on-demand")
+    if kind == SURGE_OK:
+        return book.record_surge(pool, at(minutes), ready=True)
+    if kind == SURGE_FAILED:
+        return book.record_surge(pool, at(minutes), ready=False, reason="not all running")
+    if kind == PROBE_OK:
+        return book.record_probe_result(pool, at(minutes), landed_on_spot=True)
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize(
+    ("signals", "steps", "now", "state"),
+    [
+        ([], [(SHORT, M5A, 0)], 1, UNAVAILABLE),  # replacements on on-demand: short, even without an ICE
+        ([], [(SHORT, M5A, 0)], 24 * 60, UNAVAILABLE),  # time alone never ends it
+        ([launched(M5A, 10)], [(SHORT, M5A, 0)], 60, UNAVAILABLE),  # nor a Spot launch: it did not hold them
+        ([], [(SHORT, M5A, 0), (SURGE_OK, M5A, 30)], 31, AVAILABLE),  # only a successful surge
+        ([], [(SHORT, M5A, 0), (PROBE_OK, M5A, 30)], 31, AVAILABLE),  # or probe (--surge-timeout 0)
+        ([], [(SHORT, M5A, 0), (SURGE_FAILED, M5A, 30)], 31, UNAVAILABLE),
+        ([], [(SURGE_FAILED, M5A, 0)], 1, UNAVAILABLE),  # a failed surge: the pool is still short
+        ([], [(SHORT, M5A, 0)], 1, UNAVAILABLE),
+        ([], [(SHORT, M5B, 0)], 1, AVAILABLE),  # M5A: another pool's short says nothing
+        ([], [(SHORT, ANY_A, 0)], 1, UNAVAILABLE),  # a short zone holds its pools back
+        ([ice(M5A, 0)], [(SURGE_OK, M5A, 5)], 10, RECOVERING),  # a surge is a launch: the cooldown still counts
+        ([ice(M5A, 0)], [(SURGE_OK, M5A, 5)], 31, AVAILABLE),
+        ([], [(SURGE_OK, M5A, 0), (SHORT, M5A, 5)], 6, UNAVAILABLE),
+    ],
+)
+def test_short_state_table(
+    signals: list[CapacitySignal], steps: list[tuple[str, Pool, float]], now: float, state: str
+) -> None:
+    book = PoolBook().record_all(signals)
+    for step in steps:
+        book = apply(book, step)
+    assert book.state(M5A, at(now), COOLDOWN) == state
+
+
+def test_short_says_why_and_is_probed_with_the_probe_back_off() -> None:
+    book = PoolBook().record_short(M5A, at(0), "web-1 on od-2")
+    verdict = book.spot_available(M5A, at(1), COOLDOWN)
+    assert "short since" in verdict.reason and "web-1 on od-2" in verdict.reason
+    assert "waits for a successful surge" in verdict.reason
+    assert not book.probe_due(M5A, at(60), QUIET) and book.probe_due(M5A, at(120), QUIET)
+    failed = book.record_surge(M5A, at(120), ready=False)
+    assert not failed.probe_due(M5A, at(120 + 239), QUIET) and failed.probe_due(M5A, at(120 + 240), QUIET)
+    ready = failed.record_surge(M5A, at(400), ready=True)
+    assert not ready.probe_due(M5A, at(9999), QUIET)
+    assert ready.spot_available(M5A, at(401), COOLDOWN).available
+    record = ready.get(M5A)
+    assert record is not None and record.launch_source == "surge" and ready.spot_launch_seen(M5A)

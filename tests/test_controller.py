@@ -125,6 +125,7 @@ class ControllerProcess(AgentProcess):
             "--activities-interval", "2s",
             "--drain-timeout", "40s",
             "--probe-quiet-period", "0",
+            "--surge-timeout", "0",  # drain-then-replace: no scheduler here to run placeholders
             "--fallback-selector", "node-pool=fallback",
             "--log-level", "info",
             *(["--sqs-queue-url", queue_url] if queue_url else []),
@@ -448,6 +449,7 @@ async def run_in_process(
         "probe_quiet_period": 1.0,
         "probe_settle": 5.0,
         "drain_timeout": 20.0,
+        "surge_timeout": 0.0,  # drain-then-replace; tests/test_make_before_break.py runs the surge
         "fallback_selector": parse_label_selector("node-pool=fallback"),
         "fallback_selector_text": "node-pool=fallback",
         **overrides,

@@ -4,8 +4,8 @@ and the whole rehearsal (embedded cluster, CA model, real agents, real controlle
 from __future__ import annotations
 
 import json
-import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -178,20 +178,15 @@ def test_refusals(capsys: pytest.CaptureFixture[str], flags: list[str]) -> None:
     assert "error:" in capsys.readouterr().err
 
 
-def test_the_fallback_and_its_return_in_under_two_minutes(capsys: pytest.CaptureFixture[str]) -> None:
-    started = time.monotonic()
+def test_the_fallback_and_the_return_to_spot_through_surges(capsys: pytest.CaptureFixture[str]) -> None:
     code = main(
         [
             "simulate-reclaim",
-            *("--scenario", "fallback", "--output", "json"),
-            # the controller of today returns only once its fallback nodes are old enough and a probe is due
-            *("--controller-arg=--min-on-demand-age=10m", "--controller-arg=--probe-quiet-period=10m"),
+            *("--scenario", "fallback", "--output", "json"),  # the controller at its defaults
         ]
     )
-    elapsed = time.monotonic() - started
     out, err = capsys.readouterr()
     report: dict[str, Any] = json.loads(out)
-    assert elapsed < 120, elapsed
     assert report["fallback_nodes"] >= 1, err  # CA fell back to on-demand while Spot was short
     assert report["pods_waited"] > 0 and report["pending_max"] > 60  # the reclaim left pods Pending minutes
     assert any(w["by_cause"]["reclaim"] for w in report["workloads"])
@@ -199,4 +194,9 @@ def test_the_fallback_and_its_return_in_under_two_minutes(capsys: pytest.Capture
     assert report["ok"] and report["returned_at"] > 20 * 60  # after Spot was restored at +20m
     assert report["spot_nodes_launched"] >= 1
     assert any(w["by_cause"]["return"] for w in report["workloads"])
-    assert "controller log:" in " ".join(report["notes"])
+    # make-before-break: the drained pods found the room the placeholders held; nothing waited a surge long
+    assert report["pending_after_restore_max"] <= 15 * 60, report["pending_after_restore_max"]
+    notes = " ".join(report["notes"])
+    assert "controller log:" in notes
+    log = Path(notes.split("controller log: ", 1)[1].split(";", 1)[0]).read_text()
+    assert '"surge_ready"' in log and '"replacements_landed"' in log  # each return drain surged first

@@ -3,14 +3,19 @@
 States of a pool (what `PoolBook.state` returns, and the verdict's reason says why):
   available    no ICE ever seen; or a Spot launch after the last ICE and no ICE for the cooldown since.
   recovering   a Spot launch after the last ICE, but the last ICE is younger than the cooldown.
-  unavailable  an ICE and no Spot launch (or successful probe) since.
+  unavailable  an ICE and no Spot launch (or successful probe) since; or short: a drain's replacements landed
+               on on-demand, or a surge found no Spot room, and no surge (or probe) succeeded since.
 
 Signals are applied by their own time, not by arrival: `last_ice` and `last_launch` only move forward, so
 the order in which SQS, the activities and the nodes deliver the same history does not change the state.
 An ICE names one pool, which may hold a "*" (unknown type or zone): it then covers every pool it
 contains. A Spot launch counts for its own pool and for every recorded pool that contains it.
 
-PoolBook is immutable: `record`, `record_all` and `record_probe_result` return a new book.
+"Short" (make-before-break) is not undone by a Spot launch: Spot nodes appearing did not hold the pods
+last time. Only a successful surge (`record_surge`) or probe (`record_probe_result`) ends it.
+
+PoolBook is immutable: `record`, `record_all`, `record_short`, `record_surge` and `record_probe_result`
+return a new book.
 """
 
 from __future__ import annotations
@@ -51,12 +56,17 @@ class PoolRecord:
     asgs: frozenset[str] = frozenset()
     last_probe: datetime | None = None
     probe_failures: int = 0
+    short_since: datetime | None = None  # replacements landed on on-demand / a surge failed; a surge ends it
+    short_reason: str = ""
 
     @property
     def launched_since_ice(self) -> bool:
         return self.last_ice is None or (self.last_launch is not None and self.last_launch > self.last_ice)
 
     def verdict(self, pool: Pool, now: datetime, cooldown: timedelta) -> PoolVerdict:
+        if self.short_since is not None:
+            why = f"{pool} short since {format_time(self.short_since)} ({self.short_reason})"
+            return PoolVerdict(False, f"{why}; waits for a successful surge", UNAVAILABLE)
         if self.last_ice is None:
             return PoolVerdict(True, "no ICE seen", AVAILABLE)
         ice = f"ICE {self.ice_reason} in {pool} at {format_time(self.last_ice)}"
@@ -70,7 +80,7 @@ class PoolRecord:
         return PoolVerdict(True, f"{launched} after {ice}, no ICE since", AVAILABLE)
 
     def last_signal(self) -> datetime | None:
-        times = [t for t in (self.last_ice, self.last_launch, self.last_probe) if t is not None]
+        times = [t for t in (self.last_ice, self.last_launch, self.last_probe, self.short_since) if t is not None]
         return max(times) if times else None
 
 
@@ -156,9 +166,10 @@ class PoolBook:
 
     def probe_due(self, pool: Pool, now: datetime, quiet_period: timedelta, cap: timedelta = PROBE_BACKOFF_CAP) -> bool:
         """True when this recorded pool is unavailable and has been quiet (no ICE, launch or probe) for
-        quiet_period, doubled for every probe that failed since the last ICE, at most cap."""
+        quiet_period, doubled for every probe that failed since the last ICE, at most cap. A short pool is
+        probed the same way (with a surge, the probe disrupts nothing)."""
         rec = self._records.get(pool)
-        if rec is None or rec.launched_since_ice:
+        if rec is None or (rec.launched_since_ice and rec.short_since is None):
             return False
         last = rec.last_signal()
         assert last is not None
@@ -174,9 +185,34 @@ class PoolBook:
         records = dict(self._records)
         rec = records.get(pool, PoolRecord())
         if landed_on_spot:
-            rec = _launched(rec, now, "probe", "")
+            rec = replace(_launched(rec, now, "probe", ""), short_since=None, short_reason="")
         else:
             rec = replace(rec, probe_failures=rec.probe_failures + 1)
+        records[pool] = replace(rec, last_probe=now)
+        return PoolBook(records)
+
+    def record_short(self, pool: Pool, now: datetime, reason: str) -> PoolBook:
+        """A drain's replacements landed on on-demand: the pool is short (unavailable) until a surge succeeds.
+        An earlier short mark keeps its time (the probe back-off counts from it)."""
+        records = dict(self._records)
+        rec = records.get(pool, PoolRecord())
+        records[pool] = replace(rec, short_since=rec.short_since or now, short_reason=reason)
+        return PoolBook(records)
+
+    def record_surge(self, pool: Pool, now: datetime, ready: bool, reason: str = "") -> PoolBook:
+        """A surge ended. Ready: Spot ran the placeholders, a Spot launch in the pool at now (source "surge")
+        that ends a short mark. Failed: the pool is short, and the next try waits as after a failed probe."""
+        records = dict(self._records)
+        rec = records.get(pool, PoolRecord())
+        if ready:
+            rec = replace(_launched(rec, now, "surge", ""), short_since=None, short_reason="")
+        else:
+            rec = replace(
+                rec,
+                short_since=rec.short_since or now,
+                short_reason=f"surge failed: {reason}" if reason else "surge failed",
+                probe_failures=rec.probe_failures + 1,
+            )
         records[pool] = replace(rec, last_probe=now)
         return PoolBook(records)
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from spotd.alerts.flags import AlertConfig, add_alert_arguments, alert_config_from_args
 from spotd.common.parsing import parse_duration, parse_host_port
+from spotd.controller.placeholders import PAUSE_IMAGE, PLACEHOLDER_PRIORITY_CLASS
 from spotd.controller.policy import FallbackScope, OnDemandPolicy, parse_label_selector
 from spotd.inventory.records import Requirement
 from spotd.kube.client import KubeConfigError, load_config
@@ -52,6 +53,11 @@ class ControllerConfig:
     retry_backoff_cap: float = 28800.0
     evict_jobs: bool = False
     node_name: str = ""  # the node this replica runs on (NODE_NAME): a drain of it is handed over, not undone
+    surge_timeout: float = 900.0  # make-before-break; 0: drain-then-replace with the active probe
+    placeholder_priority_class: str = PLACEHOLDER_PRIORITY_CLASS
+    placeholder_namespace: str = "spotd"
+    placeholder_image: str = PAUSE_IMAGE
+    landing_timeout: float = 300.0
     dry_run: bool = False
     log_level: str = "info"
     alerts: AlertConfig = AlertConfig()  # noqa: RUF009 - frozen, sharing the default is safe
@@ -116,6 +122,8 @@ _DURATIONS = {
     "--sqs-wait": "20s",
     "--retry-backoff": "30m",
     "--retry-backoff-cap": "8h",
+    "--surge-timeout": "15m",
+    "--landing-timeout": "5m",
 }
 _BOOLS = {
     "--evict-unreplicated": "evict pods that no controller would recreate",
@@ -154,6 +162,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "k8s.io/cluster-autoscaler/enabled=true",
         "comma-separated KEY or KEY=VALUE tags selecting the ASGs whose activities are read",
     )
+    text("--placeholder-priority-class", PLACEHOLDER_PRIORITY_CLASS, "PriorityClass of the placeholder pods")
+    text(
+        "--placeholder-namespace",
+        os.environ.get("POD_NAMESPACE", "spotd"),
+        "namespace of the placeholder pods (default POD_NAMESPACE, else spotd)",
+    )
+    text("--placeholder-image", PAUSE_IMAGE, "image of the placeholder pods")
     for flag, default in _DURATIONS.items():
         text(flag, default, f"duration (default {default})")
     for flag, help in _BOOLS.items():
@@ -257,6 +272,11 @@ def config_from_args(args: argparse.Namespace) -> ControllerConfig:
         retry_backoff_cap=max(durations["--retry-backoff-cap"], durations["--retry-backoff"]),
         evict_jobs=bool(getattr(args, "evict_jobs", False)),
         node_name=str(getattr(args, "node_name", "") or ""),
+        surge_timeout=durations["--surge-timeout"],
+        placeholder_priority_class=str(args.placeholder_priority_class or PLACEHOLDER_PRIORITY_CLASS),
+        placeholder_namespace=str(args.placeholder_namespace or "spotd"),
+        placeholder_image=str(args.placeholder_image or PAUSE_IMAGE),
+        landing_timeout=durations["--landing-timeout"],
         dry_run=bool(args.dry_run),
         log_level=str(getattr(args, "log_level", None) or "info"),
         alerts=alert_config_from_args(args) if hasattr(args, "alertmanager_url") else AlertConfig(),

@@ -1,4 +1,5 @@
-"""Executing the controller's drains: cordon, drain, record the outcome, read a probe's result; restart recovery.
+"""Executing the controller's drains: surge (make-before-break), cordon, drain, record the outcome, check
+where the replacements landed (or read a probe's result); restart recovery.
 
 A drain is handed what it needs (`DrainDeps`) and reports its end through `DrainDeps.finished`; it reads
 and changes no other state of the controller.
@@ -18,12 +19,17 @@ from spotd.alerts.model import ON_DEMAND_DRAIN_BLOCKED, AlertNode, on_demand_dra
 from spotd.capacity.signals import ANY, Pool
 from spotd.common.metrics import LOOP_ERRORS
 from spotd.common.parsing import parse_iso_time
+from spotd.controller import surge as surges
+from spotd.controller.landing import Follow
 from spotd.controller.metrics import CONTROLLER_DRAINS
+from spotd.controller.placeholders import PAUSE_IMAGE, PLACEHOLDER_PRIORITY_CLASS, SPOT_LABEL_VALUES, pods_to_surge
 from spotd.drain.executor import DrainOptions, drain_node
 from spotd.drain.plan import PodPolicy
 from spotd.inventory.records import NodeInfo, RetryMark
+from spotd.kube.client import http_of
 from spotd.kube.events import EventRecorder
 from spotd.kube.keys import (
+    CAPACITY_TYPE_LABELS,
     DO_NOT_DISRUPT_ANNOTATION,
     DRAIN_ANNOTATION,
     DRAIN_RETRY_ANNOTATION,
@@ -58,17 +64,22 @@ class DrainJob:
     cordoned: bool = False  # by us, for this drain: only then is uncordoning ours to do
     owners: frozenset[tuple[str, str, str]] = frozenset()
     pods_before: frozenset[tuple[str, str]] = frozenset()
+    surged: bool | None = None  # None: no surge; True: ready before the cordon; False: failed, node untouched
+    follow: Follow | None = None  # the evicted pods' owners, for the landing check after a complete drain
 
 
 @dataclass(frozen=True)
 class DrainOutcome:
-    """How a drain ended. landed_on_spot: a probe's answer (None: not a probe, or it says nothing)."""
+    """How a drain ended. landed_on_spot: a probe's answer (None: not a probe, or it says nothing).
+    surge_ready: how its surge ended (None: none tried). short: its replacements landed on on-demand."""
 
     node: str
-    outcome: str  # complete | aborted_ice | timeout | blocked | failed | interrupted
+    outcome: str  # complete | aborted_ice | timeout | blocked | failed | interrupted | surge_failed
     detail: str = ""
     landed_on_spot: bool | None = None
     alerted: bool = False  # OnDemandDrainBlocked fired for the node
+    surge_ready: bool | None = None
+    short: bool = False
 
 
 @dataclass(frozen=True)
@@ -85,13 +96,26 @@ class DrainSettings:
     retry_backoff: float = 1800.0
     retry_backoff_cap: float = 28800.0
     own_node: str = ""  # the node this replica runs on
+    surge_timeout: float = 0.0  # make-before-break; 0: drain-then-replace (and the probe is a drain)
+    landing_timeout: float = 300.0
+    placeholder_namespace: str = "spotd"
+    placeholder_priority_class: str = PLACEHOLDER_PRIORITY_CLASS
+    placeholder_image: str = PAUSE_IMAGE
+    capacity_label: str | None = None  # --capacity-type-label
+
+    @property
+    def poll(self) -> float:
+        """How often a surge and a landing check look: 5 s, sooner when the timeouts are scaled down."""
+        return min(5.0, max(0.05, min(self.surge_timeout or 300.0, self.landing_timeout or 300.0) / 60))
 
 
 @dataclass(frozen=True)
 class DrainDeps:
     """Everything a drain may use. placements(job): capacity types of the nodes where the drained pods'
     replacements run (for the probe); terminate(instance_id): ASG termination (None: not possible);
-    leading(): whether we still hold the lease; finished(job, outcome): the controller's bookkeeping."""
+    leading(): whether we still hold the lease; finished(job, outcome): the controller's bookkeeping;
+    spot_groups(job): the Spot ASGs that could take the node's pods (cluster-autoscaler's back-off gate);
+    capacity_of(node): a node's capacity type as the inventory knows it (None: read the Node)."""
 
     client: Any
     events: EventRecorder
@@ -106,6 +130,8 @@ class DrainDeps:
     terminate: Callable[[str], Awaitable[str]] | None = None
     # the node as just read (raw JSON) -> why it is not fallback capacity (any more), or None
     scope_check: Callable[[dict[str, Any]], str | None] = lambda _node: None
+    spot_groups: Callable[[DrainJob], list[str]] = lambda _job: []
+    capacity_of: Callable[[str], str | None] | None = None
 
 
 def pool_of(node: NodeInfo) -> Pool:
@@ -196,21 +222,19 @@ async def _drain(deps: DrainDeps, job: DrainJob, reason: str, log: Any) -> tuple
         log.info("drain_resumed", reason=reason)
         deps.events.record(job.node, "SpotdDrainResumed", f"Resuming a drain a previous leader began: {reason}")
     else:
+        if deps.settings.surge_timeout > 0:
+            not_ready = await _surge_first(deps, job, log)
+            if not_ready is not None:
+                return "surge_failed", not_ready
+            if job.stop.is_set():  # an ICE in the zone while the placeholders waited: do not cordon at all
+                return job.abort or "aborted_ice", "a new ICE arrived during the surge"
         refused = await _cordon(deps, job.node)
         if refused is not None:
             return "blocked", refused
         job.cordoned = True
-        log.info("drain_starting", reason=reason, probe=job.probe)
+        log.info("drain_starting", reason=reason, probe=job.probe, surged=job.surged)
         deps.events.record(job.node, "SpotdDrainStarted", f"Draining on-demand node back to Spot: {reason}")
-    options = DrainOptions(
-        policy=PodPolicy(
-            voluntary=True,
-            evict_unreplicated=deps.settings.evict_unreplicated,
-            evict_local_storage=deps.settings.evict_local_storage,
-            evict_jobs=deps.settings.evict_jobs,
-        ),
-        deadline_action="leave",
-    )
+    options = DrainOptions(policy=_policy(deps.settings), deadline_action="leave")
     deadline = deps.clock() + timedelta(seconds=deps.settings.drain_timeout)
     result = await drain_node(deps.client, job.node, options, deadline, log=log, limiter=deps.limiter, stop=job.stop)
     if result.outcome == "complete":
@@ -222,9 +246,110 @@ async def _drain(deps: DrainDeps, job: DrainJob, reason: str, log: Any) -> tuple
     return "timeout", f"not empty after --drain-timeout: {result.reason or ''}"
 
 
+def _policy(settings: DrainSettings) -> PodPolicy:
+    return PodPolicy(
+        voluntary=True,
+        evict_unreplicated=settings.evict_unreplicated,
+        evict_local_storage=settings.evict_local_storage,
+        evict_jobs=settings.evict_jobs,
+    )
+
+
+async def _node_pods(deps: DrainDeps, name: str) -> list[dict[str, Any]]:
+    """The node's pods, raw JSON, fresh from the API (the placeholders copy fields the inventory drops)."""
+    resp = await http_of(deps.client).get("/api/v1/pods", params={"fieldSelector": f"spec.nodeName={name}"})
+    resp.raise_for_status()
+    return list(resp.json().get("items") or [])
+
+
+def capacity_label_of(labels: Mapping[str, str], configured: str | None) -> str | None:
+    """The capacity-type label the placeholders ask for: --capacity-type-label, else the first well-known
+    one the fallback node carries (the cluster's Spot nodes carry the same key)."""
+    if configured:
+        return configured
+    return next((key for key in CAPACITY_TYPE_LABELS if labels.get(key)), None)
+
+
+async def _surge_first(deps: DrainDeps, job: DrainJob, log: Any) -> str | None:
+    """Make-before-break: warm Spot room for the node's evictable pods before touching the node. None when
+    ready (job.follow says what to follow after the drain); else why not (placeholders already deleted)."""
+    settings = deps.settings
+    status, body = await read_node(deps.client, job.node)
+    if status != 200:
+        job.surged = False
+        return f"node read failed ({status})"
+    labels = (body.get("metadata") or {}).get("labels") or {}
+    label = capacity_label_of(labels, settings.capacity_label)
+    if label is None:
+        job.surged = False
+        return "no capacity-type label on the node: placeholders cannot ask for Spot"
+    policy = _policy(settings)
+    pods = await _node_pods(deps, job.node)
+    gate = await surges.backoff_gate(deps.client, deps.spot_groups(job), deps.clock(), log)
+    if not gate.ok:
+        job.surged = False
+        deps.events.record(job.node, "SpotdSurgeSkipped", f"No surge, node left as it is: {gate.reason}"[:1000])
+        return f"cluster-autoscaler: {gate.reason}"
+    outcome = await surges.surge(
+        deps.client,
+        job.node,
+        pods,
+        namespace=settings.placeholder_namespace,
+        capacity_label=label,
+        spot_values=SPOT_LABEL_VALUES.get(label, ("spot",)),
+        timeout=settings.surge_timeout,
+        log=log,
+        events=deps.events,
+        clock=deps.clock,
+        priority_class=settings.placeholder_priority_class,
+        zone_of_claim=await surges.zones_of_claims(deps.client, pods, policy),
+        policy=policy,
+        capacity_of=deps.capacity_of,
+        image=settings.placeholder_image,
+        poll=settings.poll,
+    )
+    job.surged = outcome.ready
+    if not outcome.ready:
+        return outcome.reason
+    # What to follow after the drain: the pods as they are now, just before the cordon.
+    evicted = pods_to_surge(await _node_pods(deps, job.node), policy)
+    job.follow = await surges.follow_before_drain(surges.api_pods(deps.client), job.node, evicted)
+    return None
+
+
+async def _landing(deps: DrainDeps, job: DrainJob, log: Any) -> bool:
+    """After a complete drain: where did the evicted pods' replacements land? True: short (on on-demand)."""
+    if job.follow is None or job.follow.expected == 0:
+        return False
+    landing = await surges.replacements_landed(
+        deps.client,
+        job.follow,
+        capacity_label=deps.settings.capacity_label or "",
+        timeout=deps.settings.landing_timeout,
+        log=log,
+        capacity_of=deps.capacity_of,
+        poll=deps.settings.poll,
+    )
+    placed = ", ".join(f"{pod} on {where}" for pod, where in sorted(landing.placed.items()))
+    if landing.returned:
+        message = f"Returned to Spot: {landing.reason}; {placed}"
+        deps.events.record(job.node, "SpotdDrainReturned", message[:1000])
+    elif landing.short:
+        message = f"Not returned to Spot, pool {job.pool} marked short: {landing.reason}; {placed}"
+        deps.events.record(job.node, "SpotdDrainNotReturned", message[:1000], type="Warning")
+    else:
+        message = f"Where the replacements run is not known yet: {landing.reason}; {placed}"
+        deps.events.record(job.node, "SpotdDrainLandingUnknown", message[:1000])
+    return landing.short
+
+
 async def _finish(deps: DrainDeps, job: DrainJob, result: DrainOutcome, log: Any) -> DrainOutcome:
     """Alert, Event, the node's annotations; the outcome is counted once the node is in its final state."""
     outcome, detail = result.outcome, result.detail
+    if outcome == "surge_failed":  # the node was never touched: no alert, no node back-off (the pool's)
+        log.warning("drain_not_started", outcome=outcome, detail=detail, probe=job.probe)
+        CONTROLLER_DRAINS.labels(outcome).inc()
+        return DrainOutcome(job.node, outcome, detail, surge_ready=False)
     alerted = outcome in ("timeout", "blocked", "failed")
     if alerted:
         who = AlertNode(job.node, job.instance_id, job.pool.zone, job.pool.instance_type)
@@ -260,9 +385,13 @@ async def _finish(deps: DrainDeps, job: DrainJob, result: DrainOutcome, log: Any
     finally:
         CONTROLLER_DRAINS.labels(outcome).inc()
     landed: bool | None = None
-    if job.probe and outcome not in ("blocked", "failed"):  # those say nothing about capacity
+    short = False
+    if job.surged is not None:  # make-before-break: the surge was the probe; the landing check follows
+        if outcome == "complete":
+            short = await _landing(deps, job, log)
+    elif job.probe and outcome not in ("blocked", "failed"):  # those say nothing about capacity
         landed = await _probe_result(deps, job, outcome == "complete", log)
-    return DrainOutcome(job.node, outcome, detail, landed, alerted)
+    return DrainOutcome(job.node, outcome, detail, landed, alerted, surge_ready=job.surged, short=short)
 
 
 def retry_mark(job: DrainJob, outcome: str, now: datetime, settings: DrainSettings) -> RetryMark:

@@ -27,11 +27,12 @@ import msgspec
 from spotd.alerts.flags import AlertConfig
 from spotd.alerts.sender import Alerter
 from spotd.capacity.metrics import count_signals
-from spotd.capacity.pools import PoolBook, spot_where_known
+from spotd.capacity.pools import PoolBook, spot_group_for, spot_where_known
 from spotd.capacity.signals import ANY, CapacitySignal, CapacityType, Pool, SignalKind
 from spotd.common import log as spotd_log
 from spotd.common.metrics import LOOP_ERRORS, REGISTRY
 from spotd.common.parsing import parse_iso_time
+from spotd.controller import surge as surges
 from spotd.controller.config import ControllerConfig, add_arguments, config_from_args
 from spotd.controller.drains import DrainDeps, DrainJob, DrainOutcome, DrainSettings, drain, pool_of, recover
 from spotd.controller.metrics import (
@@ -121,6 +122,7 @@ class Controller:
         self.reasons: dict[str, str] = {}  # last reason logged per node, so a steady state logs once
         self.completed: set[str] = set()  # nodes whose drain completed: never put back (see recover)
         self.out_of_service: set[str] = set()  # nodes we gave the out-of-service taint (once each)
+        self.priorities_checked: tuple[tuple[str, ...], tuple[str, ...]] | None = None
         self.term_started = 0.0  # wall time this term began (for spotd_source_last_read_timestamp_seconds)
         self.ready = False
         self.last_pass = time.monotonic()
@@ -143,12 +145,20 @@ class Controller:
                 retry_backoff=config.retry_backoff,
                 retry_backoff_cap=config.retry_backoff_cap,
                 own_node=config.node_name,
+                surge_timeout=config.surge_timeout,
+                landing_timeout=config.landing_timeout,
+                placeholder_namespace=config.placeholder_namespace,
+                placeholder_priority_class=config.placeholder_priority_class,
+                placeholder_image=config.placeholder_image,
+                capacity_label=config.capacity_type_label,
             ),
             leading=self.elector.is_leader.is_set,
             placements=self.replacements,
             finished=self.drain_finished,
             terminate=self._terminate if asgs is not None else None,
             scope_check=self._scope_of_raw,
+            spot_groups=self.spot_groups_for,
+            capacity_of=self.capacity_of,
         )
 
     # --- signals --------------------------------------------------------------------------------------
@@ -349,17 +359,74 @@ class Controller:
     def drain_finished(self, job: DrainJob, outcome: DrainOutcome) -> None:
         """A drain ended (or was interrupted): out of flight, its alert remembered, a probe's answer booked."""
         self.in_flight.pop(job.node, None)
+        if outcome.outcome == "surge_failed":  # nothing was disrupted: not a drain for --max-drains-per-hour
+            with contextlib.suppress(ValueError):
+                self.history.remove((job.node, job.started))
         if outcome.outcome == "complete":
             self.completed.add(job.node)
         if outcome.alerted:
             self.blocked_alerts |= {job.node}
         elif outcome.outcome != "interrupted":
             self.blocked_alerts -= {job.node}
+        now = self.clock()
+        containing = [p for p in self.book.pools() if p.contains(job.pool)] or [job.pool]
         if outcome.landed_on_spot is not None:
-            now = self.clock()
-            for pool in [p for p in self.book.pools() if p.contains(job.pool)] or [job.pool]:
+            for pool in containing:
                 self.book = self.book.record_probe_result(pool, now, outcome.landed_on_spot)
+        if outcome.surge_ready is not None:  # a surge is the probe: its answer counts for the wider pools too
+            for pool in containing:
+                self.book = self.book.record_surge(pool, now, outcome.surge_ready, outcome.detail)
+        if outcome.short:
+            self.book = self.book.record_short(job.pool, now, f"replacements of {job.node} landed on on-demand")
         self.wake.set()
+
+    def spot_groups_for(self, job: DrainJob) -> list[str]:
+        """The discovered Spot ASGs that could launch in the node's pool (for cluster-autoscaler's back-off
+        gate; their templates are not read yet, so the pool's type and zone decide)."""
+        if self.asgs is None:
+            return []
+        return sorted(a.name for a in self.asgs.asgs.values() if a.spot and spot_group_for(job.pool, [a]) is not None)
+
+    def capacity_of(self, name: str) -> str | None:
+        node = self.inventory.nodes.get(name)
+        if node is None:
+            return None
+        return node.capacity_type or self.lifecycles.get(node.instance_id)
+
+    async def start_surges(self) -> None:
+        """At the start of a term, with make-before-break on: delete any placeholder a previous leader left,
+        and say whether cluster-autoscaler's priority expander ranks a Spot group above the fallback ones."""
+        if self.config.surge_timeout <= 0 or self.config.dry_run:
+            return
+        try:
+            await surges.cleanup_stale_placeholders(self.client, self.config.placeholder_namespace, self.log)
+        except Exception as exc:  # the next term tries again; a surge deletes its own by label
+            LOOP_ERRORS.labels("placeholder_delete").inc()
+            self.log.warning("stale_placeholders_unread", error=repr(exc))
+        await self.check_priorities()
+
+    async def check_priorities(self) -> None:
+        groups = list(self.asgs.asgs.values()) if self.asgs is not None else []
+        spot = sorted(a.name for a in groups if a.spot)
+        fallback = sorted(a.name for a in groups if not a.spot)
+        key = (tuple(spot), tuple(fallback))
+        if key == self.priorities_checked:
+            return
+        self.priorities_checked = key
+        try:
+            verdict = await surges.check_priorities(self.client, spot, fallback, self.log)
+        except Exception as exc:
+            self.log.warning("autoscaler_priorities", ok=False, reason=repr(exc))
+            return
+        if verdict is not None and not verdict.ok:
+            self.events.record_object(
+                "Pod",
+                self.config.identity,
+                self.config.lease_namespace,
+                "SpotdAutoscalerPriorities",
+                f"cluster-autoscaler may fall back to on-demand before Spot: {verdict.reason}"[:1000],
+                type="Warning",
+            )
 
     def replacements(self, job: DrainJob) -> list[str]:
         """Capacity types of the nodes where new pods of the drained pods' owners run."""
@@ -494,6 +561,7 @@ class Controller:
         self.book = PoolBook()
         self.launch_seen = set()
         self.alerted = dict(NO_POOL_ALERTS)
+        self.priorities_checked = None
         self.term_started = time.time()
         if self.sqs is not None:
             self.sqs.reset()
@@ -523,6 +591,7 @@ class Controller:
         launched = self.launch_signals(self.resolved_nodes())  # the Spot nodes, before recover() decides
         count_signals(launched)
         self.book = self.book.record_all(launched)
+        await self.start_surges()
         self.ready = True
         self.log.info("sources_ready", nodes=len(self.inventory.nodes), pods=len(self.inventory.pods))
         await recover(
@@ -541,6 +610,8 @@ class Controller:
                         self.config.drain_timeout + 60,
                         drained=self._drained,
                     )
+                    if self.config.surge_timeout > 0 and not self.config.dry_run:
+                        await self.check_priorities()  # again only when the ASGs changed
                     now = self.clock()
                     await self.apply_out_of_service(now)
                     self.act(self.decision_pass(now), now)

@@ -10,7 +10,7 @@ The run, every duration multiplied by the time scale (given here at real scale):
           pods go Pending, CA tries Spot, the launch fails (the ICE event goes to the queue, as EventBridge
           sends it), CA backs the Spot groups off and launches on-demand;
   +spot-short-for   ICE off; from then on the controller may move the work back;
-  end     when no fallback node is left and nothing is Pending, or --observe-for after Spot came back.
+  end     when no fallback node is left and nothing is Pending, or --observe-for (2h30m) after Spot came back.
 
 Why a subprocess and moto: the controller's ICE signals come from AWS (SQS, ASG activities); the stable
 interface is its flags and those APIs, so the rehearsal feeds it what AWS would and touches none of its
@@ -62,7 +62,7 @@ class FallbackConfig:
     scale: float
     notice: float = 120.0
     spot_short_for: float = 1200.0
-    observe_for: float = 2400.0
+    observe_for: float = 9000.0
     controller_args: tuple[str, ...] = ()
     timing: AutoscalerTiming = AutoscalerTiming()  # noqa: RUF009 - frozen
     seed: int = 1
@@ -87,8 +87,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--observe-for",
         type=duration,
-        default=2400.0,
-        help="fallback: how long to wait for the return to Spot once Spot is back, real time (40m)",
+        default=9000.0,
+        help="fallback: how long to wait for the return to Spot once Spot is back, real time (2h30m: the "
+        "controller's --min-on-demand-age 2h holds the fallback nodes until then)",
     )
     p.add_argument(
         "--controller-arg",

@@ -59,6 +59,9 @@ KARPENTER_CAPACITY_LABEL = "karpenter.sh/capacity-type"
 STATUS_CONFIGMAP = "cluster-autoscaler-status"
 PRIORITY_CONFIGMAP = "cluster-autoscaler-priority-expander"
 NAMESPACE = "kube-system"
+# How often the model rewrites an unchanged status, wall time: a reader (spotd) takes a status older than
+# 10 minutes as cluster-autoscaler down
+STATUS_REFRESH = timedelta(seconds=60)
 EXPENDABLE_PRIORITY_CUTOFF = -10  # CA's --expendable-pods-priority-cutoff: pods below it never scale up
 ICE_MESSAGE = (
     "Could not launch Spot Instances. InsufficientInstanceCapacity - We currently do not have sufficient "
@@ -256,6 +259,8 @@ class Autoscaler:
         self.backoff: dict[str, Backoff] = {}
         self.unneeded_since: dict[str, datetime] = {}
         self.transitions: dict[tuple[str, str], tuple[str, datetime]] = {}  # (group, part) -> (status, since)
+        self.status_written: dict[str, Any] | None = None  # the last status written, without its time
+        self.status_time = datetime.min.replace(tzinfo=UTC)
         self.dirty = asyncio.Event()
         self.counter = itertools.count(1)
         self.started = clock()
@@ -569,10 +574,12 @@ class Autoscaler:
         }
 
     def _write_status(self, now: datetime, members: Mapping[str, list[Obj]]) -> None:
-        text = yaml.safe_dump(self.status(now, members), sort_keys=False)
+        status = self.status(now, members)
         cm = self.store.get("ConfigMap", NAMESPACE, STATUS_CONFIGMAP)
-        if cm is not None and (cm.get("data") or {}).get("status") == text:
-            return  # CA rewrites its probe times every loop; this model writes only a change
+        if cm is not None and status == self.status_written and now - self.status_time < STATUS_REFRESH:
+            return  # CA rewrites the status (its `time`) every loop; this model on a change, or once a minute
+        self.status_written, self.status_time = status, now
+        text = yaml.safe_dump({"time": _time(now), **status}, sort_keys=False)
         body = {
             "apiVersion": "v1",
             "kind": "ConfigMap",

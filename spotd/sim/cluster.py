@@ -101,7 +101,7 @@ def add_arguments(p: argparse.ArgumentParser | Any) -> None:
         type=scale,
         default=None,
         help="embedded: multiply pods' start and stop times by this (0.25); the notice stays in real time. "
-        "--scenario fallback: every duration, the notice included (1/60: an hour in a minute)",
+        "--scenario fallback: every duration, the notice included (1/120: two hours in a minute)",
     )
     p.add_argument(
         "--agent-poll-interval", type=positive_duration, default=2.0, help="embedded: agents' IMDS poll (2s)"
@@ -288,7 +288,7 @@ class EmbeddedCluster:
 
 
 FALLBACK_SPOT_NODES = 9
-FALLBACK_TIME_SCALE = 1 / 60
+FALLBACK_TIME_SCALE = 1 / 120
 
 
 def spec_from_args(args: argparse.Namespace) -> ClusterSpec:
