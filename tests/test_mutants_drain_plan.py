@@ -4,10 +4,11 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import pytest
 
-from spotd.drain.plan import PodFacts, PodPolicy, PodVerdict, decide_pod, plan_drain, retry_delay
+from spotd.drain.plan import PodFacts, PodPolicy, PodVerdict, decide_pod, plan_drain, retry_delay, shorter_grace
 
 PODS = [
     PodFacts("kube-system", "proxy", mirror=True),
@@ -49,3 +50,11 @@ def test_refusals_are_retried_after_0_1_s_growing_by_1_6x_to_2_s() -> None:
     assert delays[:4] == pytest.approx([0.1, 0.16, 0.256, 0.4096])
     assert delays[-1] == 2.0
     assert all(a <= b for a, b in itertools.pairwise(delays))
+
+
+def test_a_terminating_pod_is_judged_by_its_deletion_grace_not_its_spec() -> None:
+    # docs/agent.md: a pod already terminating is asked again when *its deletion's* grace ends too late
+    going = PodFacts("web", "slow", owner_kinds=("ReplicaSet",), terminating=True, grace_seconds=30)
+    going = replace(going, deletion_grace_seconds=600)
+    assert shorter_grace(going, seconds_left=60, safety_margin=10) == 50
+    assert shorter_grace(replace(going, deletion_grace_seconds=40), seconds_left=60, safety_margin=10) is None
