@@ -278,3 +278,17 @@ def test_short_says_why_and_is_probed_with_the_probe_back_off() -> None:
     assert ready.spot_available(M5A, at(401), COOLDOWN).available
     record = ready.get(M5A)
     assert record is not None and record.launch_source == "surge" and ready.spot_launch_seen(M5A)
+
+
+def test_a_pool_whose_replacements_keep_landing_on_on_demand_waits_longer_each_time() -> None:
+    """Review finding: a ready surge, a drain whose pods went back to on-demand, again every quiet period."""
+    pool = Pool("m5.large", "us-east-1a")
+    book, at = PoolBook(), T0
+    waits = []
+    for _ in range(3):
+        book = book.record_surge(pool, at, ready=True)
+        book = book.record_all([CapacitySignal(pool, SignalKind.LAUNCHED, "node", at, "surge node", key=str(at))])
+        book = book.record_short(pool, at, "replacements landed on on-demand")
+        waits.append(book.get(pool).probe_failures)
+        at += timedelta(hours=5)
+    assert waits == [1, 2, 3]

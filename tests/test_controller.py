@@ -187,7 +187,7 @@ def pods_on(api: FakeApiServer, name: str) -> list[str]:
 
 
 def the_lease(api: FakeApiServer) -> dict[str, Any]:
-    (lease,) = api.list("Lease", "kube-system")
+    (lease,) = api.list("Lease", "spotd")
     return lease
 
 

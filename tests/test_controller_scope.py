@@ -457,3 +457,23 @@ async def test_readyz_says_what_may_be_drained(
     procs.append(scoped)
     await scoped.ready(timeout=20)
     assert "fallback scope: --fallback-selector node-pool=fallback" in scoped.http("/readyz")[1]
+
+
+async def test_a_node_annotated_to_be_left_alone_mid_drain_is_put_back(api: FakeApiServer, tmp_path: Path) -> None:
+    """Review finding: opt-outs were read only before the cordon; an operator's drain=false must stop it."""
+    add_node(api, "fallback-1", "on-demand", OLD)
+    add_node(api, "spot-1", "spot")
+    add_pods(api, "fallback-1", 2, app="db")
+    api.create(pdb_obj("db", min_available=2, app="db"))  # the drain waits on the budget
+    ctl, task = await run_in_process(api, tmp_path, drain_timeout=60.0)
+    try:
+        await eventually(lambda: "SpotdDrainStarted" in events_for(api, "fallback-1"), timeout=30)
+        held = node(api, "fallback-1")
+        held["metadata"].setdefault("annotations", {})["spotd.io/drain"] = "false"
+        api.update(held)
+        await eventually(lambda: not node(api, "fallback-1")["spec"].get("unschedulable"), timeout=15)
+        assert "SpotdDrainStopped" in events_for(api, "fallback-1")
+        assert len(pods_on(api, "fallback-1")) == 2
+        assert "spotd.io/drain-retry-after" not in (node(api, "fallback-1")["metadata"].get("annotations") or {})
+    finally:
+        await stop_in_process(ctl, task)

@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from spotd.agent.policy import (
+    TAINT_EFFECTS,
     Step,
     choose_response,
     default_policies,
@@ -323,3 +324,8 @@ def test_a_resumed_notice_no_source_confirms_is_released_after_a_complete_poll()
     assert plan_release(ITN, [], False, False, unconfirmed=True).release is False  # IMDS failing: resume
     assert plan_release(ITN, [ITN], True, False, unconfirmed=True).release is False
     assert plan_release(ITN, [], True, False, unconfirmed=False).release is False
+
+
+def test_no_taint_effect_that_deletes_pods_can_be_chosen() -> None:
+    """NoExecute would have the taint manager delete the pods, PDBs ignored: evictions only, always."""
+    assert "NoExecute" not in TAINT_EFFECTS

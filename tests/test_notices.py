@@ -426,3 +426,15 @@ def test_host_port(text: str, pair: tuple[str, int]) -> None:
 def test_host_port_bad(text: str, error: str) -> None:
     with pytest.raises(ValueError, match=error):
         parse_host_port(text)
+
+
+@pytest.mark.parametrize("text", ["0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00"])
+def test_an_out_of_range_time_is_a_parse_error_not_an_overflow(text: str) -> None:
+    """Review finding: year 1 with an offset overflowed in astimezone() and crash-looped the agent."""
+    with pytest.raises(ValueError, match="out of range"):
+        parse_iso_time(text)
+
+
+def test_an_out_of_range_maintenance_date_is_a_parse_error() -> None:
+    with pytest.raises(ValueError, match="out of range"):
+        parse_maintenance_time("1 Jan 0001 00:05:00 GMT")

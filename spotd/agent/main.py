@@ -344,9 +344,15 @@ class Agent:
             if event == RESYNC:  # requests deleted while the watch was down: list and drop them
                 changed = await self.relist_requests()
             else:
-                changed = self.read_request(event, cm)
+                try:
+                    changed = self.read_request(event, cm)
+                except Exception as exc:  # a request nobody foresaw must not end the watch (nor the agent)
+                    NOTICES_MALFORMED.labels("rehearsal").inc()
+                    self.log.warning("rehearsal_request_unreadable", error=repr(exc))
+                    changed = False
             if changed:
                 self.choose_rehearsal()
+            if changed and self.polled:  # before the first poll nothing is known of IMDS: it reconciles then
                 try:
                     await self.responder.reconcile(self.sighting())
                 except Exception as exc:  # the watch never dies of it; the next poll cycle tries again

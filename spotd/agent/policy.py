@@ -28,7 +28,8 @@ class Step(StrEnum):
 
 
 STEP_ORDER = (Step.TAINT, Step.CORDON, Step.EXCLUDE_LB, Step.DRAIN)
-TAINT_EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
+# No NoExecute: the taint manager would then delete the pods, PDBs ignored (evictions only, always).
+TAINT_EFFECTS = ("NoSchedule", "PreferNoSchedule")
 
 
 @dataclass(frozen=True)

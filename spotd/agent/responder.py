@@ -118,8 +118,9 @@ class Responder:
 
     async def _reconcile(self, seen: Sighting, now: datetime) -> None:
         if self.acting is not None:
-            if any(n.key == self.acting.key for n in seen.notices):
+            if self.unconfirmed and any(n.key == self.acting.key for n in seen.notices):
                 self.unconfirmed = False
+                await self._stop_drain()  # restarted below with the deadline the source now vouches for
             complete = self.acting.kind in seen.complete_for
             verdict = plan_release(self.acting, seen.notices, complete, self.boot_changed, self.unconfirmed)
             if verdict.release:
@@ -311,13 +312,18 @@ class Responder:
         node, notice = self.nodes.name, response.notice
         self.events.record(node, "DrainStarted", f"draining for {response.reason}")
         options = self.drain_options
+        deadline = self._counted_down(response.deadline)
         if not response.deadline_action:  # rehearsals and maintenance never delete
             options = replace(options, deadline_action="leave")
+        if self.unconfirmed:
+            # Read back from the node only (anyone who may patch the Node could have written it): until a
+            # source shows it, evictions as a voluntary drain, pods' own graces, no deadline action.
+            options, deadline = replace(options, deadline_action="leave"), None
         result = await drain_node(
             self.nodes.client,
             node,
             options,
-            self._counted_down(response.deadline),
+            deadline,
             log=self.log.bind(notice=notice.key),
             limiter=self.limiter,
             stop=self.drain_stop,

@@ -196,7 +196,12 @@ class PoolBook:
         An earlier short mark keeps its time (the probe back-off counts from it)."""
         records = dict(self._records)
         rec = records.get(pool, PoolRecord())
-        records[pool] = replace(rec, short_since=rec.short_since or now, short_reason=reason)
+        # Short again after a ready surge (the surge warmed Spot, yet the pods went to on-demand): as a failed
+        # probe, the next try waits twice as long, so such a pool is not drained every quiet period for ever.
+        failures = rec.probe_failures + 1 if rec.launch_source == "surge" else rec.probe_failures
+        records[pool] = replace(
+            rec, short_since=rec.short_since or now, short_reason=reason, probe_failures=failures, last_probe=now
+        )
         return PoolBook(records)
 
     def record_surge(self, pool: Pool, now: datetime, ready: bool, reason: str = "") -> PoolBook:
@@ -204,8 +209,10 @@ class PoolBook:
         that ends a short mark. Failed: the pool is short, and the next try waits as after a failed probe."""
         records = dict(self._records)
         rec = records.get(pool, PoolRecord())
-        if ready:
-            rec = replace(_launched(rec, now, "surge", ""), short_since=None, short_reason="")
+        if ready:  # the back-off stays: only replacements that land on Spot show the pool is back
+            rec = replace(
+                _launched(rec, now, "surge", ""), short_since=None, short_reason="", probe_failures=rec.probe_failures
+            )
         else:
             rec = replace(
                 rec,
@@ -220,8 +227,10 @@ class PoolBook:
 def _launched(rec: PoolRecord, at: datetime, source: str, asg: str) -> PoolRecord:
     if rec.last_launch is not None and at <= rec.last_launch:
         return rec
-    # A launch after the last ICE ends the probing: the next ICE starts the back-off afresh.
-    failures = 0 if rec.last_ice is None or at > rec.last_ice else rec.probe_failures
+    # A launch after the last ICE ends the probing: the next ICE starts the back-off afresh. Not while the
+    # pool is short: the launch may be our own surge's, which says nothing about where pods will land.
+    fresh = (rec.last_ice is None or at > rec.last_ice) and rec.short_since is None
+    failures = 0 if fresh else rec.probe_failures
     return replace(
         rec,
         last_launch=at,

@@ -52,6 +52,9 @@ def parse_iso_time(text: str) -> datetime:
         raise ValueError(f"{text!r} is not an RFC 3339 timestamp") from exc
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=UTC)
+    # Years far from now overflow arithmetic later (a deadline minus a lead time): refuse them here.
+    if not 1970 <= parsed.year <= 9000:
+        raise ValueError(f"{text!r} is out of range")
     return parsed.astimezone(UTC)
 
 
@@ -61,9 +64,12 @@ def parse_maintenance_time(text: str) -> datetime:
         raise ValueError(f"{text!r} is not a maintenance date")
     for fmt in _IMDS_MAINTENANCE_FORMATS:
         try:
-            return datetime.strptime(text.strip(), fmt).replace(tzinfo=UTC)
+            parsed = datetime.strptime(text.strip(), fmt).replace(tzinfo=UTC)
         except ValueError:
             continue
+        if not 1970 <= parsed.year <= 9000:  # as parse_iso_time: far years overflow the lead-time arithmetic
+            raise ValueError(f"{text!r} is out of range")
+        return parsed
     # Some tools (and the AWS docs' own examples) carry ISO dates; accept them too.
     try:
         return parse_iso_time(text)

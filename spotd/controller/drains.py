@@ -60,7 +60,8 @@ class DrainJob:
     attempts_before: int = 0  # drains of this node that ended badly in a row (its back-off annotation)
     resumed: bool = False  # a drain a previous leader began (the node is cordoned and marked already)
     stop: asyncio.Event = field(default_factory=asyncio.Event)
-    abort: str = ""  # why it was stopped: "aborted_ice"
+    abort: str = ""  # why it was stopped: "aborted_ice", "withdrawn" (scope or opt-out changed)
+    abort_reason: str = ""
     cordoned: bool = False  # by us, for this drain: only then is uncordoning ours to do
     owners: frozenset[tuple[str, str, str]] = frozenset()
     pods_before: frozenset[tuple[str, str]] = frozenset()
@@ -227,6 +228,8 @@ async def _drain(deps: DrainDeps, job: DrainJob, reason: str, log: Any) -> tuple
             if not_ready is not None:
                 return "surge_failed", not_ready
             if job.stop.is_set():  # an ICE in the zone while the placeholders waited: do not cordon at all
+                if job.abort == "withdrawn":
+                    return "withdrawn", job.abort_reason
                 return job.abort or "aborted_ice", "a new ICE arrived during the surge"
         refused = await _cordon(deps, job.node)
         if refused is not None:
@@ -241,6 +244,8 @@ async def _drain(deps: DrainDeps, job: DrainJob, reason: str, log: Any) -> tuple
         return "complete", ""
     if result.outcome == "blocked":
         return "blocked", result.reason or ""
+    if job.abort == "withdrawn":
+        return "withdrawn", job.abort_reason
     if job.abort:
         return job.abort, "a new ICE arrived during the drain"
     return "timeout", f"not empty after --drain-timeout: {result.reason or ''}"
@@ -371,7 +376,7 @@ async def _finish(deps: DrainDeps, job: DrainJob, result: DrainOutcome, log: Any
                 log.error("drained_mark_failed", status=status)
             if deps.settings.terminate_drained:
                 await _terminate(deps, job, log)
-        elif outcome == "aborted_ice":  # Spot ran out again: nothing wrong with the node, no back-off
+        elif outcome in ("aborted_ice", "withdrawn"):  # Spot ran out again, or the node is no longer ours
             log.warning("drain_stopped", outcome=outcome, detail=detail)
             deps.events.record(job.node, "SpotdDrainStopped", f"{outcome}: {detail}"[:1000], type="Warning")
             if job.cordoned:

@@ -17,7 +17,7 @@ import signal
 import sys
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -45,7 +45,14 @@ from spotd.controller.metrics import (
     SOURCE_LAST_READ,
     SOURCE_READY,
 )
-from spotd.controller.policy import SpotAnswer, Verdict, choose_drains, out_of_scope, out_of_service_due
+from spotd.controller.policy import (
+    SpotAnswer,
+    Verdict,
+    choose_drains,
+    drain_withdrawn,
+    out_of_scope,
+    out_of_service_due,
+)
 from spotd.controller.publish import NO_POOL_ALERTS, Firing, export_metrics, resolve_gone_nodes, update_pool_alerts
 from spotd.inventory.cache import Inventory, LazyNodePods
 from spotd.inventory.records import NodeInfo, RawNode, node_info
@@ -281,6 +288,7 @@ class Controller:
         while self.history and self.history[0][1] < now - timedelta(hours=1):
             self.history.popleft()
         fallback = self.asgs.fallback_instances if self.asgs is not None else frozenset()
+        self.withdraw_drains(nodes, fallback)
         verdicts = choose_drains(
             nodes,
             LazyNodePods(self.inventory),
@@ -455,6 +463,17 @@ class Controller:
     def _marked(self) -> dict[str, str]:
         return {name: extra.draining_since for name, extra in self.inventory.node_extra.items()}
 
+    def withdraw_drains(self, nodes: list[NodeInfo], fallback: Collection[str]) -> None:
+        """A drain in flight stops when its node leaves the scope or is annotated to be left alone."""
+        by_name = {n.name: n for n in nodes}
+        for job in self.in_flight.values():
+            node = by_name.get(job.node)
+            why = drain_withdrawn(node, self.config.scope, fallback) if node is not None else None
+            if why and not job.stop.is_set():
+                job.abort, job.abort_reason = "withdrawn", why
+                job.stop.set()
+                self.log.warning("drain_stopping", node=job.node, reason=why)
+
     def resume_drain(self, name: str, since: str) -> bool:
         """At the start of a term: take over a drain a previous leader began (it may have run on that node
         and been evicted by its own drain), when its mark is younger than --drain-timeout and the node is
@@ -468,7 +487,7 @@ class Controller:
         except ValueError:
             return False
         fallback = self.asgs.fallback_instances if self.asgs is not None else frozenset()
-        if age >= self.config.drain_timeout or out_of_scope(node, self.config.scope, fallback) is not None:
+        if age >= self.config.drain_timeout or drain_withdrawn(node, self.config.scope, fallback) is not None:
             return False
         answer = self.spot_answer(now)(node)
         if not answer.available:

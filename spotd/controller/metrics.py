@@ -9,7 +9,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from spotd.common.metrics import REGISTRY
 
-DRAIN_OUTCOMES = ("complete", "aborted_ice", "timeout", "blocked", "failed")
+DRAIN_OUTCOMES = ("complete", "aborted_ice", "withdrawn", "timeout", "blocked", "failed")
 
 LEADER = Gauge("spotd_leader", "1 while this process holds the controller lease.", ["identity"], registry=REGISTRY)
 NODES = Gauge("spotd_nodes", "Nodes in the inventory by capacity type.", ["capacity_type"], registry=REGISTRY)
@@ -31,7 +31,7 @@ OLDEST_ON_DEMAND_AGE = Gauge(
 )
 CONTROLLER_DRAINS = Counter(
     "spotd_controller_drains",
-    "Drains of on-demand nodes by outcome (complete, aborted_ice, timeout, blocked, failed).",
+    "Drains of on-demand nodes by outcome (complete, aborted_ice, withdrawn, timeout, blocked, failed).",
     ["outcome"],
     registry=REGISTRY,
 )

@@ -165,6 +165,17 @@ def age_text(seconds: float) -> str:
     return f"{seconds}s"
 
 
+def drain_withdrawn(node: NodeInfo, scope: FallbackScope, fallback_instances: Collection[str] = ()) -> str | None:
+    """Why a drain in flight (or one a previous leader began) must stop now, or None: the node left the
+    fallback scope, or was annotated to be left alone, after the drain began."""
+    if node.drain_annotation.strip().lower() == "false":
+        return f"annotated {DRAIN_ANNOTATION}=false during the drain"
+    if node.do_not_disrupt:
+        return f"annotated {DO_NOT_DISRUPT_ANNOTATION}=true during the drain"
+    outside = out_of_scope(node, scope, fallback_instances)
+    return f"left the fallback scope during the drain: {outside}" if outside else None
+
+
 def node_blocker(node: NodeInfo, policy: OnDemandPolicy, now: datetime) -> str | None:
     """Why this node must not be drained whatever its pods and the capacity say, or None."""
     if node.age(now) < policy.min_on_demand_age:

@@ -8,6 +8,7 @@ caller gets a RESYNC (changes may have been missed: list again), and a new watch
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -35,11 +36,17 @@ async def resilient_watch(
     failures = 0
     version = resource_version
     while True:
+        started = time.monotonic()
         try:
             watch = client.watch(resource, resource_version=version, on_error=_raise, **selectors)  # type: ignore[arg-type]
             async for event, obj in watch:
                 failures = 0
                 yield event, obj
+            # A stream that ends at once, again and again (a proxy, a server in trouble), must not turn
+            # into a request loop: back off as after an error, without a re-list (the resume is lossless).
+            if time.monotonic() - started < 1.0:
+                failures += 1
+                await asyncio.sleep(min(max_backoff, 0.1 * 2**failures))
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # connection refused, reset, 410 Expired, a line that does not parse
