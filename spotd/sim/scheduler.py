@@ -8,7 +8,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
-from spotd.controller.node_groups import node_selection_matches
+from spotd.controller.node_groups import node_selection_matches, tolerates
 from spotd.sim.kubeapi.errors import ApiError
 from spotd.sim.kubeapi.server import FakeApiServer
 
@@ -34,19 +34,6 @@ def mem_mebibytes(text: str | int | None) -> int:
         if text.endswith(suffix):
             return int(float(text[: -len(suffix)]) * factor)
     return int(int(text) / 2**20)
-
-
-def tolerates(tolerations: Iterable[Obj], taint: Obj) -> bool:
-    for t in tolerations:
-        if t.get("effect") and t.get("effect") != taint.get("effect"):
-            continue
-        if t.get("operator") == "Exists" and not t.get("key"):
-            return True
-        if t.get("key") != taint.get("key"):
-            continue
-        if t.get("operator") == "Exists" or t.get("value", "") == taint.get("value", ""):
-            return True
-    return False
 
 
 def selects_node(pod: Obj, labels: dict[str, str], name: str = "") -> bool:
