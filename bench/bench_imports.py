@@ -21,6 +21,8 @@ STEPS = [
     ("structlog", "import structlog"),
     ("lightkube + core/v1", "import lightkube; from lightkube.resources.core_v1 import Node, Pod"),
     ("spotd agent", "from spotd.cli.main import build_parser, _program; build_parser(only='agent'); _program('agent')"),
+    ("httpcore + anyio (no longer)", "import httpcore, anyio, anyio._backends._asyncio"),
+    ("decimal (no longer)", "import decimal"),
     ("aiohttp (no longer)", "import aiohttp; from aiohttp import web"),
     ("yarl (no longer)", "import yarl"),
     ("tenacity (no longer)", "import tenacity"),
@@ -36,13 +38,13 @@ def rss_mb(code: str) -> float:
 def main() -> None:
     base = rss_mb("pass")
     print(f"resident memory added (MB), python {sys.version.split()[0]} -OO; bare interpreter {base:.1f} MB")
-    print(f"{'import':22s} {'alone':>7s} {'in order':>9s} {'total':>7s}")
+    print(f"{'import':28s} {'alone':>7s} {'in order':>9s} {'total':>7s}")
     so_far, previous = "", base
     for name, code in STEPS:
         alone = rss_mb(code) - base
         so_far += code + "\n"
         total = rss_mb(so_far)
-        print(f"{name:22s} {alone:+7.1f} {total - previous:+9.1f} {total:7.1f}")
+        print(f"{name:28s} {alone:+7.1f} {total - previous:+9.1f} {total:7.1f}")
         previous = total
 
 

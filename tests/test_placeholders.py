@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from spotd.common.parsing import format_quantity, parse_quantity
+from spotd.common.quantity import format_quantity, parse_quantity
 from spotd.controller.landing import PodSeen, landing_verdict, pod_seen, replacements, what_to_follow
 from spotd.controller.placeholders import (
     PAUSE_IMAGE,

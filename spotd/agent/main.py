@@ -394,7 +394,7 @@ class Agent:
 async def serve(config: AgentConfig, *, health_server: bool = True) -> None:
     """Run one agent until cancelled. `spotd agent` and the embedded simulation (many agents, one process) use it."""
     log = spotd_log.get("spotd.agent").bind(node=config.node_name)
-    client = make_client(config.kubeconfig)
+    client = make_client(config.kubeconfig, lean=True)
     alerter = Alerter(config.alerts, log=log)
     agent = Agent(config, client, alerter)
     server = HealthServer(*config.listen, REGISTRY, agent.heartbeat.alive, lambda: agent.node_ready)

@@ -28,6 +28,7 @@ from spotd.alerts.flags import AlertConfig
 from spotd.alerts.metrics import ALERT_QUEUE_DEPTH, ALERTS_DROPPED, ALERTS_SENT
 from spotd.alerts.model import Alert, Identity
 from spotd.common import log as spotd_log
+from spotd.common.transport import H11Transport
 
 _API_PATH = "/api/v2/alerts"
 _VALIDITY_INTERVALS = 4
@@ -215,9 +216,11 @@ class Alerter:
             while True:  # nothing to send to; still forget what has ended
                 await asyncio.sleep(self._config.resend_interval)
                 self._tick()
-        # The system's CA certificates (or --alertmanager-ca-file), no proxy from the environment.
+        # The system's CA certificates (or --alertmanager-ca-file), no proxy from the environment; the lean
+        # transport, as the agent's Kubernetes client (httpx's own would load httpcore and anyio on every node).
         tls = ssl.create_default_context(cafile=self._ca_file) if self._ca_file else ssl.create_default_context()
-        async with httpx.AsyncClient(verify=tls, trust_env=False, timeout=self._timeout) as session:
+        transport = H11Transport(tls)
+        async with httpx.AsyncClient(transport=transport, trust_env=False, timeout=self._timeout) as session:
             workers = [asyncio.create_task(self._deliver(m, session), name=f"alerts:{m.name}") for m in self._members]
             try:
                 while True:

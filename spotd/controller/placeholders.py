@@ -29,7 +29,7 @@ from decimal import Decimal
 from enum import StrEnum
 from typing import Any
 
-from spotd.common.parsing import format_quantity, parse_quantity
+from spotd.common.quantity import format_quantity, parse_quantity
 from spotd.drain.plan import PodFacts, PodPolicy, PodVerdict, decide_pod
 from spotd.kube.keys import (
     MIRROR_ANNOTATION,

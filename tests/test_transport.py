@@ -1,0 +1,335 @@
+"""spotd.common.transport: the agent's HTTP under httpx, against real servers on 127.0.0.1.
+
+Each promise the module makes (httpx's limits, timeouts and exception types; reuse; a stale kept connection
+sent again once; a body streamed as it arrives; TLS verified) has a test that fails without it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import httpx
+import pytest
+from aiohttp import web
+
+from spotd.common.transport import H11Transport
+from spotd.sim.kubeapi import FakeApiServer
+from spotd.sim.kubeapi.auth import _with_openssl, self_signed_certificate
+from tests.agent_harness import agent_kubeconfig, node_obj
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+async def _read_request(reader: asyncio.StreamReader) -> bytes:
+    """One request's head and its Content-Length body (enough for these tests' clients)."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":", 1)[1])
+    return head + (await reader.readexactly(length) if length else b"")
+
+
+async def _raw_server(handler: Handler) -> tuple[asyncio.Server, str]:
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    return server, f"http://127.0.0.1:{port}"
+
+
+def _ok(body: bytes = b"ok", extra: bytes = b"") -> bytes:
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n%s\r\n%s" % (len(body), extra, body)
+
+
+@pytest.fixture
+async def app_url() -> AsyncIterator[str]:
+    seen: list[str] = []
+
+    async def echo(request: web.Request) -> web.Response:
+        seen.append(request.method)
+        body = await request.read()
+        return web.json_response({"method": request.method, "path": request.path_qs, "body": body.decode()})
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        await response.write(b'{"type":"ADDED"}\n')
+        await asyncio.sleep(3600)  # a watch that stays open: the first line must arrive anyway
+        return response
+
+    app = web.Application()
+    app.router.add_route("*", "/echo", echo)
+    app.router.add_get("/stream", stream)
+    runner = web.AppRunner(app, shutdown_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    yield f"http://127.0.0.1:{port}"
+    await runner.cleanup()
+
+
+async def test_requests_with_and_without_bodies_share_one_connection(app_url: str) -> None:
+    transport = H11Transport()
+    async with httpx.AsyncClient(transport=transport, base_url=app_url) as client:
+        got = (await client.get("/echo?a=1")).json()
+        assert got == {"method": "GET", "path": "/echo?a=1", "body": ""}
+        sent = json.dumps({"kind": "Eviction"})
+        got = (await client.post("/echo", content=sent, headers={"Content-Type": "application/json"})).json()
+        assert got == {"method": "POST", "path": "/echo", "body": sent}
+        response = await client.patch("/echo", json={"a": 1})
+        assert response.status_code == 200
+        assert response.http_version == "HTTP/1.1"
+        assert response.headers["content-type"].startswith("application/json")
+    assert transport.connections_opened == 1
+
+
+async def test_a_streamed_body_arrives_before_the_response_ends(app_url: str) -> None:
+    async with httpx.AsyncClient(transport=H11Transport(), base_url=app_url) as client:
+        async with client.stream("GET", "/stream", timeout=httpx.Timeout(5, read=None)) as response:
+            lines = response.aiter_lines()
+            first = await asyncio.wait_for(anext(lines), timeout=10)
+    assert json.loads(first) == {"type": "ADDED"}
+
+
+async def test_a_stale_kept_connection_is_sent_again_once_on_a_fresh_one() -> None:
+    requests: list[bytes] = []
+
+    async def answer_once_then_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        requests.append(await _read_request(reader))
+        writer.write(_ok())  # keep-alive as far as the client knows, then closed while idle
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.close()
+
+    server, url = await _raw_server(answer_once_then_close)
+    transport = H11Transport()
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url=url) as client:
+            assert (await client.get("/a")).text == "ok"
+            await asyncio.sleep(0.3)  # the server's close is seen, or not yet: either way no error
+            assert (await client.post("/b", content=b"{}")).text == "ok"
+    finally:
+        server.close()
+    assert [r.split(b" ", 2)[:2] for r in requests] == [[b"GET", b"/a"], [b"POST", b"/b"]]
+    assert transport.connections_opened == 2
+
+
+async def test_a_kept_connection_closed_unseen_is_retried_once() -> None:
+    """The close arrives only when the request is already written (the loop never saw the FIN): the request
+    goes again on a fresh connection, once; the server answers the second one."""
+    connections = 0
+
+    async def first_conn_closes_on_second_request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        first = connections == 1
+        await _read_request(reader)
+        writer.write(_ok(b"one" if first else b"two"))
+        await writer.drain()
+        if first:
+            await _read_request(reader)  # the reused connection's request: close without a byte
+            writer.close()
+            return
+        await asyncio.sleep(1)
+
+    server, url = await _raw_server(first_conn_closes_on_second_request)
+    transport = H11Transport()
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url=url) as client:
+            assert (await client.get("/1")).text == "one"
+            assert (await client.get("/2")).text == "two"
+    finally:
+        server.close()
+    assert transport.connections_opened == 2
+
+
+async def test_a_response_cut_short_is_an_error_and_not_sent_again() -> None:
+    requests = 0
+
+    async def cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal requests
+        await _read_request(reader)
+        requests += 1
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
+        await writer.drain()
+        writer.close()
+
+    server, url = await _raw_server(cut)
+    try:
+        async with httpx.AsyncClient(transport=H11Transport(), base_url=url) as client:
+            with pytest.raises(httpx.RemoteProtocolError):
+                await client.post("/api/v1/namespaces/a/pods/b/eviction", content=b"{}")
+    finally:
+        server.close()
+    assert requests == 1
+
+
+async def test_a_reply_that_is_not_http_is_a_protocol_error() -> None:
+    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        writer.write(b"SSH-2.0-OpenSSH\r\n\r\n")
+        await writer.drain()
+
+    server, url = await _raw_server(garbage)
+    try:
+        async with httpx.AsyncClient(transport=H11Transport(), base_url=url) as client:
+            with pytest.raises(httpx.RemoteProtocolError):
+                await client.get("/")
+    finally:
+        server.close()
+
+
+async def test_each_timeout_raises_httpx_own_exception() -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(3600)
+
+    server, url = await _raw_server(silent)
+    try:
+        async with httpx.AsyncClient(transport=H11Transport(), base_url=url) as client:
+            with pytest.raises(httpx.ReadTimeout):
+                await client.get("/", timeout=httpx.Timeout(5, read=0.2))
+        # A TLS handshake the server never answers counts against the connect timeout.
+        https = url.replace("http://", "https://")
+        async with httpx.AsyncClient(transport=H11Transport(), base_url=https) as client:
+            with pytest.raises(httpx.ConnectTimeout):
+                await client.get("/", timeout=httpx.Timeout(5, connect=0.2))
+    finally:
+        server.close()
+
+
+async def test_a_server_that_closes_during_the_tls_handshake_is_a_connect_error() -> None:
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1)  # the ClientHello's first byte
+        writer.close()
+
+    server, url = await _raw_server(hang_up)
+    try:
+        async with httpx.AsyncClient(transport=H11Transport(), base_url=url.replace("http:", "https:")) as client:
+            with pytest.raises(httpx.ConnectError):
+                await client.get("/", timeout=5)
+    finally:
+        server.close()
+
+
+async def test_refused_connection_is_a_connect_error() -> None:
+    server, url = await _raw_server(lambda r, w: asyncio.sleep(0))
+    server.close()
+    await server.wait_closed()
+    async with httpx.AsyncClient(transport=H11Transport(), base_url=url) as client:
+        with pytest.raises(httpx.ConnectError):
+            await client.get("/")
+
+
+async def test_a_full_pool_waits_then_times_out_and_a_cancelled_stream_frees_its_slot(app_url: str) -> None:
+    transport = H11Transport(max_connections=1)
+    async with httpx.AsyncClient(transport=transport, base_url=app_url) as client:
+
+        async def hold_stream() -> None:
+            async with client.stream("GET", "/stream", timeout=httpx.Timeout(5, read=None)) as response:
+                async for _ in response.aiter_lines():
+                    pass
+
+        holder = asyncio.create_task(hold_stream())
+        await asyncio.sleep(0.3)
+        with pytest.raises(httpx.PoolTimeout):
+            await client.get("/echo", timeout=httpx.Timeout(5, pool=0.2))
+        holder.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await holder
+        assert (await client.get("/echo", timeout=httpx.Timeout(5, pool=1))).status_code == 200
+    # The cancelled stream's connection was closed (its state unknown), not reused.
+    assert transport.connections_opened == 2
+
+
+async def test_an_idle_connection_is_closed_when_it_expires_without_another_request() -> None:
+    closed = asyncio.Event()
+
+    async def one_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        writer.write(_ok())
+        await writer.drain()
+        if await reader.read() == b"":  # the client closed its kept connection
+            closed.set()
+
+    server, url = await _raw_server(one_answer)
+    transport = H11Transport(idle_expiry=0.05)
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url=url) as client:
+            await client.get("/")
+            await asyncio.wait_for(closed.wait(), timeout=10)  # no further request needed
+            await client.get("/")
+    finally:
+        server.close()
+    assert transport.connections_opened == 2
+
+
+def _tls_contexts(tmp: Path) -> tuple[ssl.SSLContext, ssl.SSLContext, ssl.SSLContext]:
+    """(the server's, a client's trusting it, a client's trusting another authority)."""
+    cert, key = self_signed_certificate()
+    (tmp / "tls.crt").write_bytes(cert)
+    (tmp / "tls.key").write_bytes(key)
+    serving = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    serving.load_cert_chain(tmp / "tls.crt", tmp / "tls.key")
+    trusted = ssl.create_default_context(cadata=cert.decode())
+    other = ssl.create_default_context(cadata=_with_openssl()[0].decode())
+    return serving, trusted, other
+
+
+async def test_tls_is_verified_against_the_given_authority(tmp_path: Path) -> None:
+    serving, trusted, other = _tls_contexts(tmp_path)
+
+    async def ok(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        writer.write(_ok())
+        await writer.drain()
+
+    server = await asyncio.start_server(ok, "127.0.0.1", 0, ssl=serving)
+    url = f"https://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        async with httpx.AsyncClient(transport=H11Transport(trusted), base_url=url) as client:
+            assert (await client.get("/")).text == "ok"
+        async with httpx.AsyncClient(transport=H11Transport(other), base_url=url) as client:
+            with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+                await client.get("/")
+    finally:
+        server.close()
+
+
+_PROBE = """
+import asyncio, sys
+from lightkube.resources.core_v1 import Node
+from spotd.kube.client import make_client
+
+async def main():
+    client = make_client(sys.argv[1], lean=True)
+    node = await client.get(Node, sys.argv[2])
+    async for event, obj in client.watch(Node, fields={"metadata.name": sys.argv[2]}):
+        break
+    print(node.metadata.name, event, sorted(m for m in ("httpcore", "anyio") if m in sys.modules))
+
+asyncio.run(main())
+"""
+
+
+async def test_the_agents_client_never_loads_httpcore_or_anyio(tmp_path: Path) -> None:
+    """The point of the transport: the agent's lightkube client (make_client(lean=True)) reads, watches and
+    is answered over TLS as the agent's ServiceAccount, and httpx's own transport is never loaded."""
+    api = FakeApiServer(termination_scale=0.02)
+    await api.start()
+    try:
+        api.create(node_obj("n1"))
+        kubeconfig = agent_kubeconfig(api, tmp_path / "kc", "n1")
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _PROBE, kubeconfig, "n1", stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        out, err = await asyncio.wait_for(proc.communicate(), timeout=60)
+    finally:
+        await api.stop()
+    assert proc.returncode == 0, err.decode()
+    assert out.decode().split() == ["n1", "ADDED", "[]"]
