@@ -36,11 +36,26 @@ class _StaleConnection(Exception):
     """A kept connection was closed by the server before any byte of the response: safe to send again."""
 
 
-class _Connection:
+class H11Connection:
+    """One HTTP/1.1 client connection: asyncio streams and h11's state for them (also spotd.common.transport's)."""
+
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader, self.writer = reader, writer
         self.h11 = h11.Connection(h11.CLIENT)
 
+    @property
+    def reusable(self) -> bool:
+        """True (h11 then ready for the next request) once both sides finished an exchange and may go on."""
+        if self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE:
+            self.h11.start_next_cycle()
+            return True
+        return False
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class _Connection(H11Connection):
     async def exchange(self, request: h11.Request, reused: bool) -> Reply:
         self.writer.write(self.h11.send(request) + self.h11.send(h11.EndOfMessage()))
         await self.writer.drain()
@@ -64,16 +79,6 @@ class _Connection:
             elif isinstance(event, h11.ConnectionClosed):
                 raise ConnectionResetError("connection closed before the end of the response")
             # InformationalResponse (1xx): nothing to keep
-
-    @property
-    def reusable(self) -> bool:
-        if self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE:
-            self.h11.start_next_cycle()
-            return True
-        return False
-
-    def close(self) -> None:
-        self.writer.close()
 
 
 class KeepAliveClient:

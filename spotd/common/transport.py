@@ -22,6 +22,8 @@ from collections.abc import AsyncIterator, Iterator
 import h11
 import httpx
 
+from spotd.common.keepalive import H11Connection
+
 _READ_SIZE = 65536
 _DEFAULT_PORTS = {b"http": 80, b"https": 443}
 
@@ -103,14 +105,13 @@ class _Tls:
             self._writer.write(out)
 
 
-class _Connection:
+class _Connection(H11Connection):
     def __init__(
         self, origin: Origin, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, tls: _Tls | None
     ) -> None:
+        super().__init__(reader, writer)
         self.origin = origin
-        self.reader, self.writer = reader, writer
         self.tls = tls
-        self.h11 = h11.Connection(h11.CLIENT)
         self.expiry: asyncio.TimerHandle | None = None  # while idle in the pool
         self.received = 0  # bytes of the current response so far
 
@@ -118,13 +119,6 @@ class _Connection:
     def usable(self) -> bool:
         """Still open as far as the event loop has seen (a server's close while idle shows as EOF)."""
         return not (self.reader.at_eof() or self.writer.is_closing())
-
-    @property
-    def reusable(self) -> bool:
-        if self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE:
-            self.h11.start_next_cycle()
-            return True
-        return False
 
     async def send(self, request: h11.Request, body: bytes, timeout: float | None) -> None:
         self.received = 0
@@ -165,9 +159,6 @@ class _Connection:
                     raise _Stale
                 raise httpx.RemoteProtocolError("connection closed before the response")
             # InformationalResponse (1xx): wait for the real one
-
-    def close(self) -> None:
-        self.writer.close()
 
 
 class _Body(httpx.AsyncByteStream):
