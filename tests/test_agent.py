@@ -295,6 +295,18 @@ async def test_api_conflict_throttling_and_errors_are_retried(api, imds, kubecon
     assert (agent.metric("spotd_node_actions_total", action="notice", outcome="conflict") or 0) >= 1
 
 
+async def test_a_retry_after_that_is_not_a_sane_number_is_bounded(api, imds, kubeconfig, agents, tmp_path) -> None:
+    # "nan" used to put the retry to sleep for ever, a huge value past the deadline: the pod stayed.
+    populate(api, web=3)
+    agent = run_agent(agents, tmp_path, kubeconfig, imds)
+    await agent.ready()
+    api.inject_fault("POST", r"/pods/web-0/eviction", 429, times=1, retry_after=float("nan"))  # type: ignore[arg-type]
+    api.inject_fault("POST", r"/pods/web-1/eviction", 429, times=1, retry_after=10**9)
+    api.inject_fault("POST", r"/pods/web-2/eviction", 429, times=1, retry_after=-5)
+    imds.set_instance_action("terminate", soon(120))
+    await eventually(lambda: pods_on_node(api) == LEFT_ALONE, timeout=30)
+
+
 async def test_dry_run_changes_nothing(api, imds, kubeconfig, agents, tmp_path) -> None:
     populate(api, web=2)
     before = json.dumps(node(api), sort_keys=True)

@@ -9,6 +9,7 @@ with `deadline_action="delete"`, for pods still refused at the cutoff.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -108,13 +109,21 @@ def _refusal_cause(exc: ApiError) -> str:
     return causes[0] if causes else (exc.status.message or "disruption budget")
 
 
+_RETRY_AFTER_CAP = 10.0  # seconds: a server's word, but a drain has two minutes
+
+
 def _retry_after(exc: ApiError) -> float | None:
+    """The server's Retry-After in seconds, at most _RETRY_AFTER_CAP; None when absent or not a number
+    ("nan" or "inf" would never wake the retry, a huge value would wait past the deadline)."""
     response = getattr(exc, "response", None)
     value = response.headers.get("Retry-After") if response is not None else None
     try:
-        return float(value) if value else None
+        seconds = float(value) if value else None
     except ValueError:
         return None
+    if seconds is None or not math.isfinite(seconds) or seconds < 0:
+        return None
+    return min(seconds, _RETRY_AFTER_CAP)
 
 
 class _Drain:
