@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import subprocess
@@ -196,6 +197,27 @@ async def test_asg_termination(api, imds, kubeconfig, agents, tmp_path) -> None:
     await eventually(lambda: (our_taint(api) or {}).get("value") == "asg-termination", timeout=10)
     await eventually(lambda: pods_on_node(api) == LEFT_ALONE, timeout=15)
     assert agent.metric("spotd_notices_total", kind="asg-termination", source="imds") == 1
+
+
+async def test_a_restart_during_an_asg_termination_keeps_the_node_cordoned(
+    api, imds, kubeconfig, agents, tmp_path
+) -> None:
+    # The ASG gives no time: the deadline is computed at first sighting. A restarted agent computes another
+    # one; the notice must still be the one it resumed, not a new one after releasing the old (uncordon).
+    populate(api, web=2)
+    api.create(pdb_obj("web", min_available=2))  # the drain is still going on at the restart
+    first = run_agent(agents, tmp_path, kubeconfig, imds)
+    await first.ready()
+    imds.set_lifecycle_state("Terminated")
+    await eventually(lambda: first.events("eviction_refused"), timeout=10)
+    first.stop()
+    await asyncio.sleep(1.1)  # the next first sighting is at least a second later
+    second = run_agent(agents, tmp_path, kubeconfig, imds)
+    await second.ready()
+    await eventually(lambda: second.events("eviction_refused"), timeout=10)
+    assert not second.events("notice_released")
+    assert "NoticeReleased" not in node_events(api)
+    assert node(api)["spec"].get("unschedulable") is True
 
 
 async def test_pdb_refusal_retried_then_forced_at_the_deadline(api, imds, kubeconfig, agents, tmp_path) -> None:

@@ -437,10 +437,10 @@ class NoticePoller:
 
 def _keep_first_sighting(fresh: Sequence[Notice], previous: Sequence[Notice]) -> tuple[Notice, ...]:
     """Notices already seen keep their first seen_at; an ASG termination keeps its first deadline too."""
-    by_key = {_identity(n): n for n in previous}
+    by_key = {n.key: n for n in previous}
     out = []
     for notice in fresh:
-        old = by_key.get(_identity(notice))
+        old = by_key.get(notice.key)
         if old is None:
             out.append(notice)
         elif notice.kind is NoticeKind.ASG_TERMINATION:
@@ -448,8 +448,3 @@ def _keep_first_sighting(fresh: Sequence[Notice], previous: Sequence[Notice]) ->
         else:
             out.append(replace(notice, seen_at=old.seen_at))
     return tuple(out)
-
-
-def _identity(notice: Notice) -> str:
-    # An ASG termination's key holds a deadline computed at parse time; there is only ever one.
-    return str(notice.kind) if notice.kind is NoticeKind.ASG_TERMINATION else notice.key

@@ -51,7 +51,10 @@ class Notice:
 
     @property
     def key(self) -> str:
-        """Stable identity: the same notice polled twice has the same key."""
+        """Stable identity: the same notice polled twice, or by a restarted agent, has the same key."""
+        if self.kind is NoticeKind.ASG_TERMINATION:
+            # One per instance life; its deadline is computed at first sighting, so it cannot name it.
+            return f"{self.kind}/Terminated"
         ident = self.event_id or (format_time(self.deadline) if self.deadline else "")
         return f"{self.kind}/{ident}"
 
