@@ -117,6 +117,32 @@ async def test_spot_itn_end_to_end(imds: FakeImds, session: Any) -> None:
     assert (await poller.poll_once(NOW)).notices == ()
 
 
+async def test_a_spot_itn_remembers_when_it_was_last_absent(imds: FakeImds, session: Any) -> None:
+    # Present at the first poll (an agent that starts with it there): its age is unknown.
+    imds.set_instance_action(action="terminate", time=NOW)
+    started_with = NoticePoller(client_for(session, imds))
+    (notice,) = (await started_with.poll_once(NOW)).notices
+    assert notice.absent_before is None
+    imds.clear_instance_action()
+    # Read as absent, then present: it was issued between the two readings; later readings keep that.
+    poller = NoticePoller(client_for(session, imds))
+    await poller.poll_once(NOW)
+    imds.set_instance_action(action="terminate", time=NOW - timedelta(minutes=3))
+    (notice,) = (await poller.poll_once(NOW + timedelta(seconds=0.25))).notices
+    assert (notice.absent_before, notice.seen_at) == (NOW, NOW + timedelta(seconds=0.25))
+    (again,) = (await poller.poll_once(NOW + timedelta(seconds=0.5))).notices
+    assert again.absent_before == NOW and again.seen_at == NOW + timedelta(seconds=0.25)
+    # A failed reading in between says nothing about when it appeared.
+    imds.clear_instance_action()
+    await poller.poll_once(NOW + timedelta(seconds=1))
+    imds.fail_next("spot/instance-action", status=500, times=100)
+    await poller.poll_once(NOW + timedelta(seconds=2))
+    imds.clear_faults()
+    imds.set_instance_action(action="terminate", time=NOW)
+    (late,) = (await poller.poll_once(NOW + timedelta(seconds=3))).notices
+    assert late.absent_before is None
+
+
 async def test_rebalance_end_to_end(imds: FakeImds, session: Any) -> None:
     imds.set_rebalance(notice_time=NOW - timedelta(seconds=30))
     (notice,) = (await NoticePoller(client_for(session, imds)).poll_once(NOW)).notices

@@ -30,6 +30,9 @@ _DEFAULT_PORTS = {b"http": 80, b"https": 443}
 Origin = tuple[bytes, str, int]
 
 
+_IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE"})
+
+
 class _Stale(Exception):
     """A reused connection closed before any byte of the response: the request was not answered."""
 
@@ -117,8 +120,11 @@ class _Connection(H11Connection):
 
     @property
     def usable(self) -> bool:
-        """Still open as far as the event loop has seen (a server's close while idle shows as EOF)."""
-        return not (self.reader.at_eof() or self.writer.is_closing())
+        """Idle and untouched: not closed, and nothing arrived while idle. A byte on an idle HTTP/1.1
+        connection is a close (EOF, close_notify) or an unsolicited answer (a proxy's 408): never reuse it,
+        as httpcore does (has_expired: the socket is readable)."""
+        buffered = len(getattr(self.reader, "_buffer", b""))
+        return not (buffered or self.reader.at_eof() or self.reader.exception() or self.writer.is_closing())
 
     async def send(self, request: h11.Request, body: bytes, timeout: float | None) -> None:
         self.received = 0
@@ -248,6 +254,10 @@ class H11Transport(httpx.AsyncBaseTransport):
                     return conn, await conn.head(timeouts.get("read"), reused)
             except _Stale:
                 conn.close()
+                if head.method not in _IDEMPOTENT:
+                    # The server may have acted on it (an eviction, an Event) before the connection went:
+                    # not ours to send again. httpcore never re-sends a request either.
+                    raise httpx.RemoteProtocolError("server disconnected without sending a response") from None
                 fresh_only = True
             except BaseException:
                 conn.close()

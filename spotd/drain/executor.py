@@ -272,6 +272,11 @@ class _Drain:
                     EVICTIONS.labels("failed").inc()
                     self.log.error("eviction_failed", pod=pod.ref, status=code, message=exc.status.message)
                     return  # left to the deadline action
+            except httpx.PoolTimeout as exc:
+                # Never sent: the client's own queue was full. Not a refusal (the deadline action must not
+                # delete a pod the API server was never asked to evict), and no back-off: the wait was the queue.
+                self.log.warning("eviction_queued", pod=pod.ref, error=repr(exc))
+                continue
             except (httpx.HTTPError, OSError) as exc:
                 self.refused.add(uid)
                 delay = retry_delay(attempt)

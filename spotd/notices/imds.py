@@ -331,6 +331,7 @@ class NoticePoller:
         self._log = log if log is not None else _log
         self._cache: dict[str, _Parsed] = {}  # last body per path, and what it parsed to
         self._last_good: dict[str, tuple[Notice, ...]] = {}  # for seen_at across a changed body
+        self._absent_at: dict[str, datetime] = {}  # the `now` of each path's latest empty reading
         self._failing: set[str] = set()  # paths whose failure was already logged
         self._latest: dict[str, _Parsed | None] = {}  # each path's latest reading; None: it failed
         self._last_result: PollResult | None = None  # returned again while no reading changed
@@ -406,6 +407,7 @@ class NoticePoller:
         if body is None:  # 404: nothing there
             self._cache.pop(path, None)
             self._last_good.pop(path, None)
+            self._absent_at[path] = now
             return _ABSENT
         cached = self._cache.get(path)
         if cached is not None and cached.body == body:
@@ -418,6 +420,8 @@ class NoticePoller:
             NOTICES_MALFORMED.labels(source="imds").inc()
             parsed = _Parsed(body, (), malformed=True)
         else:
+            if self._latest.get(path) is _ABSENT:  # absent at the reading just before: issued since then
+                fresh = tuple(replace(n, absent_before=self._absent_at[path]) for n in fresh)
             parsed = _Parsed(body, _keep_first_sighting(fresh, self._last_good.get(path, ())))
             self._last_good[path] = parsed.notices
         self._cache[path] = parsed
@@ -436,7 +440,8 @@ class NoticePoller:
 
 
 def _keep_first_sighting(fresh: Sequence[Notice], previous: Sequence[Notice]) -> tuple[Notice, ...]:
-    """Notices already seen keep their first seen_at; an ASG termination keeps its first deadline too."""
+    """Notices already seen keep their first seen_at (and absent_before); an ASG termination keeps its first
+    deadline too."""
     by_key = {n.key: n for n in previous}
     out = []
     for notice in fresh:
@@ -446,5 +451,5 @@ def _keep_first_sighting(fresh: Sequence[Notice], previous: Sequence[Notice]) ->
         elif notice.kind is NoticeKind.ASG_TERMINATION:
             out.append(old)
         else:
-            out.append(replace(notice, seen_at=old.seen_at))
+            out.append(replace(notice, seen_at=old.seen_at, absent_before=old.absent_before))
     return tuple(out)

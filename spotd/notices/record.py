@@ -37,6 +37,9 @@ class Notice:
 
     deadline: when the instance is expected to stop; None for advisory notices (rebalance).
     not_after: end of a scheduled-maintenance window. event_id: identifies a maintenance event.
+    absent_before: when IMDS last answered that the notice was not there, if that was the reading just
+    before its first sighting (so it was issued after then); None when unknown (an agent that started
+    with the notice already present).
     """
 
     kind: NoticeKind
@@ -48,6 +51,7 @@ class Notice:
     not_after: datetime | None = None
     state: str = "active"
     description: str = ""
+    absent_before: datetime | None = None
 
     @property
     def key(self) -> str:
@@ -97,6 +101,7 @@ class Notice:
                 not_after=parse_iso_time(data["not_after"]) if data.get("not_after") else None,
                 state=str(data.get("state", "active")),
                 description=str(data.get("description", "")),
+                absent_before=parse_iso_time(data["absent_before"]) if data.get("absent_before") else None,
             )
         except KeyError as exc:
             raise MalformedNotice(f"notice lacks {exc.args[0]!r}") from None
