@@ -220,6 +220,19 @@ async def test_a_restart_during_an_asg_termination_keeps_the_node_cordoned(
     assert node(api)["spec"].get("unschedulable") is True
 
 
+async def test_a_node_clock_running_ahead_does_not_shorten_the_graces(api, imds, kubeconfig, agents, tmp_path) -> None:
+    # The agent saw no notice a poll ago, so AWS issued it since, two minutes ahead of its action; a `time`
+    # already past on this node's clock says the clock is ahead, not that the window is gone.
+    populate(api, web=2)
+    agent = run_agent(agents, tmp_path, kubeconfig, imds)
+    await agent.ready()
+    await asyncio.sleep(1)  # a few empty readings of spot/instance-action
+    imds.set_instance_action("terminate", soon(-300))
+    await eventually(lambda: len(agent.events("pod_evicted")) == 2, timeout=15)
+    # None: the pod's own grace fits the time left (it was 1 s when the past `time` was believed).
+    assert [e["grace"] for e in agent.events("pod_evicted")] == [None, None]
+
+
 async def test_pdb_refusal_retried_then_forced_at_the_deadline(api, imds, kubeconfig, agents, tmp_path) -> None:
     populate(api, web=2)
     api.create(pdb_obj("web", min_available=2))
