@@ -266,16 +266,16 @@ def test_spot_itn_deadline_is_the_earlier_of_its_time_and_two_minutes_after_firs
     ("time_in", "absent_in", "action", "expected_in"),
     [
         (120, -0.25, "terminate", 120),  # a right clock: nothing changes
-        (100, -0.25, "terminate", 119.75),  # a clock 20 s ahead: the two-minute warning rules
+        (100, -0.25, "terminate", 100),  # a shorter warning (or a clock 20 s ahead): believed
+        (60, -0.25, "terminate", 60),
+        (0, -0.25, "terminate", 119.75),  # already due when first seen, a poll after it was absent
         (-180, -0.25, "terminate", 119.75),  # a clock 5 minutes ahead: no longer 1-second graces
         (-180, -0.25, "stop", 119.75),
-        (60, -0.25, "terminate", 119.75),  # a clock a minute ahead
-        (60, -90, "terminate", 60),  # absent 90 s before: issued since, due no earlier than +30 s
         (-180, -0.25, "hibernate", -180),  # no two-minute warning for hibernation
         (-180, None, "terminate", -180),  # age unknown (present at start): seen late, believed
     ],
 )
-def test_a_fresh_spot_itn_is_due_no_earlier_than_two_minutes_after_it_was_last_absent(
+def test_a_fresh_spot_itn_already_past_is_due_two_minutes_after_it_was_last_absent(
     time_in: float, absent_in: float | None, action: str, expected_in: float
 ) -> None:
     absent = NOW + timedelta(seconds=absent_in) if absent_in is not None else None

@@ -71,7 +71,7 @@ async def cluster(apis: list[FakeApiServer], scale: float = 0.02, **node: Any) -
 
 def agent_client(api: FakeApiServer, tmp: Path) -> Any:
     """The drain engine's client as the agent has it: the node-bound ServiceAccount under deploy/ RBAC."""
-    return make_client(agent_kubeconfig(api, tmp / "kubeconfig", NODE))
+    return make_client(agent_kubeconfig(api, tmp / "kubeconfig", NODE), lean=True)
 
 
 def run_agent(agents: list[AgentProcess], tmp: Path, api: FakeApiServer, imds: FakeImds, *extra: str) -> AgentProcess:

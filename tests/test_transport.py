@@ -12,16 +12,20 @@ import ssl
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
 import pytest
+import structlog
 from aiohttp import web
 
 from spotd.common.transport import H11Transport
+from spotd.drain.executor import DrainOptions, drain_node
+from spotd.kube.client import make_client
 from spotd.sim.kubeapi import FakeApiServer
 from spotd.sim.kubeapi.auth import _with_openssl, self_signed_certificate
-from tests.agent_harness import agent_kubeconfig, node_obj
+from tests.agent_harness import DEPLOY, agent_kubeconfig, node_obj, pod_obj
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -144,6 +148,61 @@ async def test_a_kept_connection_closed_unseen_is_retried_once() -> None:
         async with httpx.AsyncClient(transport=transport, base_url=url) as client:
             assert (await client.get("/1")).text == "one"
             assert (await client.get("/2")).text == "two"
+    finally:
+        server.close()
+    assert transport.connections_opened == 2
+
+
+async def test_a_post_on_a_kept_connection_closed_unseen_is_not_sent_again() -> None:
+    """The server read the POST (an eviction) and closed without a word: it may have acted on it."""
+    posts = 0
+
+    async def act_then_hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal posts
+        await _read_request(reader)
+        writer.write(_ok())
+        await writer.drain()
+        request = await _read_request(reader)  # the reused connection's request, acted on: no answer
+        posts += request.startswith(b"POST")
+        writer.close()
+
+    server, url = await _raw_server(act_then_hang_up)
+    transport = H11Transport()
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url=url) as client:
+            await client.get("/")
+            with pytest.raises(httpx.RemoteProtocolError):
+                await client.post("/api/v1/namespaces/a/pods/b/eviction", content=b"{}")
+    finally:
+        server.close()
+    assert posts == 1 and transport.connections_opened == 1
+
+
+@pytest.mark.parametrize("together", [True, False], ids=["with-the-response", "while-idle"])
+async def test_an_idle_connection_that_received_anything_is_not_reused(together: bool) -> None:
+    """A proxy's unsolicited 408 on an idle connection is no answer to the next request."""
+    unsolicited = b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n\r\n"
+    answers = iter([_ok(b"first"), _ok(b"second")])
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        first = next(answers)
+        writer.write(first + unsolicited if together and first.endswith(b"first") else first)
+        await writer.drain()
+        if not together and first.endswith(b"first"):
+            await asyncio.sleep(0.1)
+            writer.write(unsolicited)
+            await writer.drain()
+        await asyncio.sleep(5)
+
+    server, url = await _raw_server(answer)
+    transport = H11Transport()
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url=url) as client:
+            assert (await client.get("/")).text == "first"
+            await asyncio.sleep(0.3)  # the 408 arrives while the connection is idle
+            second = await client.get("/")
+            assert (second.status_code, second.text) == (200, "second")
     finally:
         server.close()
     assert transport.connections_opened == 2
@@ -299,6 +358,33 @@ async def test_tls_is_verified_against_the_given_authority(tmp_path: Path) -> No
                 await client.get("/")
     finally:
         server.close()
+
+
+async def test_an_eviction_never_sent_is_not_a_refusal_the_deadline_action_deletes(tmp_path: Path) -> None:
+    """A full connection queue (PoolTimeout) or no connection means the API server was never asked: at the
+    deadline, --deadline-action delete deletes only pods whose eviction it refused, never the unasked."""
+    api = FakeApiServer(termination_scale=0.02)
+    await api.start()
+    try:
+        api.create(node_obj("n1"))
+        for i in range(4):
+            api.create(pod_obj(f"web-{i}", "n1"))
+        kubeconfig = agent_kubeconfig(api, tmp_path / "kc", "n1")
+        api.load_manifests([DEPLOY / "optional" / "agent-deadline-delete.yaml"])
+        # One connection for the drain's pod watch, one for everything else; each eviction held 1.5 s
+        # against a 1 s pool timeout: most evictions wait in the client's queue and are never sent.
+        api.inject_fault("POST", r"/eviction$", 0, times=100, delay=1.5)
+        client = make_client(kubeconfig, timeout=1.0, lean=True, connections=2)
+        options = DrainOptions(deadline_action="delete", safety_margin=2.0)
+        deadline = datetime.now(UTC) + timedelta(seconds=5)
+        result = await drain_node(client, "n1", options, deadline, log=structlog.get_logger())
+    finally:
+        await api.stop()
+    asked = {r.path.split("/")[-2] for r in api.requests if r.method == "POST" and r.path.endswith("/eviction")}
+    deleted = {r.path.split("/")[-1] for r in api.requests if r.method == "DELETE" and "/pods/" in r.path}
+    assert asked != {f"web-{i}" for i in range(4)}, "every eviction was sent: the test proves nothing"
+    assert deleted <= asked, f"deleted {sorted(deleted - asked)} without ever asking to evict them"
+    assert result.outcome in ("complete", "incomplete")
 
 
 _PROBE = """

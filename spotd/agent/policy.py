@@ -99,19 +99,21 @@ def safe_deadline(notice: Notice) -> datetime | None:
     """The deadline the agent counts down to: for a Spot interruption, the earlier of its `time` and the
     first sighting + 2 minutes (a `time` later than that says more about this node's clock than AWS's).
 
-    A `time` earlier than that is believed too, except where it cannot be true: a terminate or stop notice
-    that IMDS did not hold at `absent_before` was issued after then, two minutes ahead of its action, so the
-    deadline is no earlier than absent_before + 2 minutes. A `time` before that says this node's clock runs
-    ahead (a notice read as already past would otherwise get 1-second graces). Hibernation gets no
-    two-minute warning, and a notice of unknown age (present when the agent started) keeps the rule above.
+    One `time` is not believed: one already past at the first sighting of a terminate or stop notice that
+    IMDS did not hold at the reading before (`absent_before`). Such a notice was issued since, and AWS
+    issues them ahead of the action, so this node's clock runs ahead; believed, it would give 1-second
+    graces. The deadline is then that reading + 2 minutes. A `time` short of 2 minutes but still ahead is
+    believed (a shorter warning, or a clock a little ahead: the graces shrink, they do not vanish).
+    Hibernation gets no two-minute warning; a notice of unknown age (present when the agent started) may
+    truly be past.
     """
     if notice.deadline is None:
         return None
     if notice.kind == NoticeKind.SPOT_ITN:
-        deadline = min(notice.deadline, notice.seen_at + SPOT_ITN_WARNING)
-        if notice.absent_before is not None and notice.action in ("terminate", "stop"):
-            deadline = max(deadline, min(notice.absent_before, notice.seen_at) + SPOT_ITN_WARNING)
-        return deadline
+        fresh = notice.absent_before is not None and notice.action in ("terminate", "stop")
+        if fresh and notice.absent_before is not None and notice.deadline <= notice.seen_at:
+            return min(notice.absent_before, notice.seen_at) + SPOT_ITN_WARNING
+        return min(notice.deadline, notice.seen_at + SPOT_ITN_WARNING)
     return notice.deadline
 
 

@@ -6,10 +6,13 @@ own transport loads httpcore and anyio on the first request, about 3 MB resident
 library's streams and h11 (already installed under httpx), which does all parsing and framing.
 
 What it keeps from httpx's defaults: at most 100 connections (a request waits for a free one up to the pool
-timeout), up to 20 idle ones kept for 5 s, each of httpx's four timeouts, and httpx's exception types. A
-kept connection the server closed while idle is noticed on reuse (no byte of the response arrived) and the
-request is sent once more on a fresh connection, as httpcore does. No proxies and no HTTP/2: the agent
-talks straight to the API server (the client is built with trust_env=False).
+timeout), up to 20 idle ones kept for 5 s, each of httpx's four timeouts, and httpx's exception types. An
+idle connection on which anything arrived (a close, a proxy's unsolicited 408) is not reused, as httpcore
+checks that the socket is not readable. A kept connection that the server closed unseen, before any byte
+of the response, gets an idempotent request (GET, HEAD, PUT, DELETE) once more on a fresh connection; a
+POST or PATCH is not sent again (the server may have acted on it: an eviction, an Event), and fails with
+httpx.RemoteProtocolError as under httpcore. No proxies and no HTTP/2: the agent talks straight to the API
+server (the client is built with trust_env=False).
 """
 
 from __future__ import annotations
@@ -87,6 +90,11 @@ class _Tls:
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
                 return b""
 
+    @property
+    def pending(self) -> bool:
+        """Bytes received and not yet read, encrypted or not."""
+        return bool(self._in.pending or self._tls.pending())
+
     def write(self, data: bytes) -> None:
         self._tls.write(data)
         self._flush()
@@ -123,7 +131,10 @@ class _Connection(H11Connection):
         """Idle and untouched: not closed, and nothing arrived while idle. A byte on an idle HTTP/1.1
         connection is a close (EOF, close_notify) or an unsolicited answer (a proxy's 408): never reuse it,
         as httpcore does (has_expired: the socket is readable)."""
-        buffered = len(getattr(self.reader, "_buffer", b""))
+        # Bytes may wait in h11 (they came with the last response), in TLS, or in the stream's buffer
+        # (StreamReader has no public count; without the attribute this degrades to the EOF check).
+        buffered = bool(self.h11.trailing_data[0]) or (self.tls is not None and self.tls.pending)
+        buffered = buffered or bool(getattr(self.reader, "_buffer", b""))
         return not (buffered or self.reader.at_eof() or self.reader.exception() or self.writer.is_closing())
 
     async def send(self, request: h11.Request, body: bytes, timeout: float | None) -> None:

@@ -272,11 +272,12 @@ class _Drain:
                     EVICTIONS.labels("failed").inc()
                     self.log.error("eviction_failed", pod=pod.ref, status=code, message=exc.status.message)
                     return  # left to the deadline action
-            except httpx.PoolTimeout as exc:
-                # Never sent: the client's own queue was full. Not a refusal (the deadline action must not
-                # delete a pod the API server was never asked to evict), and no back-off: the wait was the queue.
-                self.log.warning("eviction_queued", pod=pod.ref, error=repr(exc))
-                continue
+            except (httpx.PoolTimeout, httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                # Never sent (the client's queue was full, or no connection): not a refusal, so the deadline
+                # action never deletes a pod the API server was not asked to evict. After a full queue, no
+                # back-off: the wait was the queue.
+                delay = 0.0 if isinstance(exc, httpx.PoolTimeout) else retry_delay(attempt)
+                self.log.warning("eviction_not_sent", pod=pod.ref, error=repr(exc))
             except (httpx.HTTPError, OSError) as exc:
                 self.refused.add(uid)
                 delay = retry_delay(attempt)

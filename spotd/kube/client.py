@@ -29,11 +29,14 @@ def load_config(kubeconfig: str | None) -> KubeConfig:
         raise KubeConfigError(f"cannot load Kubernetes credentials from {where}: {reason}") from None
 
 
-def make_client(kubeconfig: str | None, timeout: float = 10.0, *, lean: bool = False) -> AsyncClient:
+def make_client(
+    kubeconfig: str | None, timeout: float = 10.0, *, lean: bool = False, connections: int = AGENT_CONNECTIONS
+) -> AsyncClient:
     """One AsyncClient per process; lightkube keeps a connection pool behind it (watches lift the read timeout).
 
     ``lean`` (the agent, on every node): HTTP over spotd.common.transport instead of httpx's own transport,
-    which would load httpcore and anyio (about 3 MB resident). The controller, one pod, keeps httpx's.
+    which would load httpcore and anyio (about 3 MB resident), with at most ``connections`` at once. The
+    controller, one pod, keeps httpx's.
     """
     config = load_config(kubeconfig)
     for cluster in config.clusters.values():
@@ -55,7 +58,7 @@ def make_client(kubeconfig: str | None, timeout: float = 10.0, *, lean: bool = F
         # 4 s evictions took 35 s and missed its deadline (PoolTimeouts), and watches could not reconnect.
         # TLS here goes through memory buffers (no asyncio 256 KiB buffer per connection): 100 cost ~4 MB of
         # peak RSS during such a drain, nothing when idle (idle connections expire after 5 s).
-        transport = H11Transport(tls, max_connections=AGENT_CONNECTIONS, max_idle=4)
+        transport = H11Transport(tls, max_connections=connections, max_idle=4)
     return AsyncClient(
         config=config,
         field_manager=FIELD_MANAGER,
