@@ -19,6 +19,7 @@ import httpx
 import pytest
 import structlog
 from aiohttp import web
+from lightkube.resources.core_v1 import Node
 
 from spotd.common.transport import H11Transport
 from spotd.drain.executor import DrainOptions, drain_node
@@ -385,6 +386,35 @@ async def test_an_eviction_never_sent_is_not_a_refusal_the_deadline_action_delet
     assert asked != {f"web-{i}" for i in range(4)}, "every eviction was sent: the test proves nothing"
     assert deleted <= asked, f"deleted {sorted(deleted - asked)} without ever asking to evict them"
     assert result.outcome in ("complete", "incomplete")
+
+
+def _keepalive_timers(server_port: int) -> list[str]:
+    """The kernel's timer ('02' = keepalive) on each established client connection to server_port."""
+    timers = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            local, remote, state, timer = fields[1], fields[2], fields[3], fields[5]
+            if state == "01" and int(remote.rsplit(":", 1)[1], 16) == server_port and local != remote:
+                timers.append(timer.split(":")[0])
+    return timers
+
+
+@pytest.mark.parametrize("lean", [True, False], ids=["agent", "controller"])
+async def test_connections_to_the_api_server_probe_with_tcp_keepalive(tmp_path: Path, lean: bool) -> None:
+    """A quiet watch sends nothing for hours: without keepalive probes, a peer gone without a reset (or a
+    load balancer dropping idle flows) would leave it waiting for ever."""
+    api = FakeApiServer(termination_scale=0.02)
+    await api.start()
+    try:
+        api.create(node_obj("n1"))
+        client = make_client(agent_kubeconfig(api, tmp_path / "kc", "n1"), lean=lean)
+        await client.get(Node, "n1")  # the connection stays open, idle, in the pool
+        timers = _keepalive_timers(api.port)
+        await client.close()
+    finally:
+        await api.stop()
+    assert timers and set(timers) == {"02"}, timers
 
 
 _PROBE = """

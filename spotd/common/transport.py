@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import ssl
 from collections.abc import AsyncIterator, Iterator
 
@@ -34,6 +35,16 @@ Origin = tuple[bytes, str, int]
 
 
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE"})
+
+# TCP keepalive as client-go dials (30 s): a quiet watch (the rehearsal requests, an idle node's Node) sends
+# nothing for hours. Without probes, a peer gone without a reset, or a load balancer that drops idle flows
+# (an NLB after 350 s), leaves the watch waiting for ever; with them it fails within about a minute and the
+# watch reconnects. Also httpx's socket_options for the controller's transport (spotd.kube.client).
+TCP_KEEPALIVE: list[tuple[int, int, int]] = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)] + [
+    (socket.IPPROTO_TCP, getattr(socket, name), value)
+    for name, value in (("TCP_KEEPIDLE", 30), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3))
+    if hasattr(socket, name)  # Linux; elsewhere the system's intervals
+]
 
 
 class _Stale(Exception):
@@ -301,6 +312,9 @@ class H11Transport(httpx.AsyncBaseTransport):
         with _mapped(httpx.ConnectTimeout, httpx.ConnectError):
             async with asyncio.timeout(timeout):
                 reader, writer = await asyncio.open_connection(host, port)
+                sock = writer.get_extra_info("socket")
+                for level, option, value in TCP_KEEPALIVE:
+                    sock.setsockopt(level, option, value)
                 tls = None
                 try:
                     if scheme == b"https":

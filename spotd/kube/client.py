@@ -8,7 +8,7 @@ from lightkube import AsyncClient, KubeConfig
 from lightkube.config.client_adapter import verify_cluster
 from lightkube.core.exceptions import ConfigError
 
-from spotd.common.transport import H11Transport
+from spotd.common.transport import TCP_KEEPALIVE, H11Transport
 
 FIELD_MANAGER = "spotd"
 AGENT_CONNECTIONS = 100  # at most, to the API server from one agent (make_client(lean=True)): httpx's own limit
@@ -44,27 +44,30 @@ def make_client(
             # Plain HTTP (kubectl proxy, the fake API server): no TLS, so lightkube need not load a CA
             # bundle into memory (certifi's, 2.5 MB resident) for a context it never uses.
             cluster.insecure = True
-    transport = None
+    try:
+        single = config.get()
+    except ConfigError as exc:
+        raise KubeConfigError(f"cannot load Kubernetes credentials from {kubeconfig}: {exc}") from None
+    assert single is not None  # get() raises rather than return None when no default is given
+    # The same TLS set-up lightkube gives httpx: the cluster's CA, client certificates if any.
+    plain = single.cluster.server.startswith("http://")
+    tls = None if plain else verify_cluster(single.cluster, single.user, single.abs_file, trust_env=False)
+    transport: httpx.AsyncBaseTransport
     if lean:
-        try:
-            single = config.get()
-        except ConfigError as exc:
-            raise KubeConfigError(f"cannot load Kubernetes credentials from {kubeconfig}: {exc}") from None
-        assert single is not None  # get() raises rather than return None when no default is given
-        # The same TLS set-up lightkube gives httpx: the cluster's CA, client certificates if any.
-        plain = single.cluster.server.startswith("http://")
-        tls = None if plain else verify_cluster(single.cluster, single.user, single.abs_file, trust_env=False)
         # The connection cap is the drain's throughput against a slow API server: at 16, a 110-pod drain with
         # 4 s evictions took 35 s and missed its deadline (PoolTimeouts), and watches could not reconnect.
         # TLS here goes through memory buffers (no asyncio 256 KiB buffer per connection): 100 cost ~4 MB of
         # peak RSS during such a drain, nothing when idle (idle connections expire after 5 s).
         transport = H11Transport(tls, max_connections=connections, max_idle=4)
+    else:
+        # httpx's own transport, with TCP keepalive on its sockets (quiet watches; see TCP_KEEPALIVE).
+        transport = httpx.AsyncHTTPTransport(verify=tls or False, trust_env=False, socket_options=TCP_KEEPALIVE)
     return AsyncClient(
         config=config,
         field_manager=FIELD_MANAGER,
         timeout=httpx.Timeout(timeout),
         trust_env=False,
-        transport=transport,  # type: ignore[arg-type]
+        transport=transport,
     )
 
 
