@@ -417,6 +417,34 @@ async def test_connections_to_the_api_server_probe_with_tcp_keepalive(tmp_path: 
     assert timers and set(timers) == {"02"}, timers
 
 
+@pytest.mark.parametrize("lean", [True, False], ids=["agent", "controller"])
+async def test_an_in_cluster_client_follows_its_rotated_service_account_token(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lean: bool
+) -> None:
+    """The kubelet rewrites a projected token before it expires; the old one then stops working."""
+    api = FakeApiServer(termination_scale=0.02)
+    await api.start()
+    try:
+        api.create(node_obj("n1"))
+        agent_kubeconfig(api, tmp_path / "kc", "n1")  # deploy/'s RBAC
+        account = tmp_path / "serviceaccount"
+        account.mkdir()
+        first = api.service_account_token("spotd", "spotd-agent", node_name="n1")
+        (account / "token").write_text(first)
+        (account / "namespace").write_text("spotd")
+        (account / "ca.crt").write_bytes(self_signed_certificate()[0])
+        monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "127.0.0.1")
+        monkeypatch.setenv("KUBERNETES_SERVICE_PORT", str(api.port))
+        client = make_client(None, lean=lean, service_account=str(account))
+        assert (await client.get(Node, "n1")).metadata.name == "n1"
+        (account / "token").write_text(api.service_account_token("spotd", "spotd-agent", node_name="n1"))
+        api.authenticator.remove(first)  # the rotated-out token expires
+        assert (await client.get(Node, "n1")).metadata.name == "n1"
+        await client.close()
+    finally:
+        await api.stop()
+
+
 _PROBE = """
 import asyncio, sys
 from lightkube.resources.core_v1 import Node

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Generator
+from pathlib import Path
+
 import httpx
 import yaml
 from lightkube import AsyncClient, KubeConfig
@@ -11,6 +15,7 @@ from lightkube.core.exceptions import ConfigError
 from spotd.common.transport import TCP_KEEPALIVE, H11Transport
 
 FIELD_MANAGER = "spotd"
+SERVICE_ACCOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
 AGENT_CONNECTIONS = 100  # at most, to the API server from one agent (make_client(lean=True)): httpx's own limit
 
 
@@ -18,11 +23,43 @@ class KubeConfigError(ValueError):
     """No usable credentials; a start-up error naming the file."""
 
 
-def load_config(kubeconfig: str | None) -> KubeConfig:
+class TokenFileAuth(httpx.Auth):
+    """The ServiceAccount token from its file, read again every minute and after a 401, as client-go does.
+
+    The kubelet rotates a projected token (an hour's validity by default, refreshed at 80 %); lightkube reads
+    it once at start, and an agent or controller that lives past the token's (extended) expiry would be
+    refused everything from then on. A request refused with 401 is sent once more with the file's token:
+    authentication failed before the request did anything. An unreadable file keeps the last token.
+    """
+
+    def __init__(self, path: Path, reread_after: float = 60.0) -> None:
+        self._path = path
+        self._reread_after = reread_after
+        self._token = ""
+        self._read_at = float("-inf")
+
+    def _current(self, fresh: bool = False) -> str:
+        if fresh or time.monotonic() - self._read_at >= self._reread_after:
+            try:
+                self._token = self._path.read_text().strip() or self._token
+            except OSError:
+                pass  # the last token, until the file is back
+            self._read_at = time.monotonic()
+        return self._token
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        request.headers["Authorization"] = f"Bearer {self._current()}"
+        response = yield request
+        if response.status_code == 401:
+            request.headers["Authorization"] = f"Bearer {self._current(fresh=True)}"
+            yield request
+
+
+def load_config(kubeconfig: str | None, service_account: str = SERVICE_ACCOUNT) -> KubeConfig:
     try:
         if kubeconfig:
             return KubeConfig.from_file(kubeconfig)
-        return KubeConfig.from_service_account()
+        return KubeConfig.from_service_account(service_account)
     except (ConfigError, OSError, ValueError, KeyError, TypeError, yaml.YAMLError) as exc:
         where = kubeconfig or "in-cluster service account"
         reason = " ".join(str(exc).split())  # one line, whatever the YAML parser said
@@ -30,15 +67,21 @@ def load_config(kubeconfig: str | None) -> KubeConfig:
 
 
 def make_client(
-    kubeconfig: str | None, timeout: float = 10.0, *, lean: bool = False, connections: int = AGENT_CONNECTIONS
+    kubeconfig: str | None,
+    timeout: float = 10.0,
+    *,
+    lean: bool = False,
+    connections: int = AGENT_CONNECTIONS,
+    service_account: str = SERVICE_ACCOUNT,
 ) -> AsyncClient:
     """One AsyncClient per process; lightkube keeps a connection pool behind it (watches lift the read timeout).
 
     ``lean`` (the agent, on every node): HTTP over spotd.common.transport instead of httpx's own transport,
     which would load httpcore and anyio (about 3 MB resident), with at most ``connections`` at once. The
-    controller, one pod, keeps httpx's.
+    controller, one pod, keeps httpx's. Without a kubeconfig: the in-cluster ServiceAccount in
+    ``service_account``, its token read again as the kubelet rotates it (TokenFileAuth).
     """
-    config = load_config(kubeconfig)
+    config = load_config(kubeconfig, service_account)
     for cluster in config.clusters.values():
         if cluster.server.startswith("http://"):
             # Plain HTTP (kubectl proxy, the fake API server): no TLS, so lightkube need not load a CA
@@ -62,13 +105,16 @@ def make_client(
     else:
         # httpx's own transport, with TCP keepalive on its sockets (quiet watches; see TCP_KEEPALIVE).
         transport = httpx.AsyncHTTPTransport(verify=tls or False, trust_env=False, socket_options=TCP_KEEPALIVE)
-    return AsyncClient(
+    client = AsyncClient(
         config=config,
         field_manager=FIELD_MANAGER,
         timeout=httpx.Timeout(timeout),
         trust_env=False,
         transport=transport,
     )
+    if not kubeconfig:
+        http_of(client).auth = TokenFileAuth(Path(service_account, "token"))
+    return client
 
 
 def http_of(client: AsyncClient) -> httpx.AsyncClient:
