@@ -25,6 +25,7 @@ from lightkube.resources.core_v1 import Pod
 from spotd.drain.metrics import DRAIN_DURATION, DRAINS, EVICTIONS, PODS_LEFT
 from spotd.drain.plan import (
     MIN_GRACE_SECONDS,
+    PodDecision,
     PodFacts,
     PodPolicy,
     PodVerdict,
@@ -147,7 +148,10 @@ class _Drain:
         self.on_overdue = on_overdue
         self.log = log.bind(node=node)
         self.limiter = limiter
-        self.stop = stop
+        # The drain's own stop: the caller's (interrupted), or a pod that came to block the drain midway.
+        self.outer_stop = stop
+        self.stop = asyncio.Event()
+        self.blocked: list[PodDecision] = []
         self.pending: dict[str, PodFacts] = {}  # uid -> pod we still wait to see gone
         self.started: set[str] = set()
         self.evicted: list[str] = []
@@ -201,9 +205,26 @@ class _Drain:
         if not uid or uid in self.started:
             return
         facts = pod_facts(pod)
-        verdict = plan_drain([facts], self.options.policy).decisions[0].verdict
-        if verdict in (PodVerdict.EVICT, PodVerdict.WAIT):  # a terminating pod counts until it is gone
+        decision = plan_drain([facts], self.options.policy).decisions[0]
+        if decision.verdict == PodVerdict.BLOCK:  # arrived during a voluntary drain it forbids
+            self.halt(decision)
+        elif decision.verdict in (PodVerdict.EVICT, PodVerdict.WAIT):  # a terminating pod counts until gone
             self.launch(uid, facts, self.evict(uid, facts))
+
+    def reconsider(self, pod: Pod) -> None:
+        """A pod still to be evicted changed (a watch MODIFIED): one annotated or relabelled so that a
+        voluntary drain must not touch it (karpenter.sh/do-not-disrupt, a Job) stops the drain."""
+        uid = pod.metadata.uid if pod.metadata else None
+        if not uid or uid not in self.pending or uid in self.evicted_uids:
+            return
+        decision = plan_drain([pod_facts(pod)], self.options.policy).decisions[0]
+        if decision.verdict == PodVerdict.BLOCK:
+            self.halt(decision)
+
+    def halt(self, decision: PodDecision) -> None:
+        self.blocked.append(decision)
+        self.log.warning("drain_blocked", pod=decision.pod.ref, reason=decision.reason)
+        self.stop.set()
 
     def launch(self, uid: str, facts: PodFacts, work: Any) -> None:
         self.started.add(uid)
@@ -350,7 +371,9 @@ class _Drain:
                 self.gone(uid)
             elif event == "ADDED":
                 self.consider(pod)
-            elif uid in self.pending and pod.status is not None and pod.status.phase in ("Succeeded", "Failed"):
+            elif event == "MODIFIED":
+                self.reconsider(pod)
+            if uid in self.pending and pod.status is not None and pod.status.phase in ("Succeeded", "Failed"):
                 self.gone(uid)  # finished: nothing runs in it any more, it no longer holds the node up
 
     async def reconcile(self) -> None:
@@ -401,6 +424,7 @@ class _Drain:
             return DrainResult("dry_run", skipped=skipped, reason="dry run")
         self.log.info("drain_started", pods=len(pods), skipped=len(skipped), seconds_left=self.seconds_left())
         watcher = asyncio.get_running_loop().create_task(self.follow(rv))
+        relay = asyncio.get_running_loop().create_task(self._relay_stop())
         try:
             for pod in pods:
                 self.consider(pod)
@@ -416,10 +440,15 @@ class _Drain:
                 # Every pod is gone; an eviction's answer may still trail its pod's DELETED event.
                 await asyncio.wait(list(self.tasks), timeout=2.0)
             watcher.cancel()
+            relay.cancel()
             for task in list(self.tasks):
                 task.cancel()
-            await asyncio.gather(watcher, *self.tasks, return_exceptions=True)
+            await asyncio.gather(watcher, relay, *self.tasks, return_exceptions=True)
         return self.result(time.monotonic() - start, skipped)
+
+    async def _relay_stop(self) -> None:
+        await self.outer_stop.wait()
+        self.stop.set()
 
     async def wait_first_round(self) -> None:
         """Until every eviction launched so far was answered once (or the drain stops)."""
@@ -463,6 +492,14 @@ class _Drain:
 
     def result(self, duration: float, skipped: tuple[str, ...]) -> DrainResult:
         left = tuple(sorted(p.ref for p in self.pending.values()))
+        if self.blocked and left:
+            DRAINS.labels("blocked").inc()
+            DRAIN_DURATION.observe(duration)
+            reason = "; ".join(f"{d.pod.ref}: {d.reason}" for d in self.blocked)
+            blocked = tuple(d.pod.ref for d in self.blocked)
+            return DrainResult(
+                "blocked", evicted=tuple(self.evicted), left=left, skipped=skipped, blocked=blocked, reason=reason
+            )
         if not left:
             outcome = "complete"
         elif self.stop.is_set():
