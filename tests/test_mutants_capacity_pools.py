@@ -8,8 +8,16 @@ from __future__ import annotations
 import itertools
 from datetime import UTC, datetime, timedelta
 
-from spotd.capacity.pools import AVAILABLE, RECOVERING, UNAVAILABLE, PoolBook
-from spotd.capacity.signals import CapacitySignal, CapacityType, Pool, SignalKind
+from spotd.capacity.pools import (
+    AVAILABLE,
+    RECOVERING,
+    UNAVAILABLE,
+    UNKNOWN,
+    PoolBook,
+    spot_group_for,
+    spot_where_known,
+)
+from spotd.capacity.signals import AsgInfo, CapacitySignal, CapacityType, Pool, SignalKind
 
 T0 = datetime(2024, 3, 5, 10, 0, tzinfo=UTC)
 COOLDOWN = timedelta(minutes=30)
@@ -118,3 +126,44 @@ def test_same_history_gives_an_equal_book() -> None:
     assert books[0] != PoolBook().record_all(history[:2])
     assert books[0] != PoolBook()
     assert books[0] != "a book"
+
+
+def test_a_short_pool_is_not_spot_available() -> None:
+    # "short ... until a surge succeeds": the controller reads `available`, the metric reads the state
+    verdict = PoolBook().record_short(M5A, at(0), "replacements on on-demand").spot_available(M5A, at(1), COOLDOWN)
+    assert verdict.available is False and verdict.state == UNAVAILABLE
+
+
+def test_a_ready_surge_keeps_the_probe_back_off() -> None:
+    # docs/controller.md: a failed probe doubles the wait; a ready surge is a Spot launch, but only replacements
+    # that land on Spot show the pool is back: short again after it, the wait doubles once more (4 x QUIET).
+    failed = PoolBook().record(ice(M5A, 0)).record_probe_result(M5A, at(120), landed_on_spot=False)
+    book = failed.record_surge(M5A, at(200), ready=True).record_short(M5A, at(210), "replacements on on-demand")
+    assert not book.probe_due(M5A, at(210 + 479), QUIET)
+    assert book.probe_due(M5A, at(210 + 480), QUIET)
+
+
+SPOT_M5A = AsgInfo("spot-m5", ("m5.large",), ("us-east-1a",), spot=True, on_demand=False)
+
+
+def test_a_spot_group_after_a_non_spot_group_still_covers_the_pool() -> None:
+    on_demand_first = AsgInfo("a-on-demand", ("m5.large",), ("us-east-1a",), spot=False)
+    assert spot_group_for(M5A, [on_demand_first, SPOT_M5A]) == SPOT_M5A
+
+
+def test_which_spot_group_covers_a_pool_zones_and_types() -> None:
+    # docs/capacity.md: its zones hold the pool's zone, its types the pool's type, or it names none
+    any_zone = AsgInfo("spot-any-zone", ("m5.large",), (), spot=True)
+    assert spot_group_for(M5A, [any_zone]) == any_zone
+    assert spot_group_for(Pool("m5.large", "*"), [AsgInfo("b", ("m5.large",), ("us-east-1b",), spot=True)]) is not None
+    assert spot_group_for(M5A, [AsgInfo("spot-c5", ("c5.large",), ("us-east-1a",), spot=True)]) is None
+
+
+def test_spot_where_known_keeps_the_cooldown_and_the_states() -> None:
+    recovering = PoolBook().record_all([ice(M5A, 0), launched(M5A, 10)])
+    during = spot_where_known(recovering, M5A, at(20), COOLDOWN, [SPOT_M5A])
+    assert not during.available and during.state == RECOVERING
+    assert spot_where_known(recovering, M5A, at(31), COOLDOWN, [SPOT_M5A]).available
+    # "Elsewhere the verdict is `unknown`, not available"; covered by a Spot ASG: available
+    assert spot_where_known(PoolBook(), M5A, at(0), COOLDOWN, []).state == UNKNOWN
+    assert spot_where_known(PoolBook(), M5A, at(0), COOLDOWN, [SPOT_M5A]).state == AVAILABLE

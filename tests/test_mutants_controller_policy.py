@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -13,6 +14,7 @@ from spotd.controller.policy import (
     SpotAnswer,
     age_text,
     choose_drains,
+    drain_withdrawn,
     parse_label_selector,
 )
 from spotd.inventory.records import NodeInfo
@@ -93,3 +95,57 @@ def test_a_node_exactly_min_on_demand_age_old_is_no_longer_younger() -> None:
 def test_age_text(seconds: float, text: str) -> None:
     # the age in the drain reason (the Event, the log line, --dry-run)
     assert age_text(seconds) == text
+
+
+ASG_SCOPE = FallbackScope(asg_tag="spotd/fallback")
+
+
+def test_a_node_of_a_fallback_asg_is_a_candidate() -> None:
+    # --fallback-asg-tag: the instance ids of the tagged ASGs put a node in scope
+    n = NodeInfo("n", ON_DEMAND, NOW - timedelta(hours=5), instance_id="i-1")
+    policy = OnDemandPolicy(min_on_demand_age=7200, scope=ASG_SCOPE)
+    (verdict,) = choose_drains([n], {}, 0, available, NOW, policy, fallback_instances={"i-1"})
+    assert verdict.drain, verdict.reason
+
+
+@pytest.mark.parametrize(
+    ("kw", "scope", "reason"),
+    [
+        ({"drain_annotation": " False "}, SCOPE, "annotated spotd.io/drain=false during the drain"),
+        ({"do_not_disrupt": True}, SCOPE, "annotated karpenter.sh/do-not-disrupt=true during the drain"),
+        (
+            {"labels": (("node-pool", "system"),)},
+            SCOPE,
+            "left the fallback scope during the drain: not fallback capacity (not matched by --fallback-selector",
+        ),
+        ({"instance_id": "i-2"}, ASG_SCOPE, "left the fallback scope during the drain: not fallback capacity"),
+        ({}, SCOPE, None),
+        ({"instance_id": "i-1"}, ASG_SCOPE, None),
+    ],
+)
+def test_a_drain_in_flight_is_withdrawn_when_the_node_leaves_the_scope_or_is_opted_out(
+    kw: dict[str, object], scope: FallbackScope, reason: str | None
+) -> None:
+    # docs/controller.md, outcome `withdrawn`
+    found = drain_withdrawn(replace(node("n", 5), **kw), scope, {"i-1"})  # type: ignore[arg-type]
+    if reason is None:
+        assert found is None
+    else:
+        assert found is not None and found.startswith(reason), found
+
+
+def test_an_empty_requirement_between_commas_drops_nothing_after_it() -> None:
+    # the scope fails closed: no requirement may be lost
+    assert parse_label_selector("a=b,,c!=d") == parse_label_selector("a=b,c!=d")
+    assert len(parse_label_selector("a=b,,c!=d")) == 2
+
+
+def test_in_and_notin_without_a_space_before_the_parenthesis() -> None:
+    # as kubectl reads them; a NotIn read for an In would turn the scope inside out
+    assert parse_label_selector("tier in(a,b),x notin(c)") == parse_label_selector("tier in (a,b),x notin (c)")
+
+
+def test_a_value_in_parentheses_is_a_value_error() -> None:
+    # a selector the parser cannot read is a start error (ValueError), not a crash
+    with pytest.raises(ValueError):
+        parse_label_selector("a=(b)")
