@@ -242,6 +242,30 @@ async def test_long_graces_end_before_the_deadline_terminating_pods_included(api
     await eventually(lambda: agent.metric("spotd_drains_total", outcome="complete") == 1, timeout=10)
 
 
+async def test_a_forged_first_sighting_on_the_node_cannot_delay_a_confirmed_spot_itn(
+    apis, imds, agents, tmp_path
+) -> None:
+    # The notice annotation is anyone's who may patch the Node: once IMDS confirms the notice, only what
+    # makes the agent act sooner is kept from it (a first sighting a day ahead delayed the drain past the
+    # real deadline).
+    api, kubeconfig = await cluster(apis, 0.05, tmp_path)
+    api.create(pod_obj("web-0", NODE))
+    time = (datetime.now(UTC) + timedelta(seconds=20)).replace(microsecond=0)
+    imds.set_instance_action("terminate", time)
+    far = (time + timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    forged = {"kind": "spot-itn", "source": "imds", "seen_at": far, "absent_before": far, "action": "terminate"}
+    forged["deadline"] = time.strftime("%Y-%m-%dT%H:%M:%SZ")
+    node = api.get("Node", NODE)
+    assert node is not None
+    node["metadata"].setdefault("annotations", {})["spotd.io/notice"] = json.dumps(forged)
+    api.update(node)
+    agent = run_agent(agents, tmp_path, kubeconfig, imds)
+    await agent.ready()
+    await eventually(lambda: evictions(api), timeout=15)
+    assert datetime.now(UTC) < time
+    assert (api.get("Node", NODE) or {})["spec"].get("unschedulable") is True
+
+
 async def test_a_maintenance_ahead_does_not_hide_a_rebalance_recommendation(apis, imds, agents, tmp_path) -> None:
     api, kubeconfig = await cluster(apis, 0.05, tmp_path)
     api.create(pod_obj("web-0", NODE))

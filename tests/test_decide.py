@@ -284,6 +284,19 @@ def test_a_fresh_spot_itn_already_past_is_due_two_minutes_after_it_was_last_abse
     assert Notice.from_json(n.to_json()) == n  # kept across a restart, in the node's annotation
 
 
+def test_an_asg_termination_rehearsal_never_stands_for_the_real_one() -> None:
+    # One key per instance life for the real notice (its deadline is computed, not given); a rehearsal
+    # names itself, or it would take the real notice's place and be kept after being withdrawn.
+    deadline = {"nodes": "n", "kind": "asg-termination", "deadline": (NOW + timedelta(minutes=14)).isoformat()}
+    rehearsal = parse_rehearsal_request(deadline, "r1", NOW)
+    other = parse_rehearsal_request(deadline, "r2", NOW)
+    real = notice(NoticeKind.ASG_TERMINATION, 120, action="terminate")
+    later = notice(NoticeKind.ASG_TERMINATION, 300, action="terminate")
+    assert real.key == later.key
+    assert len({rehearsal.key, other.key, real.key}) == 3
+    assert plan_release(rehearsal, [real], True, False).release  # withdrawn, though IMDS says Terminated
+
+
 def test_maintenance_is_voluntary_and_rehearsals_never_take_the_deadline_action() -> None:
     started = notice(NoticeKind.SCHEDULED_MAINTENANCE, -600, event_id="open", action="system-reboot")
     response = plan_response(started, default_policies())

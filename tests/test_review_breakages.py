@@ -281,3 +281,36 @@ async def test_a_pod_that_opts_out_mid_drain_stops_a_voluntary_drain(apis, tmp_p
     assert (result.outcome, result.blocked) == ("blocked", (name,))
     assert "do-not-disrupt" in result.reason
     assert not stop.is_set()  # the caller's event is the caller's
+
+
+# The review of that fix: a change missed while the pod watch was down is decided at the re-list, and a
+# blocking pod found after the last evicted pod left still makes the drain "blocked", never "complete".
+async def test_an_opt_out_during_a_pod_watch_outage_still_stops_the_drain(apis, tmp_path) -> None:
+    api = await cluster(apis)
+    api.create(pod_obj("web-0", NODE, labels={"app": "web"}))
+    api.create(pdb_obj("web", min_available=1, app="web"))
+    task = await start_drain(api, tmp_path, soon(60), asyncio.Event(), policy=PodPolicy(voluntary=True))
+    await eventually(lambda: evictions(api, "web-0"), timeout=10)
+    api.inject_fault("GET", r"/api/v1/pods$", 410, delay=1.0, query_regex="watch")  # resume refused: re-list
+    assert api.break_watches("Pod") == 1
+    pod = api.get("Pod", "web-0", "default")
+    assert pod is not None
+    pod["metadata"].setdefault("annotations", {})["karpenter.sh/do-not-disrupt"] = "true"
+    api.update(pod)
+    await asyncio.sleep(2.5)  # the watch is back, from "now": the MODIFIED itself is gone
+    api.delete("PodDisruptionBudget", "web", "default")
+    result = await asyncio.wait_for(task, 30)
+    assert (result.outcome, result.blocked) == ("blocked", ("default/web-0",))
+    assert "web-0" in pods_on_node(api)
+
+
+async def test_a_blocking_pod_found_after_the_last_eviction_is_still_blocked(apis, tmp_path) -> None:
+    api = await cluster(apis)
+    api.create(pod_obj("slow", NODE, grace=50))  # Terminating for 1 s at this scale
+    task = await start_drain(api, tmp_path, soon(60), asyncio.Event(), policy=PodPolicy(voluntary=True))
+    await eventually(lambda: evictions(api, "slow"), timeout=10)
+    api.inject_fault("GET", r"/api/v1/pods$", 410, delay=2.0, query_regex="watch")
+    assert api.break_watches("Pod") == 1
+    api.create(pod_obj("batch", NODE, annotations={"karpenter.sh/do-not-disrupt": "true"}))
+    result = await asyncio.wait_for(task, 30)
+    assert (result.outcome, result.blocked) == ("blocked", ("default/batch",))

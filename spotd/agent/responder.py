@@ -118,8 +118,14 @@ class Responder:
 
     async def _reconcile(self, seen: Sighting, now: datetime) -> None:
         if self.acting is not None:
-            if self.unconfirmed and any(n.key == self.acting.key for n in seen.notices):
+            source = next((n for n in seen.notices if n.key == self.acting.key), None)
+            if self.unconfirmed and source is not None:
                 self.unconfirmed = False
+                # The annotation is anyone's to write: keep from it only what can make us act sooner.
+                seen_at = min(self.acting.seen_at, source.seen_at)
+                before = self.acting.absent_before
+                before = before if before is not None and before <= seen_at else None
+                self.acting = replace(source, seen_at=seen_at, absent_before=before)
                 await self._stop_drain()  # restarted below with the deadline the source now vouches for
             complete = self.acting.kind in seen.complete_for
             verdict = plan_release(self.acting, seen.notices, complete, self.boot_changed, self.unconfirmed)

@@ -242,12 +242,12 @@ async def _drain(deps: DrainDeps, job: DrainJob, reason: str, log: Any) -> tuple
     result = await drain_node(deps.client, job.node, options, deadline, log=log, limiter=deps.limiter, stop=job.stop)
     if result.outcome == "complete":
         return "complete", ""
-    if result.outcome == "blocked":
-        return "blocked", result.reason or ""
     if job.abort == "withdrawn":
         return "withdrawn", job.abort_reason
     if job.abort:
         return job.abort, "a new ICE arrived during the drain"
+    if result.outcome == "blocked":
+        return "blocked", result.reason or ""
     return "timeout", f"not empty after --drain-timeout: {result.reason or ''}"
 
 

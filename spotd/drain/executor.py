@@ -202,7 +202,10 @@ class _Drain:
     def consider(self, pod: Pod) -> None:
         """Start work for a pod we have not seen yet (from the list or a watch ADDED)."""
         uid = pod.metadata.uid if pod.metadata else None
-        if not uid or uid in self.started:
+        if not uid:
+            return
+        if uid in self.started:  # a re-list (RESYNC) or a watch restarted from now: decide it again
+            self.reconsider(pod)
             return
         facts = pod_facts(pod)
         decision = plan_drain([facts], self.options.policy).decisions[0]
@@ -492,7 +495,7 @@ class _Drain:
 
     def result(self, duration: float, skipped: tuple[str, ...]) -> DrainResult:
         left = tuple(sorted(p.ref for p in self.pending.values()))
-        if self.blocked and left:
+        if self.blocked:  # a pod that forbids the drain is on the node, whatever else has left
             DRAINS.labels("blocked").inc()
             DRAIN_DURATION.observe(duration)
             reason = "; ".join(f"{d.pod.ref}: {d.reason}" for d in self.blocked)

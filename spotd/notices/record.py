@@ -58,7 +58,8 @@ class Notice:
         """Stable identity: the same notice polled twice, or by a restarted agent, has the same key."""
         if self.kind is NoticeKind.ASG_TERMINATION:
             # One per instance life; its deadline is computed at first sighting, so it cannot name it.
-            return f"{self.kind}/Terminated"
+            # A rehearsal names itself (event_id rehearsal-<id>): it never stands for the real one.
+            return f"{self.kind}/{self.event_id or 'Terminated'}"
         ident = self.event_id or (format_time(self.deadline) if self.deadline else "")
         return f"{self.kind}/{ident}"
 
