@@ -237,6 +237,18 @@ def production_python() -> str:
     return str(python)
 
 
+def daemonset_env() -> dict[str, str]:
+    """The agent container's literal environment in deploy/daemonset.yaml (PYTHONOPTIMIZE, malloc
+    thresholds), and PYTHONSAFEPATH so that `python -m spotd` runs the installed package, as the image's
+    `spotd` does, not the source tree in the working directory."""
+    import yaml
+
+    manifest = yaml.safe_load((Path(__file__).resolve().parent.parent / "deploy" / "daemonset.yaml").read_text())
+    (container,) = [c for c in manifest["spec"]["template"]["spec"]["containers"] if c["name"] == "agent"]
+    env = {e["name"]: str(e["value"]) for e in container.get("env", []) if "value" in e}
+    return {**env, "PYTHONSAFEPATH": "1"}
+
+
 async def footprint(tmp: Path, idle: float, runs: int, pods: int) -> dict[str, float]:
     """Idle CPU (median of `runs` agents side by side) and RSS, and the peak RSS of an agent draining a node."""
     api = FakeApiServer(termination_scale=0.0)
@@ -245,7 +257,7 @@ async def footprint(tmp: Path, idle: float, runs: int, pods: int) -> dict[str, f
     python = production_python()
     poll, slow = agent_defaults()
     flags = ("--log-level", "info", "--poll-interval", f"{poll}s", "--slow-poll-interval", f"{slow}s")
-    env = {"PYTHONOPTIMIZE": "2"}  # as deploy/daemonset.yaml runs it
+    env = daemonset_env()
     out: dict[str, float] = {}
     try:
         imdss = [FakeImds() for _ in range(runs)]
