@@ -143,8 +143,8 @@ def collect() -> set[AccessRecord]:
 
 
 def stop_collecting(sink: set[AccessRecord]) -> None:
-    if sink in FakeApiServer.access_sinks:
-        FakeApiServer.access_sinks.remove(sink)
+    # By identity: two sets with the same records are equal, and list.remove would take the first.
+    FakeApiServer.access_sinks[:] = [s for s in FakeApiServer.access_sinks if s is not sink]
 
 
 def write_records(records: Iterable[AccessRecord], path: Path) -> Path:

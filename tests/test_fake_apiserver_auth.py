@@ -253,7 +253,9 @@ async def test_access_sinks_collect_across_servers() -> None:
         assert sink == {AccessRecord("kubernetes-admin", "list", "", "nodes", "", "", True)}
         assert quiet.access_log == sink
     finally:
-        FakeApiServer.access_sinks.remove(sink)
+        # By identity: list.remove compares sets by value, and the session's own sink holds exactly this
+        # record when this test runs first (random order), so remove() took the session's sink instead.
+        FakeApiServer.access_sinks[:] = [s for s in FakeApiServer.access_sinks if s is not sink]
         await reporting.stop()
         await quiet.stop()
 
