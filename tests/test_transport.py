@@ -7,6 +7,7 @@ sent again once; a body streamed as it arrives; TLS verified) has a test that fa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import ssl
 import subprocess
@@ -39,6 +40,20 @@ async def _read_request(reader: asyncio.StreamReader) -> bytes:
         if line.lower().startswith(b"content-length:"):
             length = int(line.split(b":", 1)[1])
     return head + (await reader.readexactly(length) if length else b"")
+
+
+@contextlib.asynccontextmanager
+async def _client_of(
+    handler: Handler, transport: H11Transport | None = None, scheme: str = "http"
+) -> AsyncIterator[httpx.AsyncClient]:
+    """An httpx client on `transport` (a fresh H11Transport by default) to a raw server running `handler`."""
+    server, url = await _raw_server(handler)
+    try:
+        base_url = url.replace("http:", f"{scheme}:")
+        async with httpx.AsyncClient(transport=transport or H11Transport(), base_url=base_url) as client:
+            yield client
+    finally:
+        server.close()
 
 
 async def _raw_server(handler: Handler) -> tuple[asyncio.Server, str]:
@@ -112,15 +127,11 @@ async def test_a_stale_kept_connection_is_sent_again_once_on_a_fresh_one() -> No
         await asyncio.sleep(0.05)
         writer.close()
 
-    server, url = await _raw_server(answer_once_then_close)
     transport = H11Transport()
-    try:
-        async with httpx.AsyncClient(transport=transport, base_url=url) as client:
-            assert (await client.get("/a")).text == "ok"
-            await asyncio.sleep(0.3)  # the server's close is seen, or not yet: either way no error
-            assert (await client.post("/b", content=b"{}")).text == "ok"
-    finally:
-        server.close()
+    async with _client_of(answer_once_then_close, transport) as client:
+        assert (await client.get("/a")).text == "ok"
+        await asyncio.sleep(0.3)  # the server's close is seen, or not yet: either way no error
+        assert (await client.post("/b", content=b"{}")).text == "ok"
     assert [r.split(b" ", 2)[:2] for r in requests] == [[b"GET", b"/a"], [b"POST", b"/b"]]
     assert transport.connections_opened == 2
 
@@ -143,14 +154,10 @@ async def test_a_kept_connection_closed_unseen_is_retried_once() -> None:
             return
         await asyncio.sleep(1)
 
-    server, url = await _raw_server(first_conn_closes_on_second_request)
     transport = H11Transport()
-    try:
-        async with httpx.AsyncClient(transport=transport, base_url=url) as client:
-            assert (await client.get("/1")).text == "one"
-            assert (await client.get("/2")).text == "two"
-    finally:
-        server.close()
+    async with _client_of(first_conn_closes_on_second_request, transport) as client:
+        assert (await client.get("/1")).text == "one"
+        assert (await client.get("/2")).text == "two"
     assert transport.connections_opened == 2
 
 
@@ -167,15 +174,11 @@ async def test_a_post_on_a_kept_connection_closed_unseen_is_not_sent_again() -> 
         posts += request.startswith(b"POST")
         writer.close()
 
-    server, url = await _raw_server(act_then_hang_up)
     transport = H11Transport()
-    try:
-        async with httpx.AsyncClient(transport=transport, base_url=url) as client:
-            await client.get("/")
-            with pytest.raises(httpx.RemoteProtocolError):
-                await client.post("/api/v1/namespaces/a/pods/b/eviction", content=b"{}")
-    finally:
-        server.close()
+    async with _client_of(act_then_hang_up, transport) as client:
+        await client.get("/")
+        with pytest.raises(httpx.RemoteProtocolError):
+            await client.post("/api/v1/namespaces/a/pods/b/eviction", content=b"{}")
     assert posts == 1 and transport.connections_opened == 1
 
 
@@ -196,16 +199,12 @@ async def test_an_idle_connection_that_received_anything_is_not_reused(together:
             await writer.drain()
         await asyncio.sleep(5)
 
-    server, url = await _raw_server(answer)
     transport = H11Transport()
-    try:
-        async with httpx.AsyncClient(transport=transport, base_url=url) as client:
-            assert (await client.get("/")).text == "first"
-            await asyncio.sleep(0.3)  # the 408 arrives while the connection is idle
-            second = await client.get("/")
-            assert (second.status_code, second.text) == (200, "second")
-    finally:
-        server.close()
+    async with _client_of(answer, transport) as client:
+        assert (await client.get("/")).text == "first"
+        await asyncio.sleep(0.3)  # the 408 arrives while the connection is idle
+        second = await client.get("/")
+        assert (second.status_code, second.text) == (200, "second")
     assert transport.connections_opened == 2
 
 
@@ -220,13 +219,9 @@ async def test_a_response_cut_short_is_an_error_and_not_sent_again() -> None:
         await writer.drain()
         writer.close()
 
-    server, url = await _raw_server(cut)
-    try:
-        async with httpx.AsyncClient(transport=H11Transport(), base_url=url) as client:
-            with pytest.raises(httpx.RemoteProtocolError):
-                await client.post("/api/v1/namespaces/a/pods/b/eviction", content=b"{}")
-    finally:
-        server.close()
+    async with _client_of(cut) as client:
+        with pytest.raises(httpx.RemoteProtocolError):
+            await client.post("/api/v1/namespaces/a/pods/b/eviction", content=b"{}")
     assert requests == 1
 
 
@@ -236,13 +231,9 @@ async def test_a_reply_that_is_not_http_is_a_protocol_error() -> None:
         writer.write(b"SSH-2.0-OpenSSH\r\n\r\n")
         await writer.drain()
 
-    server, url = await _raw_server(garbage)
-    try:
-        async with httpx.AsyncClient(transport=H11Transport(), base_url=url) as client:
-            with pytest.raises(httpx.RemoteProtocolError):
-                await client.get("/")
-    finally:
-        server.close()
+    async with _client_of(garbage) as client:
+        with pytest.raises(httpx.RemoteProtocolError):
+            await client.get("/")
 
 
 async def test_each_timeout_raises_httpx_own_exception() -> None:
@@ -268,13 +259,9 @@ async def test_a_server_that_closes_during_the_tls_handshake_is_a_connect_error(
         await reader.read(1)  # the ClientHello's first byte
         writer.close()
 
-    server, url = await _raw_server(hang_up)
-    try:
-        async with httpx.AsyncClient(transport=H11Transport(), base_url=url.replace("http:", "https:")) as client:
-            with pytest.raises(httpx.ConnectError):
-                await client.get("/", timeout=5)
-    finally:
-        server.close()
+    async with _client_of(hang_up, scheme="https") as client:
+        with pytest.raises(httpx.ConnectError):
+            await client.get("/", timeout=5)
 
 
 async def test_refused_connection_is_a_connect_error() -> None:
@@ -317,15 +304,11 @@ async def test_an_idle_connection_is_closed_when_it_expires_without_another_requ
         if await reader.read() == b"":  # the client closed its kept connection
             closed.set()
 
-    server, url = await _raw_server(one_answer)
     transport = H11Transport(idle_expiry=0.05)
-    try:
-        async with httpx.AsyncClient(transport=transport, base_url=url) as client:
-            await client.get("/")
-            await asyncio.wait_for(closed.wait(), timeout=10)  # no further request needed
-            await client.get("/")
-    finally:
-        server.close()
+    async with _client_of(one_answer, transport) as client:
+        await client.get("/")
+        await asyncio.wait_for(closed.wait(), timeout=10)  # no further request needed
+        await client.get("/")
     assert transport.connections_opened == 2
 
 

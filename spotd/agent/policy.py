@@ -110,9 +110,9 @@ def safe_deadline(notice: Notice) -> datetime | None:
     if notice.deadline is None:
         return None
     if notice.kind == NoticeKind.SPOT_ITN:
-        fresh = notice.absent_before is not None and notice.action in ("terminate", "stop")
-        if fresh and notice.absent_before is not None and notice.deadline <= notice.seen_at:
-            return min(notice.absent_before, notice.seen_at) + SPOT_ITN_WARNING
+        before = notice.absent_before
+        if before is not None and notice.action in ("terminate", "stop") and notice.deadline <= notice.seen_at:
+            return min(before, notice.seen_at) + SPOT_ITN_WARNING
         return min(notice.deadline, notice.seen_at + SPOT_ITN_WARNING)
     return notice.deadline
 

@@ -302,7 +302,7 @@ class H11Transport(httpx.AsyncBaseTransport):
 
     def _expire(self, conn: _Connection) -> None:
         # Closed when it expires, not at the next request: an idle agent may make none for hours, and each
-        # open TLS connection holds asyncio's read buffer.
+        # open connection holds a socket and its TLS state.
         if conn in self._idle:
             self._forget(conn)
             conn.close()
@@ -318,7 +318,9 @@ class H11Transport(httpx.AsyncBaseTransport):
                 tls = None
                 try:
                     if scheme == b"https":
-                        tls = _Tls(self._ssl or ssl.create_default_context(), host, reader, writer)
+                        if self._ssl is None:  # the system's CAs, loaded once, not per connection
+                            self._ssl = ssl.create_default_context()
+                        tls = _Tls(self._ssl, host, reader, writer)
                         await tls.handshake()  # verifies the server's certificate
                 except BaseException:
                     writer.close()
