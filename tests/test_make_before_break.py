@@ -168,6 +168,48 @@ async def test_spot_short_evicts_nothing_and_records_the_pool_short(api: FakeApi
     assert sorted(p["metadata"]["uid"] for p in pods_on(api, "od-1")) == before
 
 
+def book_when_announced(api: FakeApiServer, holder: dict[str, Any], reasons: set[str]) -> list[tuple[str, Any]]:
+    """The pool's verdict in the controller's book at the instant each announcement is committed to the API
+    server: an Event with one of `reasons`, or a placeholder pod deleted (or marked for deletion)."""
+    seen: list[tuple[str, Any]] = []
+
+    def hook(ch: Any) -> None:
+        ctl = holder.get("ctl")
+        if ctl is None:
+            return
+        meta = ch.obj.get("metadata") or {}
+        if ch.kind == "Event" and ch.obj.get("reason") in reasons:
+            what = str(ch.obj["reason"])
+        elif ch.kind == "Pod" and PLACEHOLDER in (meta.get("labels") or {}):
+            if ch.type != "DELETED" and not meta.get("deletionTimestamp"):
+                return
+            what = "placeholder deleted"
+        else:
+            return
+        seen.append((what, ctl.book.spot_available(POOL, ctl.clock(), timedelta(seconds=60))))
+
+    api.store.hooks.append(hook)
+    return seen
+
+
+async def test_the_failed_surge_is_booked_before_its_event_and_the_placeholders_deletion(
+    api: FakeApiServer, tmp_path: Path
+) -> None:
+    """A reader of SpotdSurgeFailed (an operator, `spotd status`, a test) must not find the pool available."""
+    await cluster(api)
+    holder: dict[str, Any] = {}
+    seen = book_when_announced(api, holder, {"SpotdSurgeFailed"})
+    ctl, task = await start(api, tmp_path, surge_timeout=1.5)
+    holder["ctl"] = ctl
+    try:
+        await eventually(lambda: "SpotdSurgeFailed" in events_for(api, "od-1"), timeout=20)
+        await eventually(lambda: placeholders(api) == [], timeout=5)
+    finally:
+        await stop_in_process(ctl, task)
+    assert {what for what, _ in seen} == {"SpotdSurgeFailed", "placeholder deleted"}, seen
+    assert all(not verdict.available and "short" in verdict.reason for _, verdict in seen), seen
+
+
 async def test_placeholders_on_a_new_spot_node_then_the_drain_and_where_they_landed(
     api: FakeApiServer, tmp_path: Path
 ) -> None:
@@ -202,9 +244,14 @@ async def test_replacements_on_on_demand_mark_the_pool_short_and_no_drain_follow
     await cluster(api)
     api.create(node("system-1", "on-demand", cpu="32"))  # out of scope, the most room: the scheduler's pick
     api.create(node("spot-1", "spot", cpu="2"))  # room for the placeholders, and they can only go there
+    holder: dict[str, Any] = {}
+    seen = book_when_announced(api, holder, {"SpotdDrainNotReturned"})
     ctl, task = await start(api, tmp_path, max_concurrent_drains=1, min_on_demand_age=3600.0)
+    holder["ctl"] = ctl
     try:
         await eventually(lambda: event_messages(api, "od-1", "SpotdDrainNotReturned"), timeout=30)
+        announced = [verdict for what, verdict in seen if what == "SpotdDrainNotReturned"]
+        assert announced and not announced[0].available, seen  # booked short before the Event said so
         message = event_messages(api, "od-1", "SpotdDrainNotReturned")[0]
         assert "system-1 (on-demand)" in message and "marked short" in message, message
         verdict = ctl.book.spot_available(POOL, ctl.clock(), timedelta(seconds=60))

@@ -84,6 +84,16 @@ class DrainOutcome:
 
 
 @dataclass(frozen=True)
+class PoolNews:
+    """What a drain learned of its pool's Spot capacity: how its surge ended (surge_ready, detail), or that
+    its replacements landed on on-demand (short). Booked the moment it is known, before any Event says it."""
+
+    surge_ready: bool | None = None
+    detail: str = ""
+    short: bool = False
+
+
+@dataclass(frozen=True)
 class DrainSettings:
     """The flags a drain reads."""
 
@@ -115,6 +125,7 @@ class DrainDeps:
     """Everything a drain may use. placements(job): capacity types of the nodes where the drained pods'
     replacements run (for the probe); terminate(instance_id): ASG termination (None: not possible);
     leading(): whether we still hold the lease; finished(job, outcome): the controller's bookkeeping;
+    learned(job, news): the pool book, told before the Event that announces the news;
     spot_groups(job): the Spot ASGs that could take the node's pods (cluster-autoscaler's back-off gate);
     capacity_of(node): a node's capacity type as the inventory knows it (None: read the Node)."""
 
@@ -128,6 +139,7 @@ class DrainDeps:
     leading: Callable[[], bool]
     placements: Callable[[DrainJob], list[str]]
     finished: Callable[[DrainJob, DrainOutcome], None]
+    learned: Callable[[DrainJob, PoolNews], None] = lambda _job, _news: None
     terminate: Callable[[str], Awaitable[str]] | None = None
     # the node as just read (raw JSON) -> why it is not fallback capacity (any more), or None
     scope_check: Callable[[dict[str, Any]], str | None] = lambda _node: None
@@ -312,6 +324,7 @@ async def _surge_first(deps: DrainDeps, job: DrainJob, log: Any) -> str | None:
         capacity_of=deps.capacity_of,
         image=settings.placeholder_image,
         poll=settings.poll,
+        decided=lambda ended: deps.learned(job, PoolNews(surge_ready=ended.ready, detail=ended.reason)),
     )
     job.surged = outcome.ready
     if not outcome.ready:
@@ -340,6 +353,7 @@ async def _landing(deps: DrainDeps, job: DrainJob, log: Any) -> bool:
         message = f"Returned to Spot: {landing.reason}; {placed}"
         deps.events.record(job.node, "SpotdDrainReturned", message[:1000])
     elif landing.short:
+        deps.learned(job, PoolNews(short=True))
         message = f"Not returned to Spot, pool {job.pool} marked short: {landing.reason}; {placed}"
         deps.events.record(job.node, "SpotdDrainNotReturned", message[:1000], type="Warning")
     else:

@@ -34,7 +34,7 @@ from spotd.common.metrics import LOOP_ERRORS, REGISTRY
 from spotd.common.parsing import parse_iso_time
 from spotd.controller import surge as surges
 from spotd.controller.config import ControllerConfig, add_arguments, config_from_args
-from spotd.controller.drains import DrainDeps, DrainJob, DrainOutcome, DrainSettings, drain, pool_of, recover
+from spotd.controller.drains import DrainDeps, DrainJob, DrainOutcome, DrainSettings, PoolNews, drain, pool_of, recover
 from spotd.controller.metrics import (
     DECISION_PASS_SECONDS,
     DRAINS_HELD,
@@ -162,6 +162,7 @@ class Controller:
             leading=self.elector.is_leader.is_set,
             placements=self.replacements,
             finished=self.drain_finished,
+            learned=self.pool_news,
             terminate=self._terminate if asgs is not None else None,
             scope_check=self._scope_of_raw,
             spot_groups=self.spot_groups_for,
@@ -381,10 +382,16 @@ class Controller:
         if outcome.landed_on_spot is not None:
             for pool in containing:
                 self.book = self.book.record_probe_result(pool, now, outcome.landed_on_spot)
-        if outcome.surge_ready is not None:  # a surge is the probe: its answer counts for the wider pools too
-            for pool in containing:
-                self.book = self.book.record_surge(pool, now, outcome.surge_ready, outcome.detail)
-        if outcome.short:
+        self.wake.set()
+
+    def pool_news(self, job: DrainJob, news: PoolNews) -> None:
+        """A surge ended, or a drain's replacements landed on on-demand: into the book at once, before the
+        Event that says so (a reader of the Event, or of the placeholders' deletion, finds it booked)."""
+        now = self.clock()
+        if news.surge_ready is not None:  # a surge is the probe: its answer counts for the wider pools too
+            for pool in [p for p in self.book.pools() if p.contains(job.pool)] or [job.pool]:
+                self.book = self.book.record_surge(pool, now, news.surge_ready, news.detail)
+        if news.short:
             self.book = self.book.record_short(job.pool, now, f"replacements of {job.node} landed on on-demand")
         self.wake.set()
 

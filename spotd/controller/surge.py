@@ -178,13 +178,15 @@ async def surge(
     capacity_of: CapacityOf | None = None,
     image: str = PAUSE_IMAGE,
     poll: float = 5.0,
+    decided: Callable[[SurgeOutcome], None] | None = None,
 ) -> SurgeOutcome:
     """Warm Spot capacity for the evictable pods of `node_name` (`pods`: the node's pods, raw JSON).
 
     Creates one placeholder per pod a drain would evict (placeholders.placeholder_pods), polls them every
     `poll` seconds until surge_verdict says ready or failed (`timeout` seconds at most), and deletes them
     in every outcome, cancellation included. The node itself is never touched. An Event on the node says
-    how the surge ended."""
+    how the surge ended; `decided(outcome)` is called first, so that whoever reads that Event, or sees the
+    placeholders gone, finds the outcome already booked."""
     http = http_of(client)
     log = log.bind(node=node_name)
     manifests = placeholder_pods(
@@ -199,7 +201,10 @@ async def surge(
         policy=policy,
     )
     if not manifests:
-        return SurgeOutcome(True, "no pod to make room for")
+        outcome = SurgeOutcome(True, "no pod to make room for")
+        if decided is not None:
+            decided(outcome)
+        return outcome
     started, t0 = clock(), time.monotonic()
     created: list[str] = []
     capacities = _Capacities(http, capacity_label, capacity_of)
@@ -209,7 +214,8 @@ async def surge(
             resp = await http.post(f"/api/v1/namespaces/{namespace}/pods", json=manifest)
             if resp.status_code >= 300:
                 reason = f"placeholder create refused ({resp.status_code}): {_message(resp)}"
-                return _ended(SurgeOutcome(False, reason, placeholders=len(manifests)), node_name, log, events, t0)
+                outcome = SurgeOutcome(False, reason, placeholders=len(manifests))
+                return _ended(outcome, node_name, log, events, t0, decided)
             created.append(resp.json()["metadata"]["name"])
         log.info("surge_started", placeholders=len(created), timeout=timeout)
         selector = f"{PLACEHOLDER_FOR_LABEL}={node_label_value(node_name)}"
@@ -233,7 +239,7 @@ async def surge(
         outcome = SurgeOutcome(
             verdict.state == SurgeState.READY, verdict.reason, nodes_of(states), len(created), time.monotonic() - t0
         )
-        return _ended(outcome, node_name, log, events, t0)
+        return _ended(outcome, node_name, log, events, t0, decided)
     finally:
         if created:
             cleanup = asyncio.ensure_future(_remove(http, namespace, node_name, created, log))
@@ -250,7 +256,16 @@ def _message(resp: httpx.Response) -> str:
         return resp.text[:300]
 
 
-def _ended(outcome: SurgeOutcome, node: str, log: Any, events: EventSink | None, t0: float) -> SurgeOutcome:
+def _ended(
+    outcome: SurgeOutcome,
+    node: str,
+    log: Any,
+    events: EventSink | None,
+    t0: float,
+    decided: Callable[[SurgeOutcome], None] | None,
+) -> SurgeOutcome:
+    if decided is not None:  # booked before anything announces it (the Event, the placeholders' deletion)
+        decided(outcome)
     seconds = time.monotonic() - t0
     SURGES.labels("ready" if outcome.ready else "failed").inc()
     if outcome.ready:
