@@ -471,9 +471,56 @@ async def test_a_node_annotated_to_be_left_alone_mid_drain_is_put_back(api: Fake
         held = node(api, "fallback-1")
         held["metadata"].setdefault("annotations", {})["spotd.io/drain"] = "false"
         api.update(held)
-        await eventually(lambda: not node(api, "fallback-1")["spec"].get("unschedulable"), timeout=15)
-        assert "SpotdDrainStopped" in events_for(api, "fallback-1")
+        await eventually(lambda: "SpotdDrainStopped" in events_for(api, "fallback-1"), timeout=15)
+        assert not node(api, "fallback-1")["spec"].get("unschedulable")  # put back before the Event said so
         assert len(pods_on(api, "fallback-1")) == 2
         assert "spotd.io/drain-retry-after" not in (node(api, "fallback-1")["metadata"].get("annotations") or {})
     finally:
         await stop_in_process(ctl, task)
+
+
+def node_when_announced(api: FakeApiServer, name: str, reasons: set[str]) -> list[tuple[str, dict[str, Any]]]:
+    """The node as the API server holds it at the instant each Event with one of `reasons` on it is committed."""
+    seen: list[tuple[str, dict[str, Any]]] = []
+
+    def hook(ch: Any) -> None:
+        if ch.kind != "Event" or ch.type != "ADDED" or ch.obj.get("reason") not in reasons:
+            return
+        if (ch.obj.get("involvedObject") or {}).get("name") == name:
+            seen.append((str(ch.obj["reason"]), json.loads(json.dumps(node(api, name)))))
+
+    api.store.hooks.append(hook)
+    return seen
+
+
+@pytest.mark.parametrize("outcome", ["complete", "timeout"])
+async def test_the_node_is_marked_before_the_event_that_says_how_its_drain_ended(
+    api: FakeApiServer, tmp_path: Path, outcome: str
+) -> None:
+    """Issue 21: a reader of SpotdDrainComplete finds the node marked drained, and a reader of SpotdDrainStopped
+    finds it put back with its back-off, even when the API server is slow to take the patch (the old code
+    announced first and wrote the node after)."""
+    add_node(api, "fallback-1", "on-demand", OLD)
+    add_node(api, "spot-1", "spot")
+    add_pods(api, "fallback-1", 2)
+    api.create(pdb_obj("web", min_available=2, app="web"))  # holds the drain until the slow patch is in place
+    seen = node_when_announced(api, "fallback-1", {"SpotdDrainComplete", "SpotdDrainStopped"})
+    ctl, task = await run_in_process(api, tmp_path, drain_timeout=4.0 if outcome == "timeout" else 20.0)
+    try:
+        await eventually(lambda: node(api, "fallback-1")["spec"].get("unschedulable"), timeout=20)
+        api.inject_fault("PATCH", r"/api/v1/nodes/fallback-1$", 0, delay=1.0)  # the next node write is slow
+        async with running(replicaset(api, "spot-1")):
+            if outcome == "complete":
+                api.delete("PodDisruptionBudget", "web", "default")
+            await eventually(lambda: seen, timeout=30)
+    finally:
+        await stop_in_process(ctl, task)
+    (reason, at_event), *_ = seen
+    annotations = at_event["metadata"].get("annotations") or {}
+    if outcome == "complete":
+        assert reason == "SpotdDrainComplete", seen
+        assert "spotd.io/drained" in annotations and "spotd.io/draining" not in annotations, at_event
+    else:
+        assert reason == "SpotdDrainStopped", seen
+        assert not at_event["spec"].get("unschedulable"), at_event
+        assert json.loads(annotations["spotd.io/drain-retry-after"])["outcome"] == "timeout", at_event

@@ -375,32 +375,44 @@ async def _finish(deps: DrainDeps, job: DrainJob, result: DrainOutcome, log: Any
         deps.alerter.fire(on_demand_drain_blocked_alert(who, f"{outcome}: {detail}", str(job.pool)))
     else:
         deps.alerter.resolve(ON_DEMAND_DRAIN_BLOCKED, {"node": job.node})
+    # The node is written first, then the log line and the Event say so (also when the write fails or is
+    # cancelled): a reader of the Event finds the node marked drained, or put back with its back-off.
     try:
         if outcome == "complete":
-            log.info("drain_complete", probe=job.probe)
-            deps.events.record(job.node, "SpotdDrainComplete", "Drained; node left to cluster-autoscaler")
             drained = {
                 DRAINING_ANNOTATION: None,
                 DRAIN_RETRY_ANNOTATION: None,
                 DRAINED_ANNOTATION: micro_time(deps.clock()),
             }
-            status = await merge_patch_node_retrying(deps.client, job.node, {"metadata": {"annotations": drained}}, log)
-            if not patched(status):  # the controller remembers it and never puts this node back (recover)
-                LOOP_ERRORS.labels("drained_mark").inc()
-                log.error("drained_mark_failed", status=status)
+            try:
+                status = await merge_patch_node_retrying(
+                    deps.client, job.node, {"metadata": {"annotations": drained}}, log
+                )
+                if not patched(status):  # the controller remembers it and never puts this node back (recover)
+                    LOOP_ERRORS.labels("drained_mark").inc()
+                    log.error("drained_mark_failed", status=status)
+            finally:
+                log.info("drain_complete", probe=job.probe)
+                deps.events.record(job.node, "SpotdDrainComplete", "Drained; node left to cluster-autoscaler")
             if deps.settings.terminate_drained:
                 await _terminate(deps, job, log)
         elif outcome in ("aborted_ice", "withdrawn"):  # Spot ran out again, or the node is no longer ours
-            log.warning("drain_stopped", outcome=outcome, detail=detail)
-            deps.events.record(job.node, "SpotdDrainStopped", f"{outcome}: {detail}"[:1000], type="Warning")
-            if job.cordoned:
-                await uncordon(deps, job.node)
+            try:
+                if job.cordoned:
+                    await uncordon(deps, job.node)
+            finally:
+                log.warning("drain_stopped", outcome=outcome, detail=detail)
+                deps.events.record(job.node, "SpotdDrainStopped", f"{outcome}: {detail}"[:1000], type="Warning")
         else:
             mark = retry_mark(job, outcome, deps.clock(), deps.settings)
-            log.warning("drain_stopped", outcome=outcome, detail=detail, retry_after=mark.after.isoformat())
-            message = f"{outcome}: {detail}; not tried again before {mark.after.isoformat()} (attempt {mark.attempts})"
-            deps.events.record(job.node, "SpotdDrainStopped", message[:1000], type="Warning")
-            await _put_back_with_backoff(deps, job, mark, log)
+            try:
+                await _put_back_with_backoff(deps, job, mark, log)
+            finally:
+                log.warning("drain_stopped", outcome=outcome, detail=detail, retry_after=mark.after.isoformat())
+                message = (
+                    f"{outcome}: {detail}; not tried again before {mark.after.isoformat()} (attempt {mark.attempts})"
+                )
+                deps.events.record(job.node, "SpotdDrainStopped", message[:1000], type="Warning")
     finally:
         CONTROLLER_DRAINS.labels(outcome).inc()
     landed: bool | None = None
