@@ -364,3 +364,29 @@ def test_notice_deadline_only_for_notices_that_end_the_instance(notice: object, 
 
     text = notice if isinstance(notice, str) else json.dumps(notice)
     assert (notice_deadline(text) is not None) is ends
+
+
+def test_instance_index_follows_provider_ids() -> None:
+    inv = make()
+
+    def with_instance(name: str, iid: str) -> dict[str, Any]:
+        obj = node(name)
+        obj["spec"]["providerID"] = f"aws:///eu-west-1a/{iid}"
+        return obj
+
+    inv.apply_node("ADDED", raw(with_instance("a", "i-0000000000000000a")))
+    inv.apply_node("ADDED", raw(with_instance("b", "i-0000000000000000b")))
+    found = inv.node_of_instance("i-0000000000000000a")
+    assert found is not None and found.name == "a"
+    assert inv.node_of_instance("i-0000000000000000c") is None  # another cluster's instance
+    # a node whose providerID changes (re-registered) moves in the index; the old id no longer resolves
+    inv.apply_node("MODIFIED", raw(with_instance("a", "i-0000000000000000c")))
+    assert inv.node_of_instance("i-0000000000000000a") is None
+    assert inv.node_of_instance("i-0000000000000000c").name == "a"  # type: ignore[union-attr]
+    # a deleted node leaves the index; a node of the same instance under another name keeps it
+    inv.apply_node("ADDED", raw(with_instance("b2", "i-0000000000000000b")))
+    inv.apply_node("DELETED", raw(with_instance("b", "i-0000000000000000b")))
+    assert inv.node_of_instance("i-0000000000000000b").name == "b2"  # type: ignore[union-attr]
+    inv.apply_node("DELETED", raw(with_instance("b2", "i-0000000000000000b")))
+    assert inv.node_of_instance("i-0000000000000000b") is None
+    assert inv.by_instance == {"i-0000000000000000c": "a"}

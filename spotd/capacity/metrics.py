@@ -31,7 +31,7 @@ POOL_SPOT_AVAILABLE = Gauge(
 )
 SQS_MESSAGES = Counter(
     "spotd_sqs_messages",
-    "SQS messages by outcome (handled, malformed, ignored, failed).",
+    "SQS messages by outcome (handled, foreign, malformed, ignored, failed).",
     ["outcome"],
     registry=REGISTRY,
 )

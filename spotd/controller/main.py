@@ -54,6 +54,7 @@ from spotd.controller.policy import (
     out_of_service_due,
 )
 from spotd.controller.publish import NO_POOL_ALERTS, Firing, export_metrics, resolve_gone_nodes, update_pool_alerts
+from spotd.controller.witness import Witness
 from spotd.inventory.cache import Inventory, LazyNodePods
 from spotd.inventory.records import NodeInfo, RawNode, node_info
 from spotd.kube.events import EventRecorder, node_event_times
@@ -113,6 +114,7 @@ class Controller:
         self.inventory = Inventory.from_client(
             client, capacity_label=config.capacity_type_label, on_node=lambda _o, _n: self.wake.set()
         )
+        self.witness = Witness(self.inventory.node_of_instance, lambda: self.inventory.synced, self.log)
         self.elector = LeaderElector(
             client,
             config.lease,
@@ -656,7 +658,13 @@ class Controller:
             async with asyncio.TaskGroup() as group:
                 self._group = group
                 if self.sqs is not None:
-                    group.create_task(self.sqs.run(self.on_signals, lambda: self.asgs.asgs if self.asgs else {}))
+                    group.create_task(
+                        self.sqs.run(
+                            self.on_signals,
+                            lambda: self.asgs.asgs if self.asgs else {},
+                            on_instances=self.witness.on_event,
+                        )
+                    )
                 if self.asgs is not None:
                     group.create_task(self.asgs.run(self.on_signals, self.config.activities_interval))
                 group.create_task(self.decision_loop())

@@ -110,3 +110,10 @@ OUT_OF_SERVICE_TAINTS = Counter(
 DRAINS_HELD.labels("pending_pods")
 for _outcome in ("applied", "failed"):
     OUT_OF_SERVICE_TAINTS.labels(_outcome)
+QUEUE_EVENTS = Counter(
+    "spotd_queue_instance_events",
+    "Instance events read from the queue (Spot warning, rebalance, state change, Health, lifecycle action), "
+    "by kind and outcome (matched: a node of this cluster; foreign: no node of this cluster has the instance).",
+    ["kind", "outcome"],
+    registry=REGISTRY,
+)

@@ -76,6 +76,7 @@ class Inventory:
         self.on_node = on_node
         self.nodes: dict[str, NodeInfo] = {}
         self.node_extra: dict[str, NodeExtra] = {}
+        self.by_instance: dict[str, str] = {}  # EC2 instance id (from spec.providerID) -> node name
         self.pods: dict[tuple[str, str], PodRecord] = {}
         self._by_node: dict[str, set[tuple[str, str]]] = {}
         self._unschedulable: set[tuple[str, str]] = set()
@@ -113,6 +114,11 @@ class Inventory:
             if pod is not None and pod.pending is not None:
                 out.append(pod.pending)
         return out
+
+    def node_of_instance(self, instance_id: str) -> NodeInfo | None:
+        """The node whose spec.providerID names this instance, through the index (no scan)."""
+        name = self.by_instance.get(instance_id)
+        return self.nodes.get(name) if name else None
 
     def pods_of(self, node: str) -> list[PodRecord]:
         return [self.pods[k] for k in self._by_node.get(node, ()) if k in self.pods]
@@ -172,6 +178,8 @@ class Inventory:
             raise Malformed("node without metadata.name")
         old = self.nodes.get(name)
         new: NodeInfo | None = None
+        if old is not None and old.instance_id and self.by_instance.get(old.instance_id) == name:
+            del self.by_instance[old.instance_id]
         if kind == "DELETED":
             self.nodes.pop(name, None)
             self.node_extra.pop(name, None)
@@ -179,6 +187,8 @@ class Inventory:
             new = node_info(node, self._capacity_label)
             self.nodes[name] = new
             self.node_extra[name] = node_extra(node)
+            if new.instance_id:
+                self.by_instance[new.instance_id] = name
         if self.on_node is not None and self.nodes_synced.is_set() and not self._relisting and old != new:
             self.on_node(old, new)
         return node.metadata.resourceVersion
@@ -260,15 +270,15 @@ class Inventory:
             saved: tuple[Any, ...] = (self.pods, self._by_node, self._unschedulable, self._summaries)
             self.pods, self._by_node, self._unschedulable, self._summaries = {}, {}, set(), {}
         else:
-            saved = (self.nodes, self.node_extra)
-            self.nodes, self.node_extra = {}, {}
+            saved = (self.nodes, self.node_extra, self.by_instance)
+            self.nodes, self.node_extra, self.by_instance = {}, {}, {}
         return saved
 
     def _restore(self, kind: str, saved: tuple[Any, ...]) -> None:
         if kind == "pod":
             self.pods, self._by_node, self._unschedulable, self._summaries = saved
         else:
-            self.nodes, self.node_extra = saved
+            self.nodes, self.node_extra, self.by_instance = saved
 
     async def _watch(self, kind: str, path: str, version: str) -> str:
         """Follow one watch until the server closes it; returns the last resourceVersion seen."""

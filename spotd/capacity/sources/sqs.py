@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -18,6 +18,8 @@ from spotd.capacity.signals import AsgInfo, MalformedEvent, launch_signal, read_
 from spotd.capacity.sources.aws import AwsApi, InstanceLookup, SignalHandler, enrich_signals, log_signals
 from spotd.common import log as logging
 from spotd.common.metrics import LOOP_ERRORS
+from spotd.notices.queue_events import InstanceEvent, read_instance_event
+from spotd.notices.record import MalformedNotice
 
 
 def _sent_at(message: Mapping[str, Any]) -> datetime | None:
@@ -36,6 +38,9 @@ class SqsMessage:
 
 
 AsgView = Callable[[], Mapping[str, AsgInfo]]
+# An instance event (Spot warning, state change, Health, lifecycle action) -> the message's outcome:
+# "handled" (a node of this cluster), "foreign" (no node of this cluster: another cluster's instance).
+InstanceHandler = Callable[[InstanceEvent], str | Awaitable[str]]
 
 
 class SqsSource:
@@ -100,10 +105,14 @@ class SqsSource:
                     error=failed.get("Message"),
                 )
 
-    async def poll_once(self, on_signals: SignalHandler, asgs: AsgView | None = None) -> int:
+    async def poll_once(
+        self, on_signals: SignalHandler, asgs: AsgView | None = None, on_instances: InstanceHandler | None = None
+    ) -> int:
         """One receive: parse each message, hand its signals over, then delete what was handled.
 
-        Malformed: logged, counted, deleted. Unknown event type: counted as ignored, deleted. A message
+        Instance events go to on_instances (without it they are ignored); its answer is the outcome
+        (handled, foreign). Malformed: logged, counted, deleted. Unknown event type: counted as ignored,
+        deleted. A message
         whose handling raised stays in the queue (visible again after the visibility timeout; a
         redrive policy on the queue ends a poison message). Returns the number of messages received.
         """
@@ -127,7 +136,7 @@ class SqsSource:
         view = asgs() if asgs else {}
         done: list[SqsMessage] = []
         for msg in msgs:
-            outcome = await self._handle(msg, on_signals, view)
+            outcome = await self._handle(msg, on_signals, view, on_instances)
             metrics.SQS_MESSAGES.labels(outcome).inc()
             if outcome != "failed":
                 done.append(msg)
@@ -164,7 +173,20 @@ class SqsSource:
         self.initial_read_done = False
         self.started_at = datetime.now(UTC)
 
-    async def _handle(self, msg: SqsMessage, on_signals: SignalHandler, view: Mapping[str, AsgInfo]) -> str:
+    async def _handle(
+        self,
+        msg: SqsMessage,
+        on_signals: SignalHandler,
+        view: Mapping[str, AsgInfo],
+        on_instances: InstanceHandler | None = None,
+    ) -> str:
+        try:
+            event = read_instance_event(msg.body)
+        except MalformedNotice as exc:
+            self._log.warning("sqs_message_malformed", message_id=msg.message_id, error=str(exc), body=msg.body[:200])
+            return "malformed"
+        if event is not None:
+            return await self._hand_instance_event(msg, event, on_instances)
         try:
             result = read_event(msg.body)
         except MalformedEvent as exc:
@@ -188,11 +210,32 @@ class SqsSource:
         log_signals(self._log, signals)
         return "handled"
 
-    async def run(self, on_signals: SignalHandler, asgs: AsgView | None = None, retry_after: float = 5.0) -> None:
+    async def _hand_instance_event(
+        self, msg: SqsMessage, event: InstanceEvent, on_instances: InstanceHandler | None
+    ) -> str:
+        if on_instances is None:
+            self._log.debug("sqs_message_ignored", message_id=msg.message_id, kind=event.kind)
+            return "ignored"
+        try:
+            outcome = on_instances(event)
+            if inspect.isawaitable(outcome):
+                outcome = await outcome
+        except Exception as exc:
+            self._log.warning("sqs_message_failed", message_id=msg.message_id, kind=event.kind, error=repr(exc))
+            return "failed"
+        return str(outcome)
+
+    async def run(
+        self,
+        on_signals: SignalHandler,
+        asgs: AsgView | None = None,
+        retry_after: float = 5.0,
+        on_instances: InstanceHandler | None = None,
+    ) -> None:
         """poll_once forever; an AWS error is logged and counted, and the loop carries on."""
         while True:
             try:
-                await self.poll_once(on_signals, asgs)
+                await self.poll_once(on_signals, asgs, on_instances)
             except (ClientError, BotoCoreError) as exc:
                 LOOP_ERRORS.labels("sqs").inc()
                 self._log.warning("sqs_receive_failed", error=str(exc))
