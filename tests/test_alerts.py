@@ -349,7 +349,8 @@ async def test_rejected_batches_are_not_retried() -> None:
         alerter = Alerter(config([am.url()], resend_interval=10), log=RecordingLog())
         async with running(alerter):
             alerter.fire(spot_capacity_unavailable_alert("a", "z", "t", "ICE", NOW))
-            await eventually(lambda: am.requests, timeout=5)
+            # counted once the sender has read the answer, a moment after the request reached the server
+            await eventually(lambda: ALERTS_SENT.labels("rejected")._value.get() - before == 1, timeout=5)
             await asyncio.sleep(0.3)
         assert len(am.requests) == 1
         assert ALERTS_SENT.labels("rejected")._value.get() - before == 1

@@ -83,10 +83,12 @@ async def test_without_a_declared_scope_nothing_is_drained_and_it_says_so(api: F
     try:
         ctl.announce_scope()
         await eventually(lambda: ctl.ready, timeout=20)
+        # ready is set before the first decision pass, which exports the sources
+        ready = {"source": "inventory"}
+        await eventually(lambda: REGISTRY.get_sample_value("spotd_source_ready", ready) == 1.0, timeout=10)
         await asyncio.sleep(1.0)
         assert patched_nodes(api) == set()
         assert REGISTRY.get_sample_value("spotd_controller_scope_configured") == 0.0
-        assert REGISTRY.get_sample_value("spotd_source_ready", {"source": "inventory"}) == 1.0
         last_read = REGISTRY.get_sample_value("spotd_source_last_read_timestamp_seconds", {"source": "inventory"})
         assert last_read is not None and last_read >= ctl.term_started > 0
         assert "nothing is drained" in ctl.readiness_detail()
@@ -127,6 +129,7 @@ async def test_a_drain_that_cannot_finish_backs_off_and_the_next_candidate_goes(
     ctl2, task2 = await run_in_process(api, tmp_path, identity="second", **settings)
     try:
         await eventually(lambda: ctl2.ready, timeout=20)
+        await eventually(lambda: "stuck" in ctl2.reasons, timeout=10)  # ready comes before the first pass
         await asyncio.sleep(1.5)
         assert "stuck" not in patched_nodes(api)
         assert ctl2.reasons["stuck"] == "last drain ended in timeout"
@@ -226,7 +229,7 @@ async def test_a_node_past_its_deadline_that_goes_not_ready_gets_the_out_of_serv
         await asyncio.sleep(1.5)  # more passes: once
         assert len([r for r in api.requests if r.method == "PATCH" and r.path.endswith("/nodes/gone")]) == 1
         assert patched_nodes(api) == {"gone"}
-        assert "SpotdOutOfService" in events_for(api, "gone")
+        await eventually(lambda: "SpotdOutOfService" in events_for(api, "gone"), timeout=5)  # sent in the background
     finally:
         await stop_in_process(ctl, task)
 
@@ -279,6 +282,8 @@ async def test_a_leader_that_gets_the_lease_back_reads_every_source_before_decid
         api.update(lease)
         await eventually(lambda: ctl.elector.is_leader.is_set(), timeout=10)
         await eventually(lambda: ctl.ready, timeout=20)
+        # ready comes before the term's first pass; the reason from the first term (drain=false) is still there
+        await eventually(lambda: ctl.reasons.get("fallback-1", "").startswith("no Spot capacity: ICE"), timeout=10)
         await asyncio.sleep(1.0)
         assert "fallback-1" not in patched_nodes(api), f"decided on the previous term's pool book: {ctl.reasons}"
         assert ctl.reasons["fallback-1"].startswith("no Spot capacity: ICE")

@@ -358,9 +358,15 @@ async def test_agent_drains_its_node_on_a_spot_notice(
 
         imds.set_instance_action("terminate", datetime.now(UTC) + timedelta(seconds=120))
         await eventually(lambda: pods_on_node(api) == ["logs-agent"], timeout=30)
-        node = api.get("Node", NODE)
-        assert node is not None and node["spec"]["unschedulable"] is True
-        assert any(t["key"] == "spotd.io/interruption" for t in node["spec"].get("taints", []))
+
+        def tainted_and_cordoned() -> bool:  # written by the agent's node task, not ordered with the evictions
+            node = api.get("Node", NODE) or {"spec": {}}
+            taints = node["spec"].get("taints") or []
+            return node["spec"].get("unschedulable") is True and any(
+                t["key"] == "spotd.io/interruption" for t in taints
+            )
+
+        await eventually(tainted_and_cordoned, timeout=5)
         rss_drained = await agent.rss_mb()
 
         grace = grace_of(ds)

@@ -155,6 +155,7 @@ async def test_spot_short_evicts_nothing_and_records_the_pool_short(api: FakeApi
         await eventually(lambda: placeholders(api) == [], timeout=5)
         verdict = ctl.book.spot_available(POOL, ctl.clock(), timedelta(seconds=60))
         assert not verdict.available and "short" in verdict.reason, verdict
+        await eventually(lambda: "short" in ctl.reasons.get("od-1", ""), timeout=10)  # a pass after the surge
         await asyncio.sleep(1.5)  # more passes: the short pool is not tried again
         assert events_for(api, "od-1").count("SpotdSurgeFailed") == 1
         assert "SpotdDrainStarted" not in events_for(api, "od-1")
@@ -221,7 +222,8 @@ async def test_placeholders_on_a_new_spot_node_then_the_drain_and_where_they_lan
         assert evictions(api) == [] and not api.get("Node", "od-1")["spec"].get("unschedulable")
         api.create(node("spot-1", "spot", cpu="2"))  # cluster-autoscaler's answer to the placeholders
         await eventually(lambda: event_messages(api, "od-1", "SpotdDrainReturned"), timeout=30)
-        assert "SpotdSurgeReady" in events_for(api, "od-1")
+        # each Event is its own request, sent in the background: their order at the API server is not given
+        await eventually(lambda: "SpotdSurgeReady" in events_for(api, "od-1"), timeout=5)
         returned = event_messages(api, "od-1", "SpotdDrainReturned")[0]
         assert returned.count("spot-1 (spot)") == 2, returned
         assert ctl.book.spot_available(POOL, ctl.clock(), timedelta(seconds=60)).available
@@ -256,6 +258,7 @@ async def test_replacements_on_on_demand_mark_the_pool_short_and_no_drain_follow
         assert "system-1 (on-demand)" in message and "marked short" in message, message
         verdict = ctl.book.spot_available(POOL, ctl.clock(), timedelta(seconds=60))
         assert not verdict.available and "waits for a successful surge" in verdict.reason, verdict
+        await eventually(lambda: "short" in ctl.reasons.get("od-2", ""), timeout=10)  # a pass after the landing
         await asyncio.sleep(2.0)  # more passes: od-2, same pool, is not drained nor surged for
         assert "short" in ctl.reasons.get("od-2", ""), ctl.reasons
     finally:

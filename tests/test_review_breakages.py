@@ -297,7 +297,10 @@ async def test_an_opt_out_during_a_pod_watch_outage_still_stops_the_drain(apis, 
     assert pod is not None
     pod["metadata"].setdefault("annotations", {})["karpenter.sh/do-not-disrupt"] = "true"
     api.update(pod)
-    await asyncio.sleep(2.5)  # the watch is back, from "now": the MODIFIED itself is gone
+    # The watch comes back from "now": the MODIFIED itself is gone, only the re-list shows it. The budget still
+    # refuses meanwhile, so an eviction cannot win that race; the old code never stopped (then the budget goes
+    # and the pod is evicted: "complete").
+    await asyncio.wait({task}, timeout=10)
     api.delete("PodDisruptionBudget", "web", "default")
     result = await asyncio.wait_for(task, 30)
     assert (result.outcome, result.blocked) == ("blocked", ("default/web-0",))
