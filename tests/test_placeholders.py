@@ -3,11 +3,16 @@ the surge verdict and the landing verdict."""
 
 from __future__ import annotations
 
+import asyncio
+import random
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 
 from spotd.common.quantity import format_quantity, parse_quantity
 from spotd.controller.landing import PodSeen, landing_verdict, pod_seen, replacements, what_to_follow
@@ -24,8 +29,13 @@ from spotd.controller.placeholders import (
     volume_zones,
 )
 from spotd.drain.plan import PodPolicy
+from spotd.sim import builders
+from spotd.sim.kubeapi.server import FakeApiServer
 
 NOW = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
+GPU = {"nvidia.com/gpu": "1"}
+EFA = {"vpc.amazonaws.com/efa": "1"}
+HUGE = str(4 * 2**20)
 NODE = "ip-10-0-1-10.ec2.internal"
 CT = "eks.amazonaws.com/capacityType"
 
@@ -101,7 +111,12 @@ def c(name: str, cpu: str | None = None, memory: str | None = None, **kw: Any) -
          {"cpu": "2500m"}),
         ({"containers": [c("a", "1")], "overhead": {"cpu": "100m"}}, {"cpu": "1100m"}),
         ({"containers": [c("a")]}, {}),
-        ({"containers": [{"name": "a", "resources": {"requests": {"nvidia.com/gpu": "1"}}}]}, {"nvidia.com/gpu": "1"}),
+        # an extended resource: the API server admits it only with a limit equal to the request
+        ({"containers": [{"name": "a", "resources": {"requests": GPU, "limits": GPU}}]}, GPU),
+        # limits alone: the API server defaulted the requests from them, the scheduler reserves those
+        ({"containers": [{"name": "a", "resources": {"limits": {"cpu": "1", **GPU}}}]}, {"cpu": "1000m", **GPU}),
+        ({"containers": [{"name": "a", "resources": {"requests": {"cpu": "250m"}, "limits": {"cpu": "1"}}}],
+          "initContainers": [{"name": "i", "resources": {"limits": {"cpu": "2"}}}]}, {"cpu": "2000m"}),
     ],
 )  # fmt: skip
 def test_effective_requests(spec: dict[str, Any], expected: dict[str, str]) -> None:
@@ -149,6 +164,28 @@ def test_placeholder_manifest() -> None:
     assert "nodeName" not in spec
     terms = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
     assert terms == [{"matchExpressions": [{"key": CT, "operator": "In", "values": ["SPOT"]}]}]
+
+
+@pytest.mark.parametrize(
+    ("resources", "expected"),
+    [
+        # the API server refuses a request for a resource that cannot be overcommitted without an equal limit
+        ({"requests": {"cpu": "1", **GPU}, "limits": GPU},
+         {"requests": {"cpu": "1000m", **GPU}, "limits": GPU}),
+        ({"limits": {**EFA, "memory": "2Gi"}},
+         {"requests": {"memory": str(2 * 2**30), **EFA}, "limits": EFA}),
+        ({"requests": {"memory": "1Gi", "hugepages-2Mi": "4Mi"}, "limits": {"memory": "1Gi", "hugepages-2Mi": "4Mi"}},
+         {"requests": {"hugepages-2Mi": HUGE, "memory": str(2**30)}, "limits": {"hugepages-2Mi": HUGE}}),
+        # cpu and memory may be overcommitted: a placeholder asks for the requests only (it never uses them)
+        ({"requests": {"cpu": "250m"}, "limits": {"cpu": "2", "memory": "1Gi"}},
+         {"requests": {"cpu": "250m", "memory": str(2**30)}}),
+    ],
+)  # fmt: skip
+def test_placeholder_limits_for_resources_that_cannot_be_overcommitted(
+    resources: dict[str, Any], expected: dict[str, Any]
+) -> None:
+    (ph,) = build([pod(containers=[{"name": "app", "resources": resources}])])
+    assert ph["spec"]["containers"][0]["resources"] == expected
 
 
 def test_spot_requirement_is_anded_into_every_ored_term() -> None:
@@ -364,3 +401,58 @@ def test_placeholder_validates_against_the_kubernetes_schema() -> None:
     (ph,) = build([the_pod], zone_of_claim={("shop", "d"): ["us-east-1a"]})
     for version in ("1.30", kubernetes_validate.latest_version()):
         kubernetes_validate.validate(ph, version, strict=True)
+
+
+# ---- against the API server (the fake, which validates pods as kube-apiserver does) ---------------------------
+
+
+DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+
+
+@pytest.fixture
+async def api() -> AsyncIterator[FakeApiServer]:
+    from spotd.sim.controllers import Controllers
+
+    server = FakeApiServer(termination_scale=0.01)
+    await server.start()
+    server.load_manifests([DEPLOY / "namespace.yaml", DEPLOY / "rbac.yaml", DEPLOY / "placeholder-priorityclass.yaml"])
+    server.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop"}})
+    controllers = Controllers(server, random.Random(7), time_scale=0.01)
+    task = asyncio.get_running_loop().create_task(controllers.run())
+    yield server
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    await server.stop()
+
+
+async def test_a_surge_for_a_gpu_node_is_accepted_and_runs_on_spot(api: FakeApiServer, tmp_path: Path) -> None:
+    """A GPU pod on an on-demand node: its placeholder must pass the API server's validation (a request for
+    nvidia.com/gpu without an equal limit is a 422), or every surge for a GPU node fails at its first create."""
+    from spotd.controller.surge import surge
+    from spotd.kube.client import make_client
+
+    label = builders.KARPENTER_CAPACITY_LABEL
+    gpu_node = {"cpu": "8", "memory": "32Gi", "pods": "110", "nvidia.com/gpu": "1"}
+    api.create(builders.node("od-gpu", builders.ON_DEMAND, capacity_label=label, allocatable=gpu_node))
+    api.create(builders.node("spot-gpu", builders.SPOT, capacity_label=label, allocatable=gpu_node))
+    trainer = builders.pod("trainer", "od-gpu", namespace="shop", requests={"cpu": "2"})
+    trainer["spec"]["containers"][0]["resources"]["limits"] = {"nvidia.com/gpu": "1"}
+    api.create(trainer)  # requests defaulted from the limit by the API server: nvidia.com/gpu 1
+    token = api.service_account_token("spotd", "spotd-controller")
+    client = make_client(str(api.write_kubeconfig(tmp_path / "kubeconfig", token=token)))
+    try:
+        outcome = await surge(
+            client,
+            "od-gpu",
+            [p for p in api.list("Pod") if p["spec"].get("nodeName") == "od-gpu"],
+            namespace="spotd",
+            capacity_label=label,
+            spot_values=["spot"],
+            timeout=20,
+            log=structlog.get_logger(),
+            poll=0.05,
+        )
+    finally:
+        await client.close()
+    assert outcome.ready, outcome.reason
+    assert list(outcome.nodes) == ["spot-gpu"]

@@ -2,7 +2,9 @@
 whether a surge of them is ready, still waiting or failed.
 
 A placeholder is a pause container with a pod's effective requests and node constraints, plus a required
-node affinity to Spot. Nothing here does I/O: surge.py creates, follows and deletes them.
+node affinity to Spot. Resources that cannot be overcommitted (GPUs and other extended resources, hugepages)
+also get a limit equal to the request: the API server refuses a request for one without it. Nothing here does
+I/O: surge.py creates, follows and deletes them.
 
 What a placeholder copies, and why (docs/controller.md, "Make-before-break"):
 - nodeSelector, required node affinity, tolerations, schedulerName: they describe which nodes the pod
@@ -92,8 +94,30 @@ def pods_to_surge(pods: Sequence[Obj], policy: PodPolicy | None = None) -> list[
 
 
 def _requests(container: Obj) -> dict[str, Decimal]:
-    raw = (container.get("resources") or {}).get("requests") or {}
+    """A container's requests as the API server stored them: a resource with a limit and no request gets the
+    limit as its request (SetDefaults_Pod), so a manifest written with limits only reserves them."""
+    resources = container.get("resources") or {}
+    raw = {**(resources.get("limits") or {}), **(resources.get("requests") or {})}
     return {name: parse_quantity(value) for name, value in raw.items()}
+
+
+def overcommit_allowed(resource: str) -> bool:
+    """Whether a request may stay below its limit (the API server's IsOvercommitAllowed): cpu, memory and the
+    other kubernetes.io resources may; extended resources (nvidia.com/gpu, vpc.amazonaws.com/efa: a domain
+    outside kubernetes.io) and hugepages-* may not, and a request for one without an equal limit is a 422."""
+    native = "/" not in resource or "kubernetes.io/" in resource
+    return native and not resource.startswith("hugepages-")
+
+
+def placeholder_resources(pod: Obj) -> Obj:
+    """A placeholder container's resources: the pod's effective requests, and for every resource that cannot
+    be overcommitted a limit equal to its request (without it the API server refuses the placeholder)."""
+    requests = effective_requests(pod)
+    resources: Obj = {"requests": requests}
+    limits = {name: value for name, value in requests.items() if not overcommit_allowed(name)}
+    if limits:
+        resources["limits"] = limits
+    return resources
 
 
 def _add(into: dict[str, Decimal], more: Mapping[str, Decimal]) -> None:
@@ -104,7 +128,8 @@ def _add(into: dict[str, Decimal], more: Mapping[str, Decimal]) -> None:
 def effective_requests(pod: Obj) -> dict[str, str]:
     """What the scheduler reserves for a pod: per resource, the larger of the regular containers' sum (plus
     the sidecars, init containers with restartPolicy Always) and each init container's own request (plus
-    the sidecars started before it); then the pod overhead. Quantities as requests are written."""
+    the sidecars started before it); then the pod overhead. A container's requests are as the API server
+    defaults them (a limit without a request counts as the request). Quantities as requests are written."""
     spec = pod.get("spec") or {}
     total: dict[str, Decimal] = {}
     for container in spec.get("containers") or []:
@@ -227,7 +252,7 @@ def placeholder_pods(
                     "name": "pause",
                     "image": image,
                     "imagePullPolicy": "IfNotPresent",
-                    "resources": {"requests": effective_requests(pod)},
+                    "resources": placeholder_resources(pod),
                     "securityContext": {
                         "allowPrivilegeEscalation": False,
                         "readOnlyRootFilesystem": True,

@@ -11,13 +11,13 @@ from typing import Any
 
 from aiohttp import web
 
-from . import errors, events, patch, protobuf
+from . import errors, events, patch, protobuf, strategy
 from .auth import ADMIN, AdmissionAttributes, UserInfo
 from .codec import clone, dumps, loads
 from .policy import DisruptionController, check_preconditions
 from .resources import BY_PATH, EVENTS_V1_FIELD_ALIASES, Resource, field_labels
 from .selectors import make_matcher, parse_field_selector, parse_label_selector, required_value
-from .store import Matcher, Obj, Store
+from .store import Matcher, Obj, Store, generate_name
 from .tables import to_table, wants_table
 
 JSON = "application/json"
@@ -253,6 +253,15 @@ class ResourceHandlers:
         if t.name is not None:
             meta["name"] = t.name
 
+    @staticmethod
+    def _prepare_create(t: RequestTarget, obj: Obj) -> None:
+        """The registry's BeforeCreate: the generated name, the defaults, validation (422); before the
+        validating admission, which sees the generated name."""
+        generate_name(t.res.kind, obj["metadata"])
+        if t.res.kind == "Pod":
+            strategy.default_pod(obj)
+            strategy.validate_pod(obj)
+
     async def create(self, request: web.Request, t: RequestTarget) -> web.Response:
         if t.res.namespaced and t.namespace is None:
             raise errors.ApiError(405, "the server does not allow this method on the requested resource")
@@ -262,6 +271,7 @@ class ResourceHandlers:
         obj = self.into(t.res, body)
         self._check_identity(t, obj)
         dry_run = request.query.get("dryRun") == "All"
+        self._prepare_create(t, obj)
         self.admit(request, t, "CREATE", obj, None, dry_run=dry_run)
         if dry_run:
             return json_response(self.out(t.res, obj), 201)
@@ -314,6 +324,7 @@ class ResourceHandlers:
             if content_type == patch.APPLY_PATCH and isinstance(body, dict):
                 obj = self.into(t.res, body)
                 self._check_identity(t, obj)
+                self._prepare_create(t, obj)
                 self.admit(request, t, "CREATE", obj, None)
                 return json_response(self.out(t.res, self.store.create(obj)), 201)
             raise errors.not_found(t.res.group, t.res.plural, t.name or "")

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import errors
+from . import errors, strategy
 from .codec import clone, dumps, now_rfc3339
 from .resources import Resource, resource_for_kind
 
@@ -187,8 +187,8 @@ class Store:
 
     def create(self, obj: Obj, *, keep_timestamp: bool = False) -> Obj:
         """Store a new object; fills name (generateName), uid, resourceVersion, creationTimestamp (a given
-        one is kept with `keep_timestamp`), generation and the default namespace. 409 AlreadyExists,
-        422 without a name."""
+        one is kept with `keep_timestamp`), generation and the default namespace, then the API defaults.
+        409 AlreadyExists; 422 without a name, or a pod the API server's validation refuses (strategy.py)."""
         res = resource_for_kind(obj.get("kind", ""))
         obj = clone(obj)
         obj["apiVersion"], obj["kind"] = res.api_version, res.kind
@@ -197,10 +197,10 @@ class Store:
             meta["namespace"] = meta.get("namespace") or "default"
         else:
             meta.pop("namespace", None)
-        if not meta.get("name"):
-            if not meta.get("generateName"):
-                raise errors.invalid(res.kind, "", "metadata.name", "Required value: name or generateName is required")
-            meta["name"] = meta["generateName"] + "".join(random.choices(_NAME_CHARS, k=5))
+        generate_name(res.kind, meta)
+        _apply_defaults(obj)
+        if res.kind == "Pod":  # validation comes before storage: a 422 before a 409
+            strategy.validate_pod(obj)
         ns, name = meta.get("namespace", ""), meta["name"]
         if self.get(res.kind, ns, name) is not None:
             raise errors.already_exists(res.group, res.plural, name)
@@ -208,7 +208,6 @@ class Store:
         if not (keep_timestamp and meta.get("creationTimestamp")):
             meta["creationTimestamp"] = now_rfc3339()
         meta["generation"] = 1
-        _apply_defaults(obj)
         for transient in ("resourceVersion", "deletionTimestamp", "deletionGracePeriodSeconds", "selfLink"):
             meta.pop(transient, None)
         self._commit("ADDED", res, obj, None)
@@ -344,14 +343,19 @@ class Store:
             sub.offer(None)
 
 
+def generate_name(kind: str, meta: Obj) -> None:
+    """metadata.name from generateName and five random characters, as the registry's BeforeCreate; 422
+    without either."""
+    if not meta.get("name"):
+        if not meta.get("generateName"):
+            raise errors.invalid(kind, "", "metadata.name", "Required value: name or generateName is required")
+        meta["name"] = meta["generateName"] + "".join(random.choices(_NAME_CHARS, k=5))
+
+
 def _apply_defaults(obj: Obj) -> None:
-    """The API defaults the rest of the fake relies on (pods' grace period and phase, namespaces' phase)."""
+    """The API defaults the rest of the fake relies on (pods: strategy.default_pod; namespaces' phase)."""
     if obj["kind"] == "Pod":
-        spec = obj.setdefault("spec", {})
-        spec.setdefault("terminationGracePeriodSeconds", 30)
-        spec.setdefault("restartPolicy", "Always")
-        spec.setdefault("schedulerName", "default-scheduler")
-        obj.setdefault("status", {}).setdefault("phase", "Pending")
+        strategy.default_pod(obj)
     elif obj["kind"] == "Namespace":
         obj.setdefault("status", {}).setdefault("phase", "Active")
 
