@@ -36,9 +36,9 @@ from spotd.drain.plan import (
 )
 from spotd.kube.keys import DO_NOT_DISRUPT_ANNOTATION, MIRROR_ANNOTATION, SAFE_TO_EVICT_ANNOTATION
 from spotd.kube.ratelimit import RateLimiter
-from spotd.kube.watch import RESYNC, resilient_watch
 
 _RETRYABLE = frozenset({409, 429, 500, 502, 503, 504})
+_WATCH_MAX_BACKOFF = 5.0  # seconds between lists while the pod watch keeps failing
 
 
 @dataclass(frozen=True)
@@ -166,7 +166,6 @@ class _Drain:
         self.first_round.set()
         self.overdue_reported = False
         self.changed = asyncio.Event()
-        self.watch_broken = False
         self.tasks: set[asyncio.Task[None]] = set()
 
     # -- time --
@@ -204,7 +203,7 @@ class _Drain:
         uid = pod.metadata.uid if pod.metadata else None
         if not uid:
             return
-        if uid in self.started:  # a re-list (RESYNC) or a watch restarted from now: decide it again
+        if uid in self.started:  # a re-list, or a watch replaying from the list's version: decide it again
             self.reconsider(pod)
             return
         facts = pod_facts(pod)
@@ -352,37 +351,60 @@ class _Drain:
             attempt += 1
 
     async def follow(self, resource_version: str | None) -> None:
-        """Watch the node's pods: deletions end the wait, new pods are drained too."""
-        watch = resilient_watch(
-            self.client,
-            Pod,
-            log=self.log,
-            what="pods",
-            resource_version=resource_version,
-            namespace=ALL_NS,
-            fields={"spec.nodeName": self.node},
-        )
-        async for event, pod in watch:
-            if event == RESYNC:  # deletions may have been missed: wait_until lists again
-                self.watch_broken = True
-                self.changed.set()
-                continue
-            uid = pod.metadata.uid if pod.metadata else None
-            if not uid:
-                continue
-            if event == "DELETED":
-                self.gone(uid)
-            elif event == "ADDED":
-                self.consider(pod)
-            elif event == "MODIFIED":
-                self.reconsider(pod)
-            if uid in self.pending and pod.status is not None and pod.status.phase in ("Succeeded", "Failed"):
-                self.gone(uid)  # finished: nothing runs in it any more, it no longer holds the node up
+        """Watch the node's pods from `resource_version` (the first list's): deletions end the wait, new pods
+        are drained too. After any error (a dropped stream whose resume fails, 410 Expired) the pods are listed
+        again and the watch resumes from that list's resourceVersion, so a pod deleted between the list and the
+        new watch still comes as DELETED; a version expired by then (410) is an error too: list again."""
+        version, failures = resource_version, 0
+        while True:
+            try:
+                # lightkube resumes by itself from the last event's version when a stream ends; errors raise.
+                watch = self.client.watch(
+                    Pod,
+                    namespace=ALL_NS,
+                    fields={"spec.nodeName": self.node},
+                    resource_version=version,  # type: ignore[arg-type]  # None: from now (lightkube's default)
+                )
+                async for event, pod in watch:
+                    failures = 0
+                    self.on_event(event, pod)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # connection refused or reset, 410 Expired, a line that does not parse
+                failures += 1
+                self.log.warning("watch_failed", watch="pods", error=repr(exc), failures=failures)
+            version, failures = await self.relist(failures)
 
-    async def reconcile(self) -> None:
-        """After a broken watch, deletions may have been missed: list once and settle."""
-        self.watch_broken = False
-        pods, _ = await self.list_pods()
+    async def relist(self, failures: int) -> tuple[str | None, int]:
+        """List again (after a back-off growing with `failures`) until a list succeeds; its resourceVersion and
+        the failures counted meanwhile."""
+        while True:
+            await asyncio.sleep(min(_WATCH_MAX_BACKOFF, 0.1 * 2**failures))
+            try:
+                return await self.reconcile(), failures
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                failures += 1
+                self.log.warning("relist_failed", error=repr(exc), failures=failures)
+
+    def on_event(self, event: str, pod: Pod) -> None:
+        uid = pod.metadata.uid if pod.metadata else None
+        if not uid:
+            return
+        if event == "DELETED":
+            self.gone(uid)
+        elif event == "ADDED":
+            self.consider(pod)
+        elif event == "MODIFIED":
+            self.reconsider(pod)
+        if uid in self.pending and pod.status is not None and pod.status.phase in ("Succeeded", "Failed"):
+            self.gone(uid)  # finished: nothing runs in it any more, it no longer holds the node up
+
+    async def reconcile(self) -> str | None:
+        """After a broken watch, deletions may have been missed: list once and settle. Returns the list's
+        resourceVersion, from which the next watch resumes."""
+        pods, rv = await self.list_pods()
         present = {
             p.metadata.uid for p in pods if p.metadata and not (p.status and p.status.phase in ("Succeeded", "Failed"))
         }
@@ -391,14 +413,12 @@ class _Drain:
                 self.gone(uid)
         for pod in pods:
             self.consider(pod)
+        return rv
 
     async def wait_until(self, limit: float | None) -> None:
         """Until every pending pod is gone, the drain is stopped, or `limit` seconds (None: no limit)."""
         end = None if limit is None else time.monotonic() + limit
         while self.pending and not self.stop.is_set():
-            if self.watch_broken:
-                await self.reconcile()
-                continue
             timeout = 5.0 if end is None else min(5.0, end - time.monotonic())
             if timeout <= 0:
                 return
