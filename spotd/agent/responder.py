@@ -28,6 +28,8 @@ from spotd.drain.metrics import PODS_LEFT
 from spotd.kube.events import EventRecorder
 from spotd.kube.keys import NOTICE_ANNOTATION, STATE_ANNOTATION
 from spotd.kube.ratelimit import RateLimiter
+from spotd.notices.episodes import IMDS, QUEUE, first_witness
+from spotd.notices.metrics import EPISODE_SIGHTINGS
 from spotd.notices.record import MalformedNotice, Notice, NoticeKind
 
 _PATCH_TRIES = 5
@@ -180,7 +182,8 @@ class Responder:
         if previous is not None:
             NOTICE_ACTIVE.labels(str(previous.kind)).set(0)
         NOTICE_ACTIVE.labels(str(notice.kind)).set(1)
-        self.alerter.fire(spot_interruption_alert(notice, self.node_info()))
+        if self._first_witness(notice):
+            self.alerter.fire(spot_interruption_alert(notice, self.node_info()))
         self.events.record(
             self.nodes.name,
             "SpotInterruptionNotice" if notice.kind == NoticeKind.SPOT_ITN else "NodeNotice",
@@ -192,6 +195,18 @@ class Responder:
         self.acting = notice
         self.anchor = (time.monotonic(), datetime.now(UTC))
         self._apply(response)
+
+    def _first_witness(self, notice: Notice) -> bool:
+        """One episode per kind (spotd.notices.episodes): when the controller recorded this one first from
+        its queue, it raised the alert; the agent still acts (its drain is the one with the deadline)."""
+        if notice.source == "simulation":
+            return True
+        annotations = self.view.annotations if self.view is not None else {}
+        second = first_witness(annotations, str(notice.kind)) == QUEUE
+        EPISODE_SIGHTINGS.labels(str(notice.kind), IMDS, "second" if second else "first").inc()
+        if second:
+            self.log.info("episode_seen_second", kind=str(notice.kind), first=QUEUE)
+        return not second
 
     def _apply(self, response: Response) -> None:
         """Hand the node's new look to the background writer; returns at once."""

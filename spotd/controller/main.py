@@ -114,7 +114,6 @@ class Controller:
         self.inventory = Inventory.from_client(
             client, capacity_label=config.capacity_type_label, on_node=lambda _o, _n: self.wake.set()
         )
-        self.witness = Witness(self.inventory.node_of_instance, lambda: self.inventory.synced, self.log)
         self.elector = LeaderElector(
             client,
             config.lease,
@@ -122,6 +121,16 @@ class Controller:
         )
         LEADER.labels(config.identity).set(0)
         self.events = EventRecorder(client, COMPONENT, config.identity, self.log, dry_run=config.dry_run)
+        self.witness = Witness(
+            self.inventory.node_of_instance,
+            lambda: self.inventory.synced,
+            self.log,
+            client=client,
+            events=self.events,
+            alerter=self.alerter,
+            clock=clock,
+            dry_run=config.dry_run,
+        )
         self.limiter = RateLimiter(config.eviction_qps, max(1, int(config.eviction_qps)))
         self.lifecycles: dict[str, str] = {}  # instance id -> spot | on-demand | unknown, from EC2
         self.unknown_at: dict[str, float] = {}  # instance id -> when EC2 did not know it (monotonic)

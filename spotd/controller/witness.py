@@ -4,16 +4,31 @@ Today only the agent on a node hears that node's notice (IMDS). The queue carrie
 EventBridge (docs/controller.md, "The second witness"); this module turns an InstanceEvent into what it
 means for this cluster. An instance no node of this cluster runs on (spec.providerID, through the
 inventory's index, never a list per message) is another cluster's: acknowledged and counted, not acted on.
+
+One episode per (instance, kind) (spotd.notices.episodes): the first witness, the agent or the queue,
+records it on the Node and raises the alert; the second adds nothing but
+spotd_episode_sightings_total{order="second"}.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
+from spotd.alerts.model import AlertNode, spot_interruption_alert
+from spotd.alerts.sender import Alerter
 from spotd.controller.metrics import QUEUE_EVENTS
 from spotd.inventory.records import NodeInfo
-from spotd.notices.queue_events import InstanceEvent
+from spotd.kube.events import EventRecorder
+from spotd.kube.nodes import merge_patch_node, patched, read_node
+from spotd.notices.episodes import QUEUE, first_witness, queue_episode_patch
+from spotd.notices.metrics import EPISODE_SIGHTINGS
+from spotd.notices.queue_events import ASG_LAUNCH, InstanceEvent
+from spotd.notices.record import Notice, NoticeKind
+
+FIRST, SECOND = "first", "second"
+_NOTICE_KINDS = frozenset(str(k) for k in NoticeKind)
 
 
 class InventoryNotReady(RuntimeError):
@@ -21,15 +36,31 @@ class InventoryNotReady(RuntimeError):
     ours), rather than being acknowledged as foreign."""
 
 
+class EpisodeNotRecorded(RuntimeError):
+    """The Node could not be read or patched: the message goes back to the queue and is tried again."""
+
+
 class Witness:
-    """node_of_instance: the inventory's index; synced: whether the inventory is listed."""
+    """node_of_instance: the inventory's index; synced: whether the inventory is listed; client, events,
+    alerter, clock: to record an episode on its Node and say so."""
 
     def __init__(
-        self, node_of_instance: Callable[[str], NodeInfo | None], synced: Callable[[], bool], log: Any
+        self,
+        node_of_instance: Callable[[str], NodeInfo | None],
+        synced: Callable[[], bool],
+        log: Any,
+        *,
+        client: Any = None,
+        events: EventRecorder | None = None,
+        alerter: Alerter | None = None,
+        clock: Callable[[], datetime] | None = None,
+        dry_run: bool = False,
     ) -> None:
         self.node_of_instance = node_of_instance
         self.synced = synced
         self.log = log
+        self.client, self.events, self.alerter, self.clock = client, events, alerter, clock
+        self.dry_run = dry_run
 
     def nodes_of(self, event: InstanceEvent) -> list[NodeInfo]:
         """This cluster's nodes among the event's instances."""
@@ -63,4 +94,58 @@ class Witness:
                 deadline=event.deadline.isoformat() if event.deadline else None,
                 event_id=event.event_id,
             )
+            if event.kind != ASG_LAUNCH and self.client is not None:
+                await self.record_episode(node, event)
         return "handled"
+
+    async def record_episode(self, node: NodeInfo, event: InstanceEvent) -> str:
+        """Record the episode on the Node unless a witness did: "first" (recorded, alerted) or "second"."""
+        assert self.clock is not None
+        for _ in range(5):  # 409: the node changed since read (the agent writing its notice): read again
+            status, body = await read_node(self.client, node.name)
+            if status != 200:
+                raise EpisodeNotRecorded(f"node {node.name}: read answered {status}")
+            meta = body.get("metadata") or {}
+            annotations = meta.get("annotations") or {}
+            now = self.clock()
+            patch = queue_episode_patch(annotations, str(meta.get("resourceVersion", "")), event, now)
+            if patch is None:
+                EPISODE_SIGHTINGS.labels(event.kind, QUEUE, SECOND).inc()
+                self.log.info(
+                    "episode_seen_second", node=node.name, kind=event.kind, first=first_witness(annotations, event.kind)
+                )
+                return SECOND
+            if self.dry_run:
+                self.log.info("would_record_episode", node=node.name, kind=event.kind, patch=patch)
+                return FIRST
+            status = await merge_patch_node(self.client, node.name, patch)
+            if status == 409:
+                continue
+            if not patched(status):
+                raise EpisodeNotRecorded(f"node {node.name}: patch answered {status}")
+            EPISODE_SIGHTINGS.labels(event.kind, QUEUE, FIRST).inc()
+            self.log.warning("episode_recorded", node=node.name, kind=event.kind, witness=QUEUE)
+            self.announce(node, event, now)
+            return FIRST
+        raise EpisodeNotRecorded(f"node {node.name}: changed under every patch")
+
+    def announce(self, node: NodeInfo, event: InstanceEvent, now: datetime) -> None:
+        """The episode's one alert (the same labels the agent's would carry) and an Event on the node."""
+        if self.events is not None:
+            when = f", deadline {event.deadline:%H:%M:%S}Z" if event.deadline else ""
+            self.events.record(
+                node.name, "SpotdQueueNotice", f"{event.kind} {event.action} from the queue{when}".strip(), "Warning"
+            )
+        if self.alerter is None or event.kind not in _NOTICE_KINDS:
+            return
+        notice = Notice(
+            kind=NoticeKind(event.kind),
+            source=QUEUE,
+            seen_at=now,
+            deadline=event.deadline,
+            action=event.action,
+            event_id=event.event_id,
+            not_after=event.not_after,
+        )
+        where = AlertNode(node.name, node.instance_id, node.zone, node.instance_type)
+        self.alerter.fire(spot_interruption_alert(notice, where))

@@ -27,3 +27,12 @@ IMDS_LAST_SUCCESS = Gauge(
     "Unix time of the last poll cycle in which every IMDS path answered.",
     registry=REGISTRY,
 )
+
+
+EPISODE_SIGHTINGS = Counter(
+    "spotd_episode_sightings",
+    "Sightings of an interruption episode (one per instance and kind), by kind, witness (imds: the agent, "
+    "queue: the controller) and order (first: recorded it on the Node and acted; second: found it recorded).",
+    ["kind", "witness", "order"],
+    registry=REGISTRY,
+)
