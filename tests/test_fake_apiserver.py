@@ -528,8 +528,11 @@ async def test_graceful_delete_timing(api: FakeApiServer) -> None:
 
 
 async def test_eviction_rules(api: FakeApiServer) -> None:
+    # a ReplicaSet's pods: maxUnavailable needs their controller's scale (bare pods would allow nothing)
+    rs = {"apiVersion": "apps/v1", "kind": "ReplicaSet", "metadata": {"name": "web"}, "spec": {"replicas": 3}}
+    rs = api.create(rs)
     for i in range(3):
-        api.create(pod(f"w{i}", labels={"app": "web"}))
+        api.create(pod(f"w{i}", labels={"app": "web"}, owner=rs))
     api.create(pdb("a", {"app": "web"}, maxUnavailable="34%"))  # ceil(34% of 3) = 2
     evict = {"apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": "w0"}}
     url = "/api/v1/namespaces/default/pods/{}/eviction"

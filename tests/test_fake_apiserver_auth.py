@@ -422,7 +422,10 @@ async def test_eviction_checks_a_lagging_budget_status(api: FakeApiServer) -> No
         return {"apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": name}}
 
     status, refused = await http(api, "POST", evict.format("w0"), body=body("w0"))  # no status yet
-    assert status == 429 and refused["details"]["causes"][0]["message"] == "observedGeneration less than generation"
+    assert status == 429  # as eviction.go words it, with a suggested Retry-After of 10 s
+    cause = refused["details"]["causes"][0]["message"]
+    assert cause == "The disruption budget web is still being processed by the server."
+    assert refused["details"]["retryAfterSeconds"] == 10
     await until(lambda: (api.get("PodDisruptionBudget", "web") or {}).get("status", {}).get("disruptionsAllowed") == 1)
     assert (await http(api, "POST", evict.format("w0"), body=body("w0")))[0] == 201
     budget = api.get("PodDisruptionBudget", "web")

@@ -83,3 +83,144 @@ async def test_requests_are_defaulted_from_limits_and_a_gpu_limit_alone_is_accep
     assert resources["requests"] == {"cpu": "500m", "nvidia.com/gpu": "1"}  # cpu's own request is kept
     both = {"nvidia.com/gpu": "2"}
     assert (await http(api, "POST", PODS, with_resources("q", limits=both, requests=both)))[0] == 201
+
+
+# ---- the disruption controller (pkg/controller/disruption/disruption.go) ----------------------------------
+
+
+def owned_by(api: FakeApiServer, kind: str, name: str, api_version: str = "apps/v1", **spec: Any) -> dict[str, Any]:
+    """A stored controller object; kinds the fake does not serve (Job, custom resources) get a made-up uid."""
+    try:
+        return api.create({"apiVersion": api_version, "kind": kind, "metadata": {"name": name}, "spec": spec})
+    except KeyError:
+        return {"apiVersion": api_version, "kind": kind, "metadata": {"name": name, "uid": f"uid-{kind}-{name}"}}
+
+
+def owned_pod(name: str, owner: dict[str, Any] | None, labels: dict[str, str] | None = None) -> dict[str, Any]:
+    obj = pod(name, labels=labels or {"app": "web"}, owner=owner)
+    if owner is not None:
+        obj["metadata"]["ownerReferences"][0]["apiVersion"] = owner["apiVersion"]
+    return obj
+
+
+def budget(api: FakeApiServer, name: str) -> dict[str, Any]:
+    found = api.get("PodDisruptionBudget", name)
+    assert found is not None
+    return found["status"]
+
+
+EVICT = "/api/v1/namespaces/default/pods/{}/eviction"
+
+
+async def evict(api: FakeApiServer, name: str) -> tuple[int, Any]:
+    body = {"apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": name}}
+    status, answer, _ = await http(api, "POST", EVICT.format(name), body)
+    return status, answer
+
+
+async def test_bare_pods_under_max_unavailable_allow_no_disruption(api: FakeApiServer) -> None:
+    """getExpectedScale leaves pods without a controller out: expectedPods 0, so disruptionsAllowed 0."""
+    for i in range(3):
+        api.create(owned_pod(f"w{i}", None))
+    api.create({**pdb_obj("a", maxUnavailable=1)})
+    status = budget(api, "a")
+    assert (status["expectedPods"], status["currentHealthy"], status["disruptionsAllowed"]) == (0, 3, 0)
+    assert status["conditions"][0]["reason"] == "InsufficientPods"
+    code, body = await evict(api, "w0")
+    assert code == 429 and body["details"]["causes"][0]["reason"] == "DisruptionBudget"
+    # a percentage minAvailable is computed the same way
+    api.delete("PodDisruptionBudget", "a")
+    api.create(pdb_obj("b", minAvailable="50%"))
+    assert budget(api, "b")["disruptionsAllowed"] == 0
+    assert (await evict(api, "w0"))[0] == 429
+
+
+async def test_an_integer_min_available_counts_bare_pods(api: FakeApiServer) -> None:
+    """minAvailable as an integer needs no controller: expectedPods is the number of pods."""
+    for i in range(3):
+        api.create(owned_pod(f"w{i}", None))
+    api.create(pdb_obj("a", minAvailable=2))
+    status = budget(api, "a")
+    assert (status["expectedPods"], status["desiredHealthy"], status["disruptionsAllowed"]) == (3, 2, 1)
+    assert (await evict(api, "w0"))[0] == 201
+    assert (await evict(api, "w1"))[0] == 429
+
+
+@pytest.mark.parametrize(
+    ("kind", "api_version", "error"),
+    [
+        ("Job", "batch/v1", "jobs.batch does not implement the scale subresource"),
+        ("DaemonSet", "apps/v1", "daemonsets.apps does not implement the scale subresource"),
+        ("Rollout", "argoproj.io/v1alpha1", "rollouts.argoproj.io does not implement the scale subresource"),
+    ],
+)
+async def test_pods_of_a_controller_without_scale_fail_the_budget_safe(
+    api: FakeApiServer, kind: str, api_version: str, error: str
+) -> None:
+    """The controller's failSafe: disruptionsAllowed 0, DisruptionAllowed False with reason SyncFailed; a budget
+    never computed keeps observedGeneration 0, so an eviction is told it is still being processed."""
+    owner = owned_by(api, kind, "batch-1", api_version)
+    for i in range(2):
+        api.create(owned_pod(f"j{i}", owner))
+    api.create(pdb_obj("a", maxUnavailable="50%"))
+    status = budget(api, "a")
+    assert status["disruptionsAllowed"] == 0 and status.get("observedGeneration", 0) == 0
+    (condition,) = status["conditions"]
+    assert (condition["status"], condition["reason"], condition["message"]) == ("False", "SyncFailed", error)
+    code, body = await evict(api, "j0")
+    assert code == 429
+    assert "is still being processed by the server" in body["details"]["causes"][0]["message"]
+    # an integer minAvailable needs no scale: the same pods are budgeted
+    api.delete("PodDisruptionBudget", "a")
+    api.create(pdb_obj("b", minAvailable=1))
+    assert budget(api, "b")["disruptionsAllowed"] == 1
+
+
+async def test_a_controller_gone_or_replaced_fails_the_budget_safe(api: FakeApiServer) -> None:
+    rs = owned_by(api, "ReplicaSet", "web", replicas=2)
+    for i in range(2):
+        api.create(owned_pod(f"w{i}", rs))
+    api.create(pdb_obj("a", maxUnavailable=1))
+    assert budget(api, "a")["disruptionsAllowed"] == 1
+    api.delete("ReplicaSet", "web")
+    api.create({"apiVersion": "apps/v1", "kind": "ReplicaSet", "metadata": {"name": "web"}, "spec": {"replicas": 2}})
+    status = budget(api, "a")  # same name, another uid: not these pods' controller
+    assert status["disruptionsAllowed"] == 0
+    assert status["conditions"][0]["message"] == 'found no controllers for pod "w0"'
+    assert status["observedGeneration"] == 1  # the last computed status is kept
+
+
+async def test_a_deployments_pods_count_its_replicas_and_bare_ones_are_left_out(api: FakeApiServer) -> None:
+    deployment = owned_by(api, "Deployment", "web", replicas=4)
+    rs = api.create({"apiVersion": "apps/v1", "kind": "ReplicaSet",
+                     "metadata": {"name": "web-1", "ownerReferences": [{"apiVersion": "apps/v1", "kind": "Deployment",
+                     "name": "web", "uid": deployment["metadata"]["uid"], "controller": True}]},
+                     "spec": {"replicas": 2}})  # fmt: skip
+    for i in range(3):
+        api.create(owned_pod(f"w{i}", rs))
+    api.create(owned_pod("stray", None))
+    api.create(pdb_obj("a", maxUnavailable="25%"))  # of the Deployment's 4: 1
+    status = budget(api, "a")
+    assert (status["expectedPods"], status["desiredHealthy"], status["currentHealthy"]) == (4, 3, 4)
+    assert status["disruptionsAllowed"] == 1
+
+
+def test_a_budget_with_neither_field_allows_nothing() -> None:
+    from spotd.sim.kubeapi.policy import DisruptionController
+    from spotd.sim.kubeapi.store import Store
+
+    store = Store()
+    store.create(owned_pod("w0", None))
+    controller = DisruptionController(store)
+    store.create(pdb_obj("a"))
+    status = controller.compute_status(store.get("PodDisruptionBudget", "default", "a") or {})
+    assert (status["expectedPods"], status["currentHealthy"], status["disruptionsAllowed"]) == (0, 1, 0)
+
+
+def pdb_obj(name: str, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {"selector": {"matchLabels": {"app": "web"}}, **spec},
+    }

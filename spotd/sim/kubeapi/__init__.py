@@ -44,8 +44,11 @@ What it does not do (know this before trusting a green test):
   after the change, coalescing the changes in between; a new PDB has no status until then, so evictions
   against it get 429 as on a real cluster. Evictions check the status and decrement disruptionsAllowed,
   recording the pod in disruptedPods (counted unhealthy until it terminates or 2 minutes pass);
-- PDB expected pods: the scale of the pods' controllers (ReplicaSet, Deployment, StatefulSet) when found in
-  the store, else one per pod (the real controller reports an error for pods without a scalable owner);
+- PDB expected pods as the disruption controller computes them: an integer minAvailable counts the pods;
+  maxUnavailable and a percentage minAvailable sum the scales of the pods' controllers (ReplicaSet,
+  Deployment, StatefulSet, matched by uid), leave pods without a controller out (all bare: 0 expected, no
+  disruption allowed), and fail safe (disruptionsAllowed 0, condition reason SyncFailed) for a controller
+  without /scale (Job, DaemonSet, any custom resource) or one that is gone; no UnmanagedPods Events;
 - protobuf request bodies (kubectl's typed clients) are decoded for DeleteOptions, Namespace and
   SelfSubjectAccessReview only, other kinds get 415; responses are always JSON;
 - load_manifests renders a kustomization's resources, namespace, labels and images only, and skips kinds

@@ -18,7 +18,10 @@ from .store import Change, Key, Obj, Store
 STOP_SECONDS_ANNOTATION = "sim.spotd.io/stop-seconds"
 DEFAULT_GRACE_SECONDS = 30
 _SCALED_KINDS = ("ReplicaSet", "Deployment", "StatefulSet", "ReplicationController")
+# built-in controllers whose pods a budget may select but that have no /scale: the disruption controller's error
+_UNSCALED_KINDS = {"Job": "jobs.batch", "DaemonSet": "daemonsets.apps", "CronJob": "cronjobs.batch"}
 DELETION_TIMEOUT_SECONDS = 120  # an evicted pod not deleted by then counts as healthy again
+MAX_DISRUPTED_PODS = 2000  # eviction.go's MaxDisruptedPodSize: past it, evictions are refused (403)
 
 
 def is_terminating(pod: Obj) -> bool:
@@ -47,11 +50,54 @@ def _scaled(value: Any, total: int) -> int:
     return int(value)
 
 
-def _controller_of(pod: Obj) -> tuple[str, str] | None:
-    for ref in pod["metadata"].get("ownerReferences") or []:
+def _controller_ref(obj: Obj) -> Obj | None:
+    """metav1.GetControllerOf: the owner reference marked controller."""
+    for ref in obj["metadata"].get("ownerReferences") or []:
         if ref.get("controller"):
-            return ref.get("kind", ""), ref.get("name", "")
+            return dict(ref)
     return None
+
+
+def _replicas(owner: Obj) -> int:
+    replicas = (owner.get("spec") or {}).get("replicas")
+    return 1 if replicas is None else int(replicas)  # the API default
+
+
+class _SyncFailed(Exception):
+    """The disruption controller could not compute a budget's expected pods."""
+
+
+def _set_condition(conditions: list[Obj] | None, wanted: Obj) -> list[Obj]:
+    """apimeta.SetStatusCondition: replace the condition of that type, keeping its lastTransitionTime unless
+    the status changes; the others are kept."""
+    out, found = [], False
+    for c in conditions or []:
+        if c.get("type") != wanted["type"]:
+            out.append(c)
+            continue
+        found = True
+        same = c.get("status") == wanted["status"] and c.get("lastTransitionTime")
+        out.append({**wanted, "lastTransitionTime": c["lastTransitionTime"] if same else now_rfc3339()})
+    if not found:
+        out.append({**wanted, "lastTransitionTime": now_rfc3339()})
+    return out
+
+
+def _fail_safe(pdb: Obj, error: str) -> dict[str, Any]:
+    """The disruption controller's failSafe: the status as it was, no disruption allowed, and the condition
+    False with reason SyncFailed (its observedGeneration unchanged: a budget never computed keeps 0, which the
+    eviction subresource answers with 429 "still being processed")."""
+    status = dict(pdb.get("status") or {})
+    status["disruptionsAllowed"] = 0
+    condition = {
+        "type": "DisruptionAllowed",
+        "status": "False",
+        "reason": "SyncFailed",
+        "message": error,
+        "observedGeneration": status.get("observedGeneration", 0),
+    }
+    status["conditions"] = _set_condition(status.get("conditions"), condition)
+    return status
 
 
 class DisruptionController:
@@ -121,10 +167,13 @@ class DisruptionController:
                 self.store.update({**pdb, "status": status}, check_version=False)
 
     def compute_status(self, pdb: Obj) -> dict[str, Any]:
-        """currentHealthy, desiredHealthy, expectedPods and disruptionsAllowed as the disruption controller
-        computes them; a pod without a scalable controller counts as one expected pod (the real
-        controller reports an error instead)."""
-        ns, spec = pdb["metadata"]["namespace"], pdb.get("spec", {})
+        """The status the disruption controller writes (pkg/controller/disruption, trySync): currentHealthy,
+        desiredHealthy, expectedPods, disruptionsAllowed (0 whenever expectedPods is 0) and the
+        DisruptionAllowed condition. When the expected count cannot be computed (maxUnavailable or a
+        percentage minAvailable over a pod whose controller has no scale: a Job, a DaemonSet, a custom
+        resource, a controller that is gone), its failSafe instead: the last status with no disruption allowed
+        and the condition False, reason SyncFailed, naming the error."""
+        ns, spec = pdb["metadata"]["namespace"], pdb.get("spec") or {}
         sel = _selector(pdb)
         pods = (
             []
@@ -133,30 +182,31 @@ class DisruptionController:
         )
         disrupted = self._still_disrupted(pdb, pods)
         healthy = sum(1 for p in pods if is_healthy(p) and p["metadata"]["name"] not in disrupted)
-        if spec.get("maxUnavailable") is not None:
-            expected = self._expected_scale(ns, pods)
-            desired = max(0, expected - _scaled(spec["maxUnavailable"], expected))
-        elif spec.get("minAvailable") is not None:
-            min_available = spec["minAvailable"]
-            if isinstance(min_available, str) and min_available.endswith("%"):
+        min_available, max_unavailable = spec.get("minAvailable"), spec.get("maxUnavailable")
+        try:
+            if max_unavailable is not None:
+                expected = self._expected_scale(ns, pods)
+                desired = max(0, expected - _scaled(max_unavailable, expected))
+            elif isinstance(min_available, int):
+                expected, desired = len(pods), min_available  # an integer needs no controller: every pod counts
+            elif min_available is not None:
                 expected = self._expected_scale(ns, pods)
                 desired = _scaled(min_available, expected)
             else:
-                expected, desired = len(pods), int(min_available)
-        else:
-            expected, desired = len(pods), 0
-        allowed = max(0, healthy - desired)
+                expected, desired = 0, 0  # neither: nothing expected, so nothing allowed
+        except _SyncFailed as exc:
+            return _fail_safe(pdb, str(exc))
+        allowed = healthy - desired
+        if expected <= 0 or allowed <= 0:
+            allowed = 0
         generation = pdb["metadata"].get("generation", 1)
-        old_conditions = {c.get("type"): c for c in pdb.get("status", {}).get("conditions") or []}
-        state = "True" if allowed > 0 else "False"
-        old = old_conditions.get("DisruptionAllowed", {})
+        sufficient = allowed > 0
         condition = {
             "type": "DisruptionAllowed",
-            "status": state,
-            "reason": "SufficientPods" if allowed > 0 else "InsufficientPods",
+            "status": "True" if sufficient else "False",
+            "reason": "SufficientPods" if sufficient else "InsufficientPods",
             "message": "",
             "observedGeneration": generation,
-            "lastTransitionTime": old.get("lastTransitionTime") if old.get("status") == state else now_rfc3339(),
         }
         status: dict[str, Any] = {
             "observedGeneration": generation,
@@ -164,7 +214,7 @@ class DisruptionController:
             "currentHealthy": healthy,
             "desiredHealthy": desired,
             "expectedPods": expected,
-            "conditions": [condition],
+            "conditions": _set_condition((pdb.get("status") or {}).get("conditions"), condition),
         }
         if disrupted:
             status["disruptedPods"] = disrupted
@@ -189,31 +239,39 @@ class DisruptionController:
         return kept
 
     def _expected_scale(self, ns: str, pods: list[Obj]) -> int:
-        controllers: dict[tuple[str, str], int] = {}
-        loose = 0
+        """getExpectedScale: the sum of the scales of the pods' controllers. A pod without a controller
+        reference is left out (the real controller records an UnmanagedPods warning); one whose controller
+        has no scale, or cannot be found, fails the computation (_SyncFailed)."""
+        scales: dict[str, int] = {}  # by controller uid
         for pod in pods:
-            ref = _controller_of(pod)
-            scale = self._scale_of(ns, ref) if ref else None
-            if ref is None or scale is None:
-                loose += 1
-            else:
-                controllers[ref] = scale
-        return loose + sum(controllers.values())
+            ref = _controller_ref(pod)
+            if ref is None or ref.get("uid") in scales:
+                continue
+            found = self._scale_of(ns, ref)
+            if found is None:
+                raise _SyncFailed(f'found no controllers for pod "{pod["metadata"]["name"]}"')
+            scales[found[0]] = found[1]
+        return sum(scales.values())
 
-    def _scale_of(self, ns: str, ref: tuple[str, str]) -> int | None:
-        kind, name = ref
+    def _scale_of(self, ns: str, ref: Obj) -> tuple[str, int] | None:
+        """(uid, replicas) of the controller a pod's reference names, as the disruption controller's finders
+        look it up (ReplicationController, a ReplicaSet's Deployment, a ReplicaSet, a StatefulSet, then the
+        /scale subresource); None when none is found; _SyncFailed when the kind has no scale."""
+        kind, name, uid = ref.get("kind", ""), ref.get("name", ""), ref.get("uid")
+        group = str(ref.get("apiVersion", "")).rpartition("/")[0]
         if kind not in _SCALED_KINDS:
-            return None
+            plural = _UNSCALED_KINDS.get(kind) or f"{kind.lower()}s.{group}".rstrip(".")
+            raise _SyncFailed(f"{plural} does not implement the scale subresource")
         owner = self.store.get(kind, ns, name)
-        if owner is None:
-            return None
+        if owner is None or owner["metadata"].get("uid") != uid:
+            return None  # not found, or a new object under the same name: not this pod's controller
         if kind == "ReplicaSet":  # a Deployment's ReplicaSet scales with the Deployment
-            parent = _controller_of(owner)
-            if parent and parent[0] == "Deployment":
-                scale = self._scale_of(ns, parent)
-                if scale is not None:
-                    return scale
-        return int(owner.get("spec", {}).get("replicas", 1))
+            parent = _controller_ref(owner)
+            if parent is not None and parent.get("kind") == "Deployment":
+                deployment = self.store.get("Deployment", ns, parent.get("name", ""))
+                if deployment is not None and deployment["metadata"].get("uid") == parent.get("uid"):
+                    return str(deployment["metadata"]["uid"]), _replicas(deployment)
+        return str(uid), _replicas(owner)
 
     def matching_pdbs(self, pod: Obj) -> list[Obj]:
         labels = pod["metadata"].get("labels")
@@ -221,7 +279,8 @@ class DisruptionController:
         found = []
         for pdb in self.store.iter_objects("PodDisruptionBudget", ns):
             sel = _selector(pdb)
-            if sel is not None and labels_match(sel, labels):
+            # a null or empty selector matches nothing here (the disruption controller counts every pod for {})
+            if sel and labels_match(sel, labels):
                 found.append(pdb)
         return found
 
@@ -326,10 +385,13 @@ class DisruptionController:
         if not is_healthy(pod) and (policy == "AlwaysAllow" or (healthy >= desired and desired > 0)):
             return
         if status.get("observedGeneration", 0) < pdb["metadata"].get("generation", 1):
-            raise _too_many(pdb, "observedGeneration less than generation")
+            name = pdb["metadata"]["name"]
+            raise _too_many(pdb, f"The disruption budget {name} is still being processed by the server.", 10)
         allowed = status.get("disruptionsAllowed", 0)
         if allowed < 0:
-            raise errors.ApiError(403, "pdb disruptions allowed is negative")
+            raise _pdb_forbidden(pdb, "pdb disruptions allowed is negative")
+        if len(status.get("disruptedPods") or {}) > MAX_DISRUPTED_PODS:
+            raise _pdb_forbidden(pdb, "DisruptedPods map too big - too many evictions not confirmed by PDB controller")
         if allowed == 0:
             name = pdb["metadata"]["name"]
             raise _too_many(
@@ -352,12 +414,23 @@ class DisruptionController:
         self.store.update({**pdb, "status": new_status}, check_version=False)
 
 
-def _too_many(pdb: Obj, cause: str) -> errors.ApiError:
+def _too_many(pdb: Obj, cause: str, retry_after: int = 0) -> errors.ApiError:
+    """errors.NewTooManyRequests with the DisruptionBudget cause (a Retry-After only when one is suggested)."""
+    details: dict[str, Any] = {"causes": [{"reason": "DisruptionBudget", "message": cause}]}
+    if retry_after:
+        details["retryAfterSeconds"] = retry_after
     return errors.ApiError(
         429,
         "Cannot evict pod as it would violate the pod's disruption budget.",
-        details={"causes": [{"reason": "DisruptionBudget", "message": cause}]},
+        details=details,
+        retry_after=retry_after or None,
     )
+
+
+def _pdb_forbidden(pdb: Obj, why: str) -> errors.ApiError:
+    name = pdb["metadata"]["name"]
+    details = {"name": name, "group": "policy", "kind": "poddisruptionbudget"}
+    return errors.ApiError(403, f'poddisruptionbudget.policy "{name}" is forbidden: {why}', details=details)
 
 
 def check_preconditions(obj: Obj, options: dict[str, Any], plural: str, group: str = "") -> None:
