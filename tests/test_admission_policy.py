@@ -1,8 +1,10 @@
-"""deploy/admission-policy.yaml, evaluated by a real CEL runtime over the requests the API server would see.
+"""deploy/admission-policy.yaml and the pod DELETE policy of deploy/optional/agent-deadline-delete.yaml,
+evaluated by a real CEL runtime over the requests the API server would see.
 
 The agent's own requests are built by the agent's code (notice_patch, release_patch) from realistic Nodes and
 applied as the API server applies a merge patch, so a later change that writes a new field is refused here
-before it is refused by a cluster.
+before it is refused by a cluster. `check_agent_pod_delete` runs the pod DELETE scenario over HTTP against
+any API server (the fake here; a real kube-apiserver given its URL and tokens).
 """
 
 from __future__ import annotations
@@ -32,9 +34,18 @@ NOW = datetime(2026, 11, 30, 10, 0, tzinfo=UTC)
 Doc = dict[str, Any]
 
 
-def policy_docs() -> list[Doc]:
-    with (DEPLOY / "admission-policy.yaml").open() as f:
+OPTIONAL_DELETE = DEPLOY / "optional" / "agent-deadline-delete.yaml"
+DELETE_POLICY = "spotd-agent-pod-delete-own-node"
+
+
+def policy_docs(path: Path = DEPLOY / "admission-policy.yaml") -> list[Doc]:
+    with path.open() as f:
         return [d for d in yaml.safe_load_all(f) if d]
+
+
+def delete_policy_docs() -> list[Doc]:
+    """The policy and binding of the optional delete role (not its ClusterRole and binding)."""
+    return [d for d in policy_docs(OPTIONAL_DELETE) if d["apiVersion"].startswith("admissionregistration.")]
 
 
 @pytest.fixture(scope="module")
@@ -410,6 +421,108 @@ def test_requests_the_policy_does_not_constrain(policies: ValidatingAdmissionPol
     assert policies.check(evict) is None
 
 
+# ---- the optional pod DELETE: only pods on the agent's own node ----
+
+
+@pytest.fixture(scope="module")
+def delete_policy() -> ValidatingAdmissionPolicies:
+    return ValidatingAdmissionPolicies(delete_policy_docs())
+
+
+def pod_on(node: str | None, name: str = "web-7d4b9c-x2k8p", namespace: str = "shop") -> Doc:
+    """A Pod as stored: what the API server hands admission as oldObject on its DELETE."""
+    spec: Doc = {"containers": [{"name": "web", "image": "nginx:1.27"}], "terminationGracePeriodSeconds": 30}
+    if node is not None:
+        spec["nodeName"] = node
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": namespace, "uid": "9a8b7c6d-5e4f-4a3b-8c2d-1e0f9a8b7c6d"},
+        "spec": spec,
+        "status": {"phase": "Running" if node else "Pending"},
+    }
+
+
+def pod_delete(pod: Doc, user: UserInfo, *, collection: bool = False) -> AdmissionAttributes:
+    """A pod DELETE as admission sees it: object null, oldObject the stored pod. For each pod of a
+    deletecollection the API server keeps the request's empty name (rest.AdmissionToValidateObjectDeleteFunc
+    with the collection's static attributes) and passes the pod as oldObject."""
+    meta = pod["metadata"]
+    name = "" if collection else meta["name"]
+    return AdmissionAttributes("DELETE", "", "v1", "pods", "", "Pod", name, meta["namespace"], None, pod, user)
+
+
+@pytest.mark.parametrize("collection", [False, True], ids=["delete", "deletecollection-item"])
+def test_the_agent_may_delete_a_pod_on_its_own_node(delete_policy: ValidatingAdmissionPolicies, collection) -> None:
+    assert delete_policy.check(pod_delete(pod_on(A), agent_of(A), collection=collection)) is None
+
+
+@pytest.mark.parametrize("collection", [False, True], ids=["delete", "deletecollection-item"])
+def test_the_agent_may_not_delete_a_pod_on_another_node(delete_policy: ValidatingAdmissionPolicies, collection) -> None:
+    denial = delete_policy.check(pod_delete(pod_on(B), agent_of(A), collection=collection))
+    assert denial is not None and (denial.code, denial.reason) == (403, "Forbidden")
+    assert denial.cause.endswith(
+        f"spotd-agent of node {A} may not delete pod shop/web-7d4b9c-x2k8p, which is on node {B}"
+    )
+    assert f"ValidatingAdmissionPolicy '{DELETE_POLICY}' with binding '{DELETE_POLICY}'" in denial.message
+
+
+def test_the_agent_may_not_delete_a_pod_on_no_node(delete_policy: ValidatingAdmissionPolicies) -> None:
+    denial = delete_policy.check(pod_delete(pod_on(None), agent_of(A)))
+    assert denial is not None and denial.code == 403 and denial.cause.endswith("which is on no node")
+
+
+def test_a_token_without_a_node_name_may_delete_no_pod(delete_policy: ValidatingAdmissionPolicies) -> None:
+    denial = delete_policy.check(pod_delete(pod_on(A), agent_of(None)))
+    assert denial is not None and denial.code == 403
+    assert "its token names none (no authentication.kubernetes.io/node-name claim)" in denial.cause
+
+
+@pytest.mark.parametrize("user", [KUBELET_A, ADMIN, NODE_CONTROLLER, SPOTD_CONTROLLER], ids=lambda u: u.username)
+def test_the_delete_policy_matches_only_the_agent(delete_policy: ValidatingAdmissionPolicies, user: UserInfo) -> None:
+    assert delete_policy.check(pod_delete(pod_on(B), user)) is None
+
+
+def test_what_the_delete_policy_does_not_hold(delete_policy: ValidatingAdmissionPolicies) -> None:
+    # An eviction is a CREATE of pods/eviction whose object is the Eviction: it names the pod, not its node,
+    # and oldObject is null, so no policy can tie it to the agent's node (docs/agent.md). Evictions stay
+    # bounded by PodDisruptionBudgets alone.
+    eviction = {"apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": "web", "namespace": "shop"}}
+    evict = AdmissionAttributes(
+        "CREATE", "", "v1", "pods", "eviction", "Eviction", "web", "shop", eviction, None, agent_of(A)
+    )
+    assert delete_policy.check(evict) is None
+
+
+def test_the_delete_role_comes_with_its_policy_and_grants_only_delete() -> None:
+    docs = policy_docs(OPTIONAL_DELETE)
+    kinds = [d["kind"] for d in docs]
+    # `kubectl apply -f` creates in order: the policy is there before the role is bound.
+    assert kinds == [
+        "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding",
+        "ClusterRole",
+        "ClusterRoleBinding",
+    ]
+    (role,) = [d for d in docs if d["kind"] == "ClusterRole"]
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["delete"]}]  # no deletecollection
+    policy = docs[0]
+    assert policy["spec"]["matchConstraints"]["resourceRules"] == [
+        {"apiGroups": [""], "apiVersions": ["v1"], "operations": ["DELETE"], "resources": ["pods"]}
+    ]
+    assert all(v.get("reason") == "Forbidden" for v in policy["spec"]["validations"])
+
+
+@pytest.mark.parametrize("version", ["1.30", "latest"])
+def test_the_optional_manifest_validates_against_kubernetes_schema(version: str) -> None:
+    import kubernetes_validate
+
+    for doc in policy_docs(OPTIONAL_DELETE):
+        kubernetes_validate.validate(
+            doc, kubernetes_validate.latest_version() if version == "latest" else version, strict=True
+        )
+
+
 # ---- the manifest agrees with the rest of deploy/ ----
 
 
@@ -420,12 +533,14 @@ def test_match_condition_names_the_agents_service_account() -> None:
         account = yaml.safe_load(f)["spec"]["template"]["spec"]["serviceAccountName"]
     username = f"system:serviceaccount:{namespace}:{account}"
     assert username == AGENT
-    policies = [d for d in policy_docs() if d["kind"] == "ValidatingAdmissionPolicy"]
+    docs = [*policy_docs(), *delete_policy_docs()]
+    policies = [d for d in docs if d["kind"] == "ValidatingAdmissionPolicy"]
+    assert DELETE_POLICY in {p["metadata"]["name"] for p in policies}
     for policy in policies:
         (condition,) = policy["spec"]["matchConditions"]
         assert f"request.userInfo.username == '{username}'" in condition["expression"]
         assert policy["spec"]["failurePolicy"] == "Fail"
-    bindings = [d for d in policy_docs() if d["kind"] == "ValidatingAdmissionPolicyBinding"]
+    bindings = [d for d in docs if d["kind"] == "ValidatingAdmissionPolicyBinding"]
     assert sorted((b["spec"]["policyName"], tuple(b["spec"]["validationActions"])) for b in bindings) == sorted(
         (p["metadata"]["name"], ("Deny",)) for p in policies
     )
@@ -598,5 +713,107 @@ async def test_the_fake_api_server_applies_the_shipped_policy(tmp_path: Path) ->
         beyond = await patch(A, {"metadata": {"labels": {"node-role.kubernetes.io/control-plane": ""}}})
         assert beyond.status_code == 422
         assert api.get("Node", "node-b")["spec"].get("unschedulable") is not True
+    finally:
+        await api.stop()
+
+
+# ---- the optional pod DELETE over HTTP: the same scenario for the fake and a real kube-apiserver ----
+
+
+async def check_agent_pod_delete(
+    url: str,
+    admin_token: str,
+    agent_token: str,
+    own_node: str,
+    other_node: str,
+    *,
+    agent_token_without_node: str | None = None,
+    namespace: str = "default",
+    verify: bool | str = False,
+) -> None:
+    """With deploy/ and deploy/optional/agent-deadline-delete.yaml applied, the agent (`agent_token`: its
+    ServiceAccount's token bound to a pod on `own_node`) may delete a pod on its own node and is refused (403,
+    the policy's message) for a pod on `other_node`, for a pod on no node and, with a token that names no node,
+    for any pod; its DELETE of a collection is refused (RBAC: the role grants no deletecollection). Both nodes
+    must exist; no kubelet is needed (a graceful delete only marks the pod). `verify`: the server's CA file.
+    Creates pods named spotd-delete-* in `namespace` as the admin and removes them at the end."""
+    import httpx
+
+    def pod(name: str, node: str | None) -> Doc:
+        spec: Doc = {"containers": [{"name": "c", "image": "registry.k8s.io/pause:3.10"}]}
+        if node is not None:
+            spec["nodeName"] = node
+        return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": namespace}, "spec": spec}
+
+    pods_url = f"/api/v1/namespaces/{namespace}/pods"
+    admin = httpx.AsyncClient(base_url=url, verify=verify, headers={"Authorization": f"Bearer {admin_token}"})
+    agent = httpx.AsyncClient(base_url=url, verify=verify, headers={"Authorization": f"Bearer {agent_token}"})
+    names = {"own": own_node, "other": other_node, "pending": None}
+    try:
+        for suffix, node in names.items():
+            created = await admin.post(pods_url, json=pod(f"spotd-delete-{suffix}", node))
+            assert created.status_code == 201, created.text
+
+        async def agent_delete(client: httpx.AsyncClient, suffix: str) -> httpx.Response:
+            # As the agent's deadline action sends it: graceful, never below 1 s.
+            return await client.request("DELETE", f"{pods_url}/spotd-delete-{suffix}", json={"gracePeriodSeconds": 1})
+
+        async def untouched(suffix: str) -> bool:
+            found = await admin.get(f"{pods_url}/spotd-delete-{suffix}")
+            return found.status_code == 200 and not found.json()["metadata"].get("deletionTimestamp")
+
+        refusal = f"ValidatingAdmissionPolicy '{DELETE_POLICY}' with binding '{DELETE_POLICY}' denied request: "
+        other = await agent_delete(agent, "other")
+        assert other.status_code == 403, other.text
+        assert other.json()["reason"] == "Forbidden"
+        assert other.json()["message"] == (
+            f'pods "spotd-delete-other" is forbidden: {refusal}spotd-agent of node {own_node} may not delete pod '
+            f"{namespace}/spotd-delete-other, which is on node {other_node}"
+        )
+        assert await untouched("other")
+        pending = await agent_delete(agent, "pending")
+        assert pending.status_code == 403 and pending.json()["message"].endswith("which is on no node"), pending.text
+        assert await untouched("pending")
+
+        collection = await agent.request("DELETE", pods_url, params={"fieldSelector": f"spec.nodeName={other_node}"})
+        assert collection.status_code == 403, collection.text
+        assert "cannot deletecollection resource" in collection.json()["message"]
+        assert await untouched("other")
+
+        if agent_token_without_node is not None:
+            headers = {"Authorization": f"Bearer {agent_token_without_node}"}
+            async with httpx.AsyncClient(base_url=url, verify=verify, headers=headers) as unbound:
+                refused = await agent_delete(unbound, "own")
+            assert refused.status_code == 403, refused.text
+            assert "its token names none (no authentication.kubernetes.io/node-name claim)" in refused.text
+            assert await untouched("own")
+
+        own = await agent_delete(agent, "own")
+        assert own.status_code == 200, own.text
+        assert not await untouched("own")  # marked for deletion (or already gone)
+    finally:
+        for suffix in names:
+            await admin.request("DELETE", f"{pods_url}/spotd-delete-{suffix}", json={"gracePeriodSeconds": 0})
+        await admin.aclose()
+        await agent.aclose()
+
+
+async def test_the_fake_api_server_holds_the_agents_pod_delete_to_its_node() -> None:
+    from spotd.sim.kubeapi import ADMIN_TOKEN, FakeApiServer
+
+    api = FakeApiServer(report_access=False)  # the refusals are the point: keep them out of the permission check
+    await api.start()
+    try:
+        api.load_manifests([DEPLOY, OPTIONAL_DELETE])
+        for name in (A, B):
+            api.create(eks_node(name))
+        await check_agent_pod_delete(
+            api.url,
+            ADMIN_TOKEN,
+            api.service_account_token("spotd", "spotd-agent", node_name=A),
+            A,
+            B,
+            agent_token_without_node=api.service_account_token("spotd", "spotd-agent"),
+        )
     finally:
         await api.stop()
