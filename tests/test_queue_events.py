@@ -279,3 +279,29 @@ def test_health_times(text: str, expected: datetime) -> None:
 def test_health_times_refused(text: Any) -> None:
     with pytest.raises(ValueError):
         parse_health_time(text)
+
+
+def test_every_detail_type_the_shipped_rules_send_is_read() -> None:
+    """deploy/eventbridge-rules.json sends nothing spotd would only count as ignored."""
+    from pathlib import Path
+
+    from spotd.capacity.signals import read_event
+
+    samples: dict[tuple[str, str], dict[str, Any]] = {
+        ("aws.ec2", "EC2 Spot Instance Interruption Warning"): spot_itn(),
+        ("aws.ec2", "EC2 Instance Rebalance Recommendation"): rebalance(),
+        ("aws.ec2", "EC2 Instance State-change Notification"): state_change("stopping"),
+        ("aws.health", "AWS Health Event"): health(),
+        ("aws.autoscaling", "EC2 Instance-terminate Lifecycle Action"): lifecycle("terminate"),
+        ("aws.autoscaling", "EC2 Instance-launch Lifecycle Action"): lifecycle("launch"),
+    }
+    rules = json.loads((Path(__file__).parent.parent / "deploy" / "eventbridge-rules.json").read_text())["rules"]
+    sent = [(src, dt) for r in rules for src in r["EventPattern"]["source"] for dt in r["EventPattern"]["detail-type"]]
+    assert len(sent) == 8
+    for source, detail_type in sent:
+        if (source, detail_type) in samples:
+            assert read_instance_event(body(samples[source, detail_type])) is not None, detail_type
+        else:  # the capacity events (spotd.capacity.signals)
+            launch = {"AutoScalingGroupName": "g", "StatusMessage": "x", "EndTime": T}
+            event = {"source": source, "detail-type": detail_type, "time": T, "detail": launch}
+            assert read_event(body(event)) is not None, detail_type

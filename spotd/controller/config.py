@@ -58,6 +58,10 @@ class ControllerConfig:
     placeholder_namespace: str = "spotd"
     placeholder_image: str = PAUSE_IMAGE
     landing_timeout: float = 300.0
+    # the second witness (issue 19): how long the node's agent has to record a queue notice before the
+    # controller drains the node itself; the deadline given to an ASG termination (which carries none)
+    agent_ack_timeout: float = 5.0
+    asg_termination_window: float = 120.0
     dry_run: bool = False
     log_level: str = "info"
     alerts: AlertConfig = AlertConfig()  # noqa: RUF009 - frozen, sharing the default is safe
@@ -124,6 +128,8 @@ _DURATIONS = {
     "--retry-backoff-cap": "8h",
     "--surge-timeout": "15m",
     "--landing-timeout": "5m",
+    "--agent-ack-timeout": "5s",
+    "--asg-termination-window": "2m",
 }
 _BOOLS = {
     "--evict-unreplicated": "evict pods that no controller would recreate",
@@ -277,6 +283,8 @@ def config_from_args(args: argparse.Namespace) -> ControllerConfig:
         placeholder_namespace=str(args.placeholder_namespace or "spotd"),
         placeholder_image=str(args.placeholder_image or PAUSE_IMAGE),
         landing_timeout=durations["--landing-timeout"],
+        agent_ack_timeout=durations["--agent-ack-timeout"],
+        asg_termination_window=durations["--asg-termination-window"],
         dry_run=bool(args.dry_run),
         log_level=str(getattr(args, "log_level", None) or "info"),
         alerts=alert_config_from_args(args) if hasattr(args, "alertmanager_url") else AlertConfig(),

@@ -17,7 +17,7 @@ import signal
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Coroutine
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -54,6 +54,7 @@ from spotd.controller.policy import (
     out_of_service_due,
 )
 from spotd.controller.publish import NO_POOL_ALERTS, Firing, export_metrics, resolve_gone_nodes, update_pool_alerts
+from spotd.controller.takeover import Takeovers, TakeoverSettings
 from spotd.controller.witness import Witness
 from spotd.inventory.cache import Inventory, LazyNodePods
 from spotd.inventory.records import NodeInfo, RawNode, node_info
@@ -112,7 +113,7 @@ class Controller:
         self.book = PoolBook()
         self.wake = asyncio.Event()
         self.inventory = Inventory.from_client(
-            client, capacity_label=config.capacity_type_label, on_node=lambda _o, _n: self.wake.set()
+            client, capacity_label=config.capacity_type_label, on_node=lambda _o, _n: self._node_changed()
         )
         self.elector = LeaderElector(
             client,
@@ -130,6 +131,19 @@ class Controller:
             alerter=self.alerter,
             clock=clock,
             dry_run=config.dry_run,
+            on_matched=lambda node, event: self.takeovers.consider(self._spawn, node.name, event),
+        )
+        self.takeovers = Takeovers(
+            client,
+            self.events,
+            self.log,
+            clock,
+            self._agent_kind,
+            TakeoverSettings(
+                ack_timeout=config.agent_ack_timeout,
+                asg_termination_window=config.asg_termination_window,
+                dry_run=config.dry_run,
+            ),
         )
         self.limiter = RateLimiter(config.eviction_qps, max(1, int(config.eviction_qps)))
         self.lifecycles: dict[str, str] = {}  # instance id -> spot | on-demand | unknown, from EC2
@@ -179,6 +193,23 @@ class Controller:
             spot_groups=self.spot_groups_for,
             capacity_of=self.capacity_of,
         )
+
+    # --- the second witness (issue 19) ---------------------------------------------------------------
+
+    def _node_changed(self) -> None:
+        self.wake.set()
+        self.takeovers.notify()
+
+    def _agent_kind(self, name: str) -> str:
+        extra = self.inventory.node_extra.get(name)
+        return extra.notice_kind if extra is not None else ""
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None] | None:
+        """A task of the leader's work (cancelled when the lease is lost); None when not leading."""
+        if self._group is None:
+            coro.close()
+            return None
+        return self._group.create_task(coro)
 
     # --- signals --------------------------------------------------------------------------------------
 

@@ -117,3 +117,13 @@ QUEUE_EVENTS = Counter(
     ["kind", "outcome"],
     registry=REGISTRY,
 )
+TAKEOVER_OUTCOMES = ("acknowledged", "complete", "incomplete", "interrupted", "blocked", "dry_run", "failed")
+TAKEOVERS = Counter(
+    "spotd_controller_takeovers",
+    "Queue notices whose node's agent did not acknowledge them in --agent-ack-timeout, so the controller "
+    "drained the node itself, by outcome (acknowledged: the agent recorded it in time, or later, and took over).",
+    ["outcome"],
+    registry=REGISTRY,
+)
+for _outcome in TAKEOVER_OUTCOMES:
+    TAKEOVERS.labels(_outcome)

@@ -55,12 +55,14 @@ class Witness:
         alerter: Alerter | None = None,
         clock: Callable[[], datetime] | None = None,
         dry_run: bool = False,
+        on_matched: Callable[[NodeInfo, InstanceEvent], None] | None = None,
     ) -> None:
         self.node_of_instance = node_of_instance
         self.synced = synced
         self.log = log
         self.client, self.events, self.alerter, self.clock = client, events, alerter, clock
         self.dry_run = dry_run
+        self.on_matched = on_matched  # an episode the queue saw first (or again): the agent-down cover
 
     def nodes_of(self, event: InstanceEvent) -> list[NodeInfo]:
         """This cluster's nodes among the event's instances."""
@@ -95,11 +97,14 @@ class Witness:
                 event_id=event.event_id,
             )
             if event.kind != ASG_LAUNCH and self.client is not None:
-                await self.record_episode(node, event)
+                first = await self.record_episode(node, event)
+                if first == QUEUE and self.on_matched is not None:
+                    self.on_matched(node, event)
         return "handled"
 
     async def record_episode(self, node: NodeInfo, event: InstanceEvent) -> str:
-        """Record the episode on the Node unless a witness did: "first" (recorded, alerted) or "second"."""
+        """Record the episode on the Node unless a witness did; returns the first witness ("queue": this
+        sighting, or an earlier one from the queue; "imds": the agent recorded it)."""
         assert self.clock is not None
         for _ in range(5):  # 409: the node changed since read (the agent writing its notice): read again
             status, body = await read_node(self.client, node.name)
@@ -110,14 +115,13 @@ class Witness:
             now = self.clock()
             patch = queue_episode_patch(annotations, str(meta.get("resourceVersion", "")), event, now)
             if patch is None:
+                first = first_witness(annotations, event.kind) or QUEUE
                 EPISODE_SIGHTINGS.labels(event.kind, QUEUE, SECOND).inc()
-                self.log.info(
-                    "episode_seen_second", node=node.name, kind=event.kind, first=first_witness(annotations, event.kind)
-                )
-                return SECOND
+                self.log.info("episode_seen_second", node=node.name, kind=event.kind, first=first)
+                return first
             if self.dry_run:
                 self.log.info("would_record_episode", node=node.name, kind=event.kind, patch=patch)
-                return FIRST
+                return QUEUE
             status = await merge_patch_node(self.client, node.name, patch)
             if status == 409:
                 continue
@@ -126,7 +130,7 @@ class Witness:
             EPISODE_SIGHTINGS.labels(event.kind, QUEUE, FIRST).inc()
             self.log.warning("episode_recorded", node=node.name, kind=event.kind, witness=QUEUE)
             self.announce(node, event, now)
-            return FIRST
+            return QUEUE
         raise EpisodeNotRecorded(f"node {node.name}: changed under every patch")
 
     def announce(self, node: NodeInfo, event: InstanceEvent, now: datetime) -> None:

@@ -365,6 +365,20 @@ def notice_deadline(text: str | None) -> datetime | None:
         return None
 
 
+def notice_kind(text: str | None) -> str:
+    """The kind of the real notice the agent records in spotd.io/notice ("" for none or a rehearsal)."""
+    if not text:
+        return ""
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return ""
+    if not isinstance(data, dict) or data.get("source") == "simulation":
+        return ""
+    kind = data.get("kind")
+    return kind if isinstance(kind, str) else ""
+
+
 def node_info(node: RawNode, capacity_label: str | None = None) -> NodeInfo:
     meta = node.metadata
     labels = meta.labels or {}
@@ -408,6 +422,7 @@ def node_extra(node: RawNode) -> NodeExtra:
         provider_id=node.spec.providerID or "",
         draining_since=annotations.get(DRAINING_ANNOTATION, ""),
         notice_deadline=notice_deadline(annotations.get(NOTICE_ANNOTATION)),
+        notice_kind=notice_kind(annotations.get(NOTICE_ANNOTATION)),
         out_of_service=any(t.key == OUT_OF_SERVICE_TAINT_KEY for t in node.spec.taints or ()),
     )
 
@@ -419,6 +434,7 @@ class NodeExtra:
     provider_id: str = ""
     draining_since: str = ""  # our own annotation: a drain of ours was in flight
     notice_deadline: datetime | None = None  # the agent's spotd.io/notice: when the instance goes
+    notice_kind: str = ""  # the kind of the real notice the agent acts on ("": none, or a rehearsal)
     out_of_service: bool = False  # carries node.kubernetes.io/out-of-service
 
 

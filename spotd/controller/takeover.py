@@ -1,0 +1,186 @@
+"""The controller drains a node whose agent is silent (issue 19, agent-down coverage).
+
+A Spot warning, a state change away (stopping, stopped, shutting-down, terminated) or an ASG termination
+read from the queue for a node of this cluster gives that node's agent --agent-ack-timeout (5 s) to record
+the notice on its Node (spotd.io/notice, which the inventory follows). If it does not, the controller
+taints (spotd.io/interruption=<kind>:NoSchedule), cordons and drains the node itself with the same drain
+engine as the agent: evictions only, deadline-aware (the grace capped by the time left, never below 1 s),
+PDB refusals retried until the deadline minus the safety margin and then left (never deleted). Should the
+agent record the notice later, the controller's drain stops there and the agent carries on: pods already
+gone stay gone, none is evicted twice by the two.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from spotd.controller.metrics import TAKEOVERS
+from spotd.drain.executor import DrainOptions, DrainResult, drain_node
+from spotd.drain.plan import PodPolicy
+from spotd.kube.events import EventRecorder
+from spotd.kube.keys import INTERRUPTION_TAINT_KEY
+from spotd.kube.nodes import add_node_taint, merge_patch_node_retrying, patched
+from spotd.kube.ratelimit import RateLimiter
+from spotd.notices.queue_events import ASG_TERMINATION, SPOT_ITN, STATE_CHANGE, InstanceEvent
+
+TAKEOVER_KINDS = frozenset({SPOT_ITN, STATE_CHANGE, ASG_TERMINATION})
+Spawn = Callable[[Coroutine[Any, Any, None]], "asyncio.Task[None] | None"]
+
+
+def acknowledges(agent_kind: str, kind: str) -> bool:
+    """Whether the notice the agent records (its kind, "" for none) acknowledges a queue notice of kind.
+    A state change has no IMDS twin: the agent acting on the instance's end (Spot, ASG) covers it."""
+    if not agent_kind:
+        return False
+    if kind == STATE_CHANGE:
+        return agent_kind in (SPOT_ITN, ASG_TERMINATION)
+    return agent_kind == kind
+
+
+def takeover_deadline(event: InstanceEvent, received: datetime, asg_window: timedelta) -> datetime:
+    """When the instance goes: the event's own deadline; an ASG termination carries none (the hook waits
+    for us), so received + the window, as the agent gives it."""
+    return event.deadline if event.deadline is not None else received + asg_window
+
+
+@dataclass(frozen=True)
+class TakeoverSettings:
+    ack_timeout: float = 5.0
+    asg_termination_window: float = 120.0
+    safety_margin: float = 10.0
+    dry_run: bool = False
+    ack_poll: float = 1.0  # besides each node change: how often the agent's record is looked at (no API call)
+
+
+class Takeovers:
+    """agent_kind(node): the kind of the notice the node's agent records, from the inventory."""
+
+    def __init__(
+        self,
+        client: Any,
+        events: EventRecorder,
+        log: Any,
+        clock: Callable[[], datetime],
+        agent_kind: Callable[[str], str],
+        settings: TakeoverSettings,
+        limiter: RateLimiter | None = None,
+    ) -> None:
+        self.client, self.events, self.log, self.clock = client, events, log, clock
+        self.agent_kind = agent_kind
+        self.settings = settings
+        self.limiter = limiter or RateLimiter(50, 100)
+        self.running: dict[str, asyncio.Task[None]] = {}
+        self._changed = asyncio.Event()
+
+    def consider(self, spawn: Spawn, node: str, event: InstanceEvent) -> None:
+        """A queue notice for a node of ours: follow it unless one is followed for that node already."""
+        if event.kind not in TAKEOVER_KINDS or node in self.running:
+            return
+        task = spawn(self.follow(node, event))
+        if task is not None:
+            self.running[node] = task
+            task.add_done_callback(lambda _t: self.running.pop(node, None))
+
+    def notify(self) -> None:
+        """A node changed (the inventory's hook): waiters look at their node's record again."""
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    async def _acknowledged_within(self, node: str, kind: str, seconds: float | None) -> bool:
+        """Whether the agent records the notice within seconds (None: wait for ever)."""
+        loop = asyncio.get_running_loop()
+        until = None if seconds is None else loop.time() + seconds
+        while True:
+            changed = self._changed  # taken before the look: a change after it wakes us
+            if acknowledges(self.agent_kind(node), kind):
+                return True
+            left = self.settings.ack_poll if until is None else min(until - loop.time(), self.settings.ack_poll)
+            if left <= 0:
+                return False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), left)
+
+    async def _stop_when_acknowledged(self, node: str, kind: str, stop: asyncio.Event) -> None:
+        await self._acknowledged_within(node, kind, None)
+        stop.set()
+
+    async def follow(self, node: str, event: InstanceEvent) -> None:
+        """Wait for the agent's acknowledgement; without it, taint, cordon and drain the node."""
+        received = self.clock()
+        deadline = takeover_deadline(event, received, timedelta(seconds=self.settings.asg_termination_window))
+        log = self.log.bind(node=node, kind=event.kind, deadline=deadline.isoformat())
+        if await self._acknowledged_within(node, event.kind, self.settings.ack_timeout):
+            TAKEOVERS.labels("acknowledged").inc()
+            log.info("agent_acknowledged")
+            return
+        log.warning("agent_silent_draining", waited=self.settings.ack_timeout)
+        self.events.record(
+            node,
+            "SpotdAgentSilent",
+            f"{event.kind} {event.action} from the queue not acknowledged by the node's agent within "
+            f"{self.settings.ack_timeout:g}s: the controller drains the node (deadline {deadline:%H:%M:%S}Z)",
+            "Warning",
+        )
+        if self.settings.dry_run:
+            TAKEOVERS.labels("dry_run").inc()
+            log.info("would_drain_node", reason="agent silent")
+            return
+        try:
+            await self._taint_and_cordon(node, event.kind, log)
+            stop = asyncio.Event()
+            options = DrainOptions(
+                policy=PodPolicy(), deadline_action="leave", safety_margin=self.settings.safety_margin
+            )
+            watcher = asyncio.create_task(self._stop_when_acknowledged(node, event.kind, stop))
+            try:
+                result = await drain_node(
+                    self.client,
+                    node,
+                    options,
+                    deadline,
+                    log=log,
+                    limiter=self.limiter,
+                    stop=stop,
+                )
+            finally:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
+        except Exception as exc:  # the loop goes on; the next notice for this node tries again
+            TAKEOVERS.labels("failed").inc()
+            log.exception("takeover_failed", error=repr(exc))
+            return
+        outcome = "acknowledged" if stop.is_set() else result.outcome
+        TAKEOVERS.labels(outcome if outcome in TAKEOVERS_KNOWN else "failed").inc()
+        self._report(node, outcome, result, log)
+
+    async def _taint_and_cordon(self, node: str, kind: str, log: Any) -> None:
+        taint = {"key": INTERRUPTION_TAINT_KEY, "value": kind, "effect": "NoSchedule"}
+        status, _added = await add_node_taint(self.client, node, taint)
+        if not patched(status):
+            log.warning("takeover_taint_failed", status=status)  # the drain goes on: it matters more
+        status = await merge_patch_node_retrying(self.client, node, {"spec": {"unschedulable": True}}, log)
+        if not patched(status):
+            log.warning("takeover_cordon_failed", status=status)
+
+    def _report(self, node: str, outcome: str, result: DrainResult, log: Any) -> None:
+        left = list(result.left or result.blocked)
+        log.warning("takeover_drain_finished", outcome=outcome, evicted=len(result.evicted), left=left)
+        if outcome == "acknowledged":
+            message = "the node's agent took the notice up: it carries on with the drain"
+            self.events.record(node, "SpotdTakeoverHandedOver", message)
+        elif outcome == "complete":
+            self.events.record(
+                node, "SpotdTakeoverComplete", f"drained by the controller: {len(result.evicted)} evicted"
+            )
+        else:
+            message = f"drain {outcome}: left {', '.join(left) or 'none'}"
+            self.events.record(node, "SpotdTakeoverIncomplete", message, "Warning")
+
+
+TAKEOVERS_KNOWN = frozenset({"acknowledged", "complete", "incomplete", "interrupted", "blocked", "dry_run"})
