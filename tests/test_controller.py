@@ -678,3 +678,25 @@ async def test_a_node_left_marked_as_draining_is_put_back_on_a_later_pass(api: F
         assert DRAINING_ANNOTATION not in (node(api, "od-stuck")["metadata"].get("annotations") or {})
     finally:
         await stop_in_process(ctl, task)
+
+
+async def test_a_decision_loop_cancelled_as_it_is_woken_stops(api: FakeApiServer, tmp_path: Path) -> None:
+    """A lost lease or a SIGTERM cancels the decision loop; one that came in the same turn as a wake was lost
+    (Python 3.11's asyncio.wait_for returned normally then): the loop went on deciding, and lead() never ended,
+    so the replica never stood for the lease again (issue 21, found on a loaded machine)."""
+    from spotd.common.metrics import REGISTRY
+
+    def passes() -> float:
+        return REGISTRY.get_sample_value("spotd_decision_pass_seconds_count") or 0.0
+
+    before = passes()
+    ctl, task = await run_in_process(api, tmp_path, interval=30.0)  # after a pass: waits for a wake, 30 s
+    try:
+        await eventually(lambda: passes() > before, timeout=20)
+        (loop,) = [t for t in asyncio.all_tasks() if t.get_coro().__qualname__ == "Controller.decision_loop"]
+        ctl.wake.set()  # a node changed...
+        loop.cancel()  # ...as the lease was lost
+        await asyncio.wait({loop}, timeout=5)
+        assert loop.cancelled()
+    finally:
+        await stop_in_process(ctl, task)

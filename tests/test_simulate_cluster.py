@@ -204,3 +204,27 @@ def test_fis_template_shape() -> None:
     assert t["targets"]["SpotInstances"]["resourceType"] == "aws:ec2:spot-instance"
     assert t["actions"]["interrupt"]["parameters"]["durationBeforeInterruption"] == "PT5M"
     assert t["stopConditions"] == [{"source": "none"}] and t["roleArn"] == "arn:role"
+
+
+async def test_a_cancellation_in_the_turn_something_changes_is_not_lost(cluster: Cluster) -> None:
+    """Ctrl-C or SIGTERM cancels the rehearsal; one that came in the same turn as a watch event was lost
+    (Python 3.11's asyncio.wait_for returned normally then) and the rehearsal ran on to the deadline, its
+    request left in place (issue 21: test_interruption_removes_the_request timed out on a loaded machine)."""
+    import io
+
+    from spotd.rehearsal.runner import Rehearsal, RehearsalConfig
+
+    progress = io.StringIO()
+    rehearsal = Rehearsal(RehearsalConfig(cluster.kubeconfig, nodes=(NODE,), notice=60.0), progress=progress)
+    task = asyncio.get_running_loop().create_task(rehearsal.run())
+    try:
+        # Said once the request is written; the next thing the rehearsal does is wait for something to change.
+        await eventually(lambda: "notice given" in progress.getvalue(), 15)
+        rehearsal.changed.set()  # what a watch event does...
+        task.cancel()  # ...as Ctrl-C comes
+        await asyncio.wait({task}, timeout=5)
+        assert task.cancelled()
+        assert cluster.request() is None
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

@@ -32,6 +32,7 @@ from spotd.capacity.signals import ANY, CapacitySignal, CapacityType, Pool, Sign
 from spotd.common import log as spotd_log
 from spotd.common.metrics import LOOP_ERRORS, REGISTRY
 from spotd.common.parsing import parse_iso_time
+from spotd.common.waits import wait_set
 from spotd.controller import surge as surges
 from spotd.controller.config import ControllerConfig, add_arguments, config_from_args
 from spotd.controller.drains import DrainDeps, DrainJob, DrainOutcome, DrainSettings, PoolNews, drain, pool_of, recover
@@ -643,8 +644,7 @@ class Controller:
         waiting_since = time.monotonic()
         last_note = waiting_since
         while not self._sources_ready():  # the sources have no common event: look every 0.2 s
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), 0.2)
+            await wait_set(self.wake, 0.2)
             if time.monotonic() - last_note >= 30:  # a source that never completes must be visible
                 last_note = time.monotonic()
                 self.log.warning(
@@ -686,8 +686,7 @@ class Controller:
                 except Exception as exc:
                     LOOP_ERRORS.labels("decisions").inc()
                     self.log.exception("decision_pass_failed", error=repr(exc))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), self.config.interval)
+            await wait_set(self.wake, self.config.interval)
             await asyncio.sleep(min(1.0, self.config.interval))  # a burst of events is one pass
 
     async def lead(self) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
@@ -19,6 +18,7 @@ from lightkube.resources.core_v1 import ConfigMap, Event, Node, Pod
 from lightkube.types import OnErrorAction, OnErrorResult
 
 from spotd.common.parsing import format_time
+from spotd.common.waits import wait_set
 from spotd.kube.client import make_client
 from spotd.kube.keys import INTERRUPTION_TAINT_KEY, REHEARSAL_LABEL
 from spotd.notices.record import NoticeKind
@@ -326,8 +326,7 @@ class Rehearsal:
                 if self.whole() or now >= last + timedelta(seconds=self.config.recovery_timeout):
                     return
             self.changed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.changed.wait(), 0.5)
+            await wait_set(self.changed, 0.5)
 
     def workload_plans(self) -> list[WorkloadPlan]:
         """Workloads with pods on the nodes at the notice, or whose ready count moved during the rehearsal."""
