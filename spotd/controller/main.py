@@ -644,6 +644,7 @@ class Controller:
         waiting_since = time.monotonic()
         last_note = waiting_since
         while not self._sources_ready():  # the sources have no common event: look every 0.2 s
+            self.wake.clear()  # a wake left set made this a busy loop until the sources were read
             await wait_set(self.wake, 0.2)
             if time.monotonic() - last_note >= 30:  # a source that never completes must be visible
                 last_note = time.monotonic()
