@@ -224,3 +224,98 @@ def pdb_obj(name: str, **spec: Any) -> dict[str, Any]:
         "metadata": {"name": name, "namespace": "default"},
         "spec": {"selector": {"matchLabels": {"app": "web"}}, **spec},
     }
+
+
+# ---- built-in admission: NamespaceLifecycle and Priority (plugin/pkg/admission/priority) -------------------
+
+
+def priority_class(name: str, value: int, **extra: Any) -> dict[str, Any]:
+    return {"apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass", "metadata": {"name": name},
+            "value": value, **extra}  # fmt: skip
+
+
+async def test_a_pod_gets_its_priority_from_its_class_and_an_unknown_class_is_forbidden(api: FakeApiServer) -> None:
+    api.create(priority_class("spotd-placeholder", -5, preemptionPolicy="Never"))
+    placeholder = {**pod("p1"), "metadata": {"generateName": "spotd-placeholder-"}}
+    placeholder["spec"]["priorityClassName"] = "spotd-placeholder"
+    status, body, _ = await http(api, "POST", PODS, placeholder)
+    assert status == 201, body
+    assert (body["spec"]["priority"], body["spec"]["preemptionPolicy"]) == (-5, "Never")
+
+    placeholder["spec"]["priorityClassName"] = "nope"
+    status, body, _ = await http(api, "POST", PODS, placeholder)
+    assert (status, body["reason"]) == (403, "Forbidden")
+    # admission runs before the name is generated: the generateName stands in for it
+    assert body["message"] == 'pods "spotd-placeholder-" is forbidden: no PriorityClass with name nope was found'
+    assert body["details"] == {"name": "spotd-placeholder-", "kind": "pods"}
+
+    wrong = pod("p2")
+    wrong["spec"].update(priorityClassName="spotd-placeholder", priority=0)
+    status, body, _ = await http(api, "POST", PODS, wrong)
+    assert status == 403 and "the integer value of priority (0) must not be provided in pod spec" in body["message"]
+    wrong["spec"].update(priority=-5, preemptionPolicy="PreemptLowerPriority")
+    status, body, _ = await http(api, "POST", PODS, wrong)
+    assert status == 403 and "priority admission controller computed Never" in body["message"]
+
+
+async def test_a_pod_without_a_class_gets_the_global_default_or_zero(api: FakeApiServer) -> None:
+    status, body, _ = await http(api, "POST", PODS, pod("p0"))
+    assert status == 201 and body["spec"]["priority"] == 0 and "priorityClassName" not in body["spec"]
+    assert body["spec"]["preemptionPolicy"] == "PreemptLowerPriority"
+    api.create(priority_class("default", 100, globalDefault=True))
+    status, body, _ = await http(api, "POST", PODS, pod("p1"))
+    assert (body["spec"]["priority"], body["spec"]["priorityClassName"]) == (100, "default")
+    # a second default is refused
+    path = "/apis/scheduling.k8s.io/v1/priorityclasses"
+    status, body, _ = await http(api, "POST", path, priority_class("other", 5, globalDefault=True))
+    assert status == 403 and "PriorityClass default is already marked as default" in body["message"]
+    # the system classes exist as on a real cluster
+    _, body, _ = await http(api, "GET", path + "/system-node-critical")
+    assert body["value"] == 2000001000
+    # an update that omits the priority keeps it (and a status write never touches it)
+    status, body, _ = await http(api, "PUT", PODS + "/p1", {**api.get("Pod", "p1"), "spec": {**pod("p1")["spec"]}})
+    assert status == 200 and body["spec"]["priority"] == 100
+
+
+async def test_writes_into_a_missing_namespace_are_not_found(api: FakeApiServer) -> None:
+    status, body, _ = await http(api, "POST", "/api/v1/namespaces/shop/pods", pod("p", namespace="shop"))
+    assert (status, body["reason"], body["message"]) == (404, "NotFound", 'namespaces "shop" not found')
+    assert body["details"] == {"name": "shop", "kind": "namespaces"}
+    cm = {"metadata": {"name": "c"}, "data": {}}
+    assert (await http(api, "POST", "/api/v1/namespaces/shop/configmaps", cm))[0] == 404
+    api.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop"}})
+    assert (await http(api, "POST", "/api/v1/namespaces/shop/configmaps", cm))[0] == 201
+    # cluster-scoped objects need no namespace; the immortal namespaces cannot be deleted
+    status, body, _ = await http(api, "DELETE", "/api/v1/namespaces/default")
+    assert status == 403 and body["message"] == 'namespaces "default" is forbidden: this namespace may not be deleted'
+    assert (await http(api, "DELETE", "/api/v1/namespaces/shop"))[0] == 200
+
+
+async def test_nothing_new_in_a_terminating_namespace_not_even_an_eviction(api: FakeApiServer) -> None:
+    api.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop"}})
+    api.create(pod("web-0", namespace="shop"))
+    terminating = api.get("Namespace", "shop")
+    assert terminating is not None
+    terminating["status"] = {"phase": "Terminating"}
+    api.update(terminating)
+
+    status, body, _ = await http(api, "POST", "/api/v1/namespaces/shop/pods", pod("p", namespace="shop"))
+    assert (status, body["reason"]) == (403, "Forbidden")
+    assert body["message"] == (
+        'pods "p" is forbidden: unable to create new content in namespace shop because it is being terminated'
+    )
+    (cause,) = body["details"]["causes"]
+    assert cause == {
+        "reason": "NamespaceTerminating",
+        "message": "namespace shop is being terminated",
+        "field": "metadata.namespace",
+    }
+    eviction = {"apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": "web-0"}}
+    status, body, _ = await http(api, "POST", "/api/v1/namespaces/shop/pods/web-0/eviction", eviction)
+    assert status == 403 and 'pods "web-0" is forbidden: unable to create new content' in body["message"]
+    # updates and deletes go on: the namespace controller is deleting what is in it
+    labelled = api.get("Pod", "web-0", "shop")
+    assert labelled is not None
+    labelled["metadata"]["labels"] = {"a": "b"}
+    assert (await http(api, "PUT", "/api/v1/namespaces/shop/pods/web-0", labelled))[0] == 200
+    assert (await http(api, "DELETE", "/api/v1/namespaces/shop/pods/web-0"))[0] == 200

@@ -456,3 +456,15 @@ async def test_a_surge_for_a_gpu_node_is_accepted_and_runs_on_spot(api: FakeApiS
         await client.close()
     assert outcome.ready, outcome.reason
     assert list(outcome.nodes) == ["spot-gpu"]
+
+
+def test_the_embedded_cluster_installs_the_placeholder_class_as_deploy_does() -> None:
+    """The embedded cluster stands in for `kubectl apply -k deploy/`: its copy of the class must not drift."""
+    import yaml
+
+    from spotd.sim.cluster import PLACEHOLDER_CLASS
+
+    deployed = yaml.safe_load((DEPLOY / "placeholder-priorityclass.yaml").read_text())
+    for key in ("value", "globalDefault", "preemptionPolicy"):
+        assert PLACEHOLDER_CLASS[key] == deployed[key], key
+    assert PLACEHOLDER_CLASS["metadata"]["name"] == deployed["metadata"]["name"]

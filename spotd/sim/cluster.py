@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
+from spotd.controller.placeholders import PLACEHOLDER_PRIORITY_CLASS
 from spotd.sim import builders
 from spotd.sim.controllers import Controllers, owner_ref
 from spotd.sim.imds import FakeImds
@@ -22,6 +23,16 @@ CAPACITY_LABEL = "eks.amazonaws.com/capacityType"
 ZONES = ("us-east-1a", "us-east-1b", "us-east-1c")
 SPOT_TYPES = ("m5.xlarge", "m5a.xlarge", "m6i.xlarge", "m5d.xlarge")
 PRIORITY_CLASSES = {"system-node-critical": 2000001000, "critical": 100000, "default": 0, "overprovisioning": -10}
+# deploy/placeholder-priorityclass.yaml, as `kubectl apply -k deploy/` installs it: without it the API server's
+# Priority admission refuses every placeholder (403 "no PriorityClass with name spotd-placeholder was found")
+PLACEHOLDER_CLASS: Obj = {
+    "apiVersion": "scheduling.k8s.io/v1",
+    "kind": "PriorityClass",
+    "metadata": {"name": PLACEHOLDER_PRIORITY_CLASS, "labels": {"app.kubernetes.io/name": "spotd"}},
+    "value": -5,
+    "globalDefault": False,
+    "preemptionPolicy": "PreemptLowerPriority",
+}
 
 
 @dataclass(frozen=True)
@@ -204,6 +215,8 @@ class EmbeddedCluster:
     def populate(self) -> None:
         """Create every object and place the first pods (Running and Ready at once)."""
         for name, value in PRIORITY_CLASSES.items():
+            if self.api.get("PriorityClass", name) is not None:
+                continue  # system-node-critical: the API server creates it itself
             self.api.create(
                 {
                     "apiVersion": "scheduling.k8s.io/v1",
@@ -214,6 +227,8 @@ class EmbeddedCluster:
                     "preemptionPolicy": "Never" if value < 0 else "PreemptLowerPriority",
                 }
             )
+        if self.api.get("PriorityClass", PLACEHOLDER_CLASS["metadata"]["name"]) is None:
+            self.api.create(PLACEHOLDER_CLASS)  # installed with spotd (deploy/): the controller's surges name it
         for node in node_objects(self.spec, self.rng):
             self.api.create(node)
         for ns in sorted({w.namespace for w in MIX} | {"spotd"}):  # spotd's own: rehearsal requests

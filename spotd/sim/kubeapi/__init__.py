@@ -28,9 +28,13 @@ What it does not do (know this before trusting a green test):
 - authorization: RBAC only (no Node authorizer, no webhook), no aggregated ClusterRoles, no escalation or
   bind checks on writes of roles and bindings; SelfSubjectAccessReview is answered, SelfSubjectRulesReview
   is not; a 403 comes before the 404 the handler would give, as on a real server;
-- admission: only the hooks you add (no built-in plugins: no LimitRanger, no ServiceAccount admission, no
-  NodeRestriction); no schema validation, no defaulting beyond pods (grace 30 s, phase Pending) and
-  namespaces; namespaces are not enforced, finalizers and ownerReferences garbage collection are ignored,
+- admission: the built-in NamespaceLifecycle (404 for a write into a missing namespace, 403 for a create in
+  a Terminating one, the immortal namespaces) and Priority (spec.priority and preemptionPolicy from the
+  PriorityClass, 403 for an unknown one; the system classes exist) plugins (plugins.py), then the hooks you
+  add; no LimitRanger, ServiceAccount, NodeRestriction, ResourceQuota or webhooks. Pods are defaulted and
+  their container resources validated as kube-apiserver does (strategy.py: a GPU request without an equal
+  limit is a 422); no other schema validation; deleting a namespace removes it at once (no Terminating phase,
+  no namespace controller); ownerReferences garbage collection is ignored,
   deleting a Node leaves its pods (no pod GC), no kubelet: pods change phase/readiness only when someone
   writes them;
 - lists always answer from the current state (resourceVersion/resourceVersionMatch ignored), and a

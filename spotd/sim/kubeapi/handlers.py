@@ -11,7 +11,7 @@ from typing import Any
 
 from aiohttp import web
 
-from . import errors, events, patch, protobuf, strategy
+from . import errors, events, patch, plugins, protobuf, strategy
 from .auth import ADMIN, AdmissionAttributes, UserInfo
 from .codec import clone, dumps, loads
 from .policy import DisruptionController, check_preconditions
@@ -96,6 +96,11 @@ class ResourceHandlers:
         self.store = store
         self.disruption = disruption
         self.admission_hooks = admission_hooks if admission_hooks is not None else []
+        self.builtin = plugins.BuiltinAdmission(store)
+
+    def admit_builtin(self, t: RequestTarget, operation: str, obj: Obj | None, old: Obj | None = None) -> None:
+        """kube-apiserver's own admission plugins (plugins.py), first: they may refuse or change `obj`."""
+        self.builtin.admit(operation, t.res, t.subresource, t.namespace, t.name or "", obj, old)
 
     def admit(
         self,
@@ -271,6 +276,7 @@ class ResourceHandlers:
         obj = self.into(t.res, body)
         self._check_identity(t, obj)
         dry_run = request.query.get("dryRun") == "All"
+        self.admit_builtin(t, "CREATE", obj)
         self._prepare_create(t, obj)
         self.admit(request, t, "CREATE", obj, None, dry_run=dry_run)
         if dry_run:
@@ -301,6 +307,7 @@ class ResourceHandlers:
             if key in old["metadata"]:
                 new["metadata"][key] = old["metadata"][key]
         dry_run = request.query.get("dryRun") == "All"
+        self.admit_builtin(t, "UPDATE", new, old)
         self.admit(request, t, "UPDATE", new, old, dry_run=dry_run)
         if dry_run:
             return json_response(self.out(t.res, new))
@@ -324,6 +331,7 @@ class ResourceHandlers:
             if content_type == patch.APPLY_PATCH and isinstance(body, dict):
                 obj = self.into(t.res, body)
                 self._check_identity(t, obj)
+                self.admit_builtin(t, "CREATE", obj)
                 self._prepare_create(t, obj)
                 self.admit(request, t, "CREATE", obj, None)
                 return json_response(self.out(t.res, self.store.create(obj)), 201)
@@ -351,6 +359,7 @@ class ResourceHandlers:
         dry_run = request.query.get("dryRun") == "All" or options.get("dryRun") == ["All"]
         old = self.existing(t)
         check_preconditions(old, options, t.res.plural, t.res.group)
+        self.admit_builtin(t, "DELETE", None, old)
         self.admit(request, t, "DELETE", None, old, dry_run=dry_run)
         if t.res.kind == "Pod":
             obj = self.disruption.delete_pod(t.namespace or "", t.name or "", grace_seconds, dry_run)
@@ -368,6 +377,7 @@ class ResourceHandlers:
             raise errors.bad_request("the body must be a policy/v1 Eviction")
         dry_run = request.query.get("dryRun") == "All" or (body.get("deleteOptions") or {}).get("dryRun") == ["All"]
         self.existing(t)
+        self.admit_builtin(t, "CREATE", body)
         self.admit(request, t, "CREATE", body, None, kind="Eviction", dry_run=dry_run)
         self.disruption.evict(t.namespace or "", t.name or "", body, dry_run)
         return json_response(errors.status_body(201, ""), 201)
@@ -378,6 +388,7 @@ class ResourceHandlers:
         if not node:
             raise errors.bad_request("binding target name is required")
         pod = self.existing(t)
+        self.admit_builtin(t, "CREATE", body)
         self.admit(request, t, "CREATE", body, None, kind="Binding")
         if pod.get("spec", {}).get("nodeName"):
             raise errors.conflict(

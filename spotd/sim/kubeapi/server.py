@@ -31,6 +31,7 @@ from .auth import (
 )
 from .codec import clone
 from .handlers import USER_KEY, ResourceHandlers, json_response, parse_path, query_flag
+from .plugins import SYSTEM_PRIORITY_CLASSES
 from .policy import DisruptionController
 from .rbac import AccessRecord, Authorizer, access_review_attributes, forbidden, request_attributes
 from .store import Obj, Store, Subscription
@@ -116,6 +117,8 @@ class FakeApiServer:
         self._runner: web.AppRunner | None = None
         for ns in ("default", "kube-system", "kube-public", "kube-node-lease"):
             self.store.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
+        for priority_class in SYSTEM_PRIORITY_CLASSES:  # as kube-apiserver creates them at start
+            self.store.create(priority_class)
 
     @property
     def pdb_lag(self) -> float:

@@ -356,6 +356,8 @@ def _apply_defaults(obj: Obj) -> None:
     """The API defaults the rest of the fake relies on (pods: strategy.default_pod; namespaces' phase)."""
     if obj["kind"] == "Pod":
         strategy.default_pod(obj)
+    elif obj["kind"] == "PriorityClass":
+        obj.setdefault("preemptionPolicy", "PreemptLowerPriority")
     elif obj["kind"] == "Namespace":
         obj.setdefault("status", {}).setdefault("phase", "Active")
 
