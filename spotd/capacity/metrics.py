@@ -31,7 +31,8 @@ POOL_SPOT_AVAILABLE = Gauge(
 )
 SQS_MESSAGES = Counter(
     "spotd_sqs_messages",
-    "SQS messages by outcome (handled, foreign, malformed, ignored, failed).",
+    "SQS messages by outcome (handled, foreign, malformed, ignored, failed; deferred: kept for later, a launch "
+    "action whose node is not Ready yet).",
     ["outcome"],
     registry=REGISTRY,
 )

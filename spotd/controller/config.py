@@ -62,6 +62,7 @@ class ControllerConfig:
     # controller drains the node itself; the deadline given to an ASG termination (which carries none)
     agent_ack_timeout: float = 5.0
     asg_termination_window: float = 120.0
+    complete_launch_hooks: bool = False  # CONTINUE an ASG launch lifecycle action once its node is Ready
     dry_run: bool = False
     log_level: str = "info"
     alerts: AlertConfig = AlertConfig()  # noqa: RUF009 - frozen, sharing the default is safe
@@ -136,6 +137,7 @@ _BOOLS = {
     "--evict-local-storage": "evict pods with emptyDir volumes (their data is lost)",
     "--terminate-drained": "terminate a drained node through its ASG, decrementing desired capacity",
     "--evict-jobs": "evict running Job pods in voluntary drains (default: a running Job holds the drain)",
+    "--complete-launch-hooks": "complete ASG launch lifecycle actions from the queue (CONTINUE) once the node is Ready",
     "--dry-run": "log every decision, change nothing",
 }
 
@@ -285,6 +287,7 @@ def config_from_args(args: argparse.Namespace) -> ControllerConfig:
         landing_timeout=durations["--landing-timeout"],
         agent_ack_timeout=durations["--agent-ack-timeout"],
         asg_termination_window=durations["--asg-termination-window"],
+        complete_launch_hooks=bool(getattr(args, "complete_launch_hooks", False)),
         dry_run=bool(args.dry_run),
         log_level=str(getattr(args, "log_level", None) or "info"),
         alerts=alert_config_from_args(args) if hasattr(args, "alertmanager_url") else AlertConfig(),

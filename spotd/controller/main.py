@@ -36,6 +36,7 @@ from spotd.common.waits import wait_set
 from spotd.controller import surge as surges
 from spotd.controller.config import ControllerConfig, add_arguments, config_from_args
 from spotd.controller.drains import DrainDeps, DrainJob, DrainOutcome, DrainSettings, PoolNews, drain, pool_of, recover
+from spotd.controller.lifecycle import HookSettings, LifecycleHooks, NodeView, pods_to_drain
 from spotd.controller.metrics import (
     DECISION_PASS_SECONDS,
     DRAINS_HELD,
@@ -88,7 +89,8 @@ def distinct_drains(starts: list[tuple[str, datetime]], since: datetime) -> list
 
 
 class Controller:
-    """The controller's state and loops. sqs, asgs, lookup: the capacity readers (None: not used)."""
+    """The controller's state and loops. sqs, asgs, lookup: the capacity readers (None: not used);
+    hook_actions: the lifecycle action calls (a LifecycleActions; made when absent, used with sqs only)."""
 
     def __init__(
         self,
@@ -98,6 +100,7 @@ class Controller:
         sqs: Any = None,
         asgs: Any = None,
         lookup: Any = None,
+        hook_actions: Any = None,
         alerter: Alerter | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
@@ -133,7 +136,10 @@ class Controller:
             clock=clock,
             dry_run=config.dry_run,
             on_matched=lambda node, event: self.takeovers.consider(self._spawn, node.name, event),
+            on_terminate_hook=lambda node, event: self.hooks.on_terminate(self._spawn, node, event),
+            on_launch_hook=(lambda event: self.hooks.on_launch(event)) if config.complete_launch_hooks else None,
         )
+        self.hooks = self._lifecycle_hooks(hook_actions)
         self.takeovers = Takeovers(
             client,
             self.events,
@@ -196,6 +202,52 @@ class Controller:
         )
 
     # --- the second witness (issue 19) ---------------------------------------------------------------
+
+    def _lifecycle_hooks(self, actions: Any) -> LifecycleHooks:
+        from spotd.capacity.sources.lifecycle import LifecycleActions
+
+        def agent_deadline(name: str) -> datetime | None:
+            extra = self.inventory.node_extra.get(name)
+            return extra.notice_deadline if extra is not None else None
+
+        view = NodeView(
+            present=lambda name: name in self.inventory.nodes,
+            pods_left=lambda name: pods_to_drain(self.inventory.pods_of(name)),
+            agent_deadline=agent_deadline,
+            node_of_instance=self.inventory.node_of_instance,
+            our_asg=lambda name: self.asgs is not None and name in self.asgs.asgs,
+        )
+        settings = HookSettings(
+            asg_termination_window=self.config.asg_termination_window,
+            complete_launch_hooks=self.config.complete_launch_hooks,
+            dry_run=self.config.dry_run,
+        )
+        return LifecycleHooks(
+            actions or LifecycleActions(),
+            self.client,
+            self.events,
+            self.log,
+            self.clock,
+            view,
+            settings,
+            # a terminate action a previous leader recorded: its node's agent may be silent, so the takeover
+            # is followed again (an agent that records the notice is left the drain, as on first receipt)
+            resumed=lambda node, action: self.takeovers.consider(self._spawn, node, action.event()),
+        )
+
+    async def resume_hooks(self) -> None:
+        """At the start of a term: the lifecycle actions a previous leader recorded on the Nodes."""
+        await self.inventory.wait_synced()
+        while True:
+            try:
+                found = await self.hooks.resume(self._spawn)
+            except Exception as exc:  # the API server: tried again shortly
+                LOOP_ERRORS.labels("lifecycle").inc()
+                self.log.warning("lifecycle_resume_failed", error=repr(exc))
+                await asyncio.sleep(self.config.lease_retry_period)
+                continue
+            self.log.info("lifecycle_actions_resumed", actions=found)
+            return
 
     def _node_changed(self) -> None:
         self.wake.set()
@@ -705,6 +757,7 @@ class Controller:
                             on_instances=self.witness.on_event,
                         )
                     )
+                    group.create_task(self.resume_hooks())
                 if self.asgs is not None:
                     group.create_task(self.asgs.run(self.on_signals, self.config.activities_interval))
                 group.create_task(self.decision_loop())

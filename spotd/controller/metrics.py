@@ -127,3 +127,21 @@ TAKEOVERS = Counter(
 )
 for _outcome in TAKEOVER_OUTCOMES:
     TAKEOVERS.labels(_outcome)
+LIFECYCLE_ACTIONS = Counter(
+    "spotd_lifecycle_actions",
+    "ASG lifecycle actions the controller ended or looked at, by transition (terminate, launch) and outcome "
+    "(continue: completed with CONTINUE; gone: AWS had no such action any more; failed; dry_run; launch only: "
+    "wait, the node not Ready yet, expired, the hook ran out before).",
+    ["transition", "outcome"],
+    registry=REGISTRY,
+)
+LIFECYCLE_HEARTBEATS = Counter(
+    "spotd_lifecycle_heartbeats",
+    "RecordLifecycleActionHeartbeat calls for terminate actions whose drain runs, by outcome (ok, gone, failed).",
+    ["outcome"],
+    registry=REGISTRY,
+)
+for _outcome in ("continue", "gone", "failed"):
+    LIFECYCLE_ACTIONS.labels("terminate", _outcome)
+for _outcome in ("ok", "gone", "failed"):
+    LIFECYCLE_HEARTBEATS.labels(_outcome)

@@ -12,7 +12,7 @@ spotd_episode_sightings_total{order="second"}.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
 
@@ -24,7 +24,7 @@ from spotd.kube.events import EventRecorder
 from spotd.kube.nodes import merge_patch_node, patched, read_node
 from spotd.notices.episodes import QUEUE, first_witness, queue_episode_patch
 from spotd.notices.metrics import EPISODE_SIGHTINGS
-from spotd.notices.queue_events import ASG_LAUNCH, InstanceEvent
+from spotd.notices.queue_events import ASG_LAUNCH, ASG_TERMINATION, InstanceEvent
 from spotd.notices.record import Notice, NoticeKind
 
 FIRST, SECOND = "first", "second"
@@ -56,6 +56,8 @@ class Witness:
         clock: Callable[[], datetime] | None = None,
         dry_run: bool = False,
         on_matched: Callable[[NodeInfo, InstanceEvent], None] | None = None,
+        on_terminate_hook: Callable[[NodeInfo, InstanceEvent], Awaitable[None]] | None = None,
+        on_launch_hook: Callable[[InstanceEvent], Awaitable[str]] | None = None,
     ) -> None:
         self.node_of_instance = node_of_instance
         self.synced = synced
@@ -63,6 +65,11 @@ class Witness:
         self.client, self.events, self.alerter, self.clock = client, events, alerter, clock
         self.dry_run = dry_run
         self.on_matched = on_matched  # an episode the queue saw first (or again): the agent-down cover
+        # an ASG terminate lifecycle action for a node of ours, whichever witness was first: recorded on the
+        # Node (raising keeps the message) and completed after the drain (spotd.controller.lifecycle)
+        self.on_terminate_hook = on_terminate_hook
+        # a launch action (--complete-launch-hooks): its node does not exist yet when it arrives
+        self.on_launch_hook = on_launch_hook
 
     def nodes_of(self, event: InstanceEvent) -> list[NodeInfo]:
         """This cluster's nodes among the event's instances."""
@@ -73,6 +80,10 @@ class Witness:
         """One instance event -> the message's outcome: "handled" (a node of ours), "foreign"."""
         if not self.synced():
             raise InventoryNotReady("inventory not listed yet")
+        if event.kind == ASG_LAUNCH and self.on_launch_hook is not None:
+            outcome = await self.on_launch_hook(event)
+            QUEUE_EVENTS.labels(event.kind, "matched" if outcome != "foreign" else "foreign").inc()
+            return outcome
         nodes = self.nodes_of(event)
         if not nodes:
             QUEUE_EVENTS.labels(event.kind, "foreign").inc()
@@ -100,6 +111,8 @@ class Witness:
                 first = await self.record_episode(node, event)
                 if first == QUEUE and self.on_matched is not None:
                     self.on_matched(node, event)
+            if event.kind == ASG_TERMINATION and event.token and self.on_terminate_hook is not None:
+                await self.on_terminate_hook(node, event)
         return "handled"
 
     async def record_episode(self, node: NodeInfo, event: InstanceEvent) -> str:

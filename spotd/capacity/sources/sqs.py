@@ -37,9 +37,11 @@ class SqsMessage:
     sent_at: datetime | None = None  # SentTimestamp
 
 
+KEPT = frozenset({"failed", "deferred"})  # outcomes whose message is not deleted
 AsgView = Callable[[], Mapping[str, AsgInfo]]
 # An instance event (Spot warning, state change, Health, lifecycle action) -> the message's outcome:
-# "handled" (a node of this cluster), "foreign" (no node of this cluster: another cluster's instance).
+# "handled" (a node of this cluster), "foreign" (no node of this cluster: another cluster's instance),
+# "deferred" (not yet: a launch action whose node is not Ready; kept, SQS gives it back later).
 InstanceHandler = Callable[[InstanceEvent], str | Awaitable[str]]
 
 
@@ -138,7 +140,7 @@ class SqsSource:
         for msg in msgs:
             outcome = await self._handle(msg, on_signals, view, on_instances)
             metrics.SQS_MESSAGES.labels(outcome).inc()
-            if outcome != "failed":
+            if outcome not in KEPT:
                 done.append(msg)
         if done:
             await self.delete(done)
