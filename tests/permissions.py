@@ -10,6 +10,8 @@ SPOTD_CHECK_PERMISSIONS=1, fails the run on `compare`'s findings:
 
 Only meaningful on a full run in which the programs run as their real identities
 (`api.service_account_token("spotd", "spotd-agent", node_name=...)`, `("spotd", "spotd-controller")`).
+A binding to a Group (deploy/status-rbac.yaml's spotd-status) stands for the user `group_member(group)`:
+a test runs as a member with `api.add_token(token, group_member(g), groups=(g, "system:authenticated"))`.
 Run as a script to compare a JSON file written earlier: `python -m tests.permissions FILE`.
 """
 
@@ -47,6 +49,12 @@ class Grant(NamedTuple):
         )
 
 
+def group_member(group: str) -> str:
+    """The username the tests give a member of this group: what a binding to the group grants is checked
+    against that user's requests (a record names the user, not its groups)."""
+    return f"spotd-test:member-of:{group}"
+
+
 def _subject_usernames(binding: dict[str, Any]) -> list[str]:
     names = []
     for subject in binding.get("subjects") or []:
@@ -55,6 +63,8 @@ def _subject_usernames(binding: dict[str, Any]) -> list[str]:
             names.append(f"system:serviceaccount:{namespace}:{subject['name']}")
         elif subject.get("kind") == "User":
             names.append(subject["name"])
+        elif subject.get("kind") == "Group":
+            names.append(group_member(subject["name"]))
     return names
 
 

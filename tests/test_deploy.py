@@ -23,6 +23,7 @@ DEPLOY = ROOT / "deploy"
 MANIFESTS = (
     "namespace.yaml",
     "rbac.yaml",
+    "status-rbac.yaml",
     "daemonset.yaml",
     "deployment.yaml",
     "pdb.yaml",

@@ -15,6 +15,7 @@ COMMANDS = {
     "agent": "per-node agent: act on Spot interruption and other notices (DaemonSet)",
     "controller": "move on-demand fallback back to Spot once capacity returns (Deployment)",
     "simulate-reclaim": "rehearse a reclaim on a cluster, or on an embedded simulated one",
+    "status": "per node: notice or drain, and why each on-demand node is still here (read-only)",
     "version": "print the version",
 }
 
@@ -65,6 +66,7 @@ def _program(command: str) -> Any:
         "agent": "spotd.agent.main",
         "controller": "spotd.controller.main",
         "simulate-reclaim": "spotd.rehearsal.command",
+        "status": "spotd.status.command",
     }
     return importlib.import_module(modules[command])
 

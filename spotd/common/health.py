@@ -1,4 +1,4 @@
-"""One small HTTP server per process: /healthz, /readyz, /metrics.
+"""One small HTTP server per process: /healthz, /readyz, /metrics (and the controller's /status).
 
 The standard library's WSGI server in a thread, with prometheus-client's WSGI app for /metrics: no web
 framework in the agent (aiohttp alone is about 11 MB resident on every node, bench/bench_agent.py), and no
@@ -52,9 +52,11 @@ class HealthServer:
         liveness: Callable[[], bool],
         readiness: Callable[[], bool],
         detail: Callable[[], str] | None = None,
+        status: Callable[[], bytes] | None = None,
     ) -> None:
         self._host, self._port = host, port
         self._detail = detail  # a line /readyz adds (the controller: what it may drain)
+        self._status = status  # a JSON document for GET /status (the controller's: `spotd status` reads it)
         self._liveness, self._readiness = liveness, readiness
         self._metrics = make_wsgi_app(registry)
         self._server: WSGIServer | None = None
@@ -110,6 +112,9 @@ class HealthServer:
             if self._detail is not None:
                 text += self._detail() + "\n"
             return _answer(start_response, ok, text.encode())
+        if path == "/status" and self._status is not None:
+            start_response("200 OK", [("Content-Type", "application/json")])
+            return [self._status()]
         start_response("404 Not Found", [_TEXT])
         return [b"not found\n"]
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import sys
@@ -34,6 +35,7 @@ from spotd.common.metrics import LOOP_ERRORS, REGISTRY
 from spotd.common.parsing import parse_iso_time
 from spotd.common.waits import wait_set
 from spotd.controller import surge as surges
+from spotd.controller.book_store import BookStore
 from spotd.controller.config import ControllerConfig, add_arguments, config_from_args
 from spotd.controller.drains import DrainDeps, DrainJob, DrainOutcome, DrainSettings, PoolNews, drain, pool_of, recover
 from spotd.controller.lifecycle import HookSettings, LifecycleHooks, NodeView, pods_to_drain
@@ -56,6 +58,7 @@ from spotd.controller.policy import (
     out_of_service_due,
 )
 from spotd.controller.publish import NO_POOL_ALERTS, Firing, export_metrics, resolve_gone_nodes, update_pool_alerts
+from spotd.controller.status import DrainInFlight, StatusSettings, drain_phase, standby_document, status_document
 from spotd.controller.takeover import Takeovers, TakeoverSettings
 from spotd.controller.witness import Witness
 from spotd.inventory.cache import Inventory, LazyNodePods
@@ -115,6 +118,7 @@ class Controller:
         self.clock = clock
         self.log = _log.bind(identity=config.identity)
         self.book = PoolBook()
+        self.book_store = BookStore(client, config.lease_namespace, self.log, dry_run=config.dry_run)
         self.wake = asyncio.Event()
         self.inventory = Inventory.from_client(
             client, capacity_label=config.capacity_type_label, on_node=lambda _o, _n: self._node_changed()
@@ -165,6 +169,8 @@ class Controller:
         self.term_started = 0.0  # wall time this term began (for spotd_source_last_read_timestamp_seconds)
         self.ready = False
         self.last_pass = time.monotonic()
+        # GET /status (the health server's thread reads it): replaced whole after every pass, never mutated
+        self.status_body = json.dumps(standby_document(config.identity, clock())).encode()
         self._group: asyncio.TaskGroup | None = None
         self.drain_deps = DrainDeps(
             client=client,
@@ -458,6 +464,38 @@ class Controller:
             self.in_flight[v.node] = job
             self._group.create_task(drain(self.drain_deps, job, v.reason))
 
+    def publish_status(self, verdicts: list[Verdict], now: datetime) -> None:
+        """GET /status after this pass: the verdicts as choose_drains gave them, the book, the drains in flight."""
+        config = self.config
+        settings = StatusSettings(
+            config.identity,
+            config.interval,
+            config.min_on_demand_age,
+            config.surge_timeout,
+            config.drain_timeout,
+            config.ice_cooldown,
+            config.dry_run,
+            config.scope,
+        )
+        in_flight = {
+            name: DrainInFlight(
+                name, job.started, drain_phase(config.surge_timeout, job.resumed, job.surged, job.cordoned), job.probe
+            )
+            for name, job in self.in_flight.items()
+        }
+        document = status_document(
+            settings,
+            now,
+            self.resolved_nodes(),
+            verdicts,
+            self.spot_answer(now),
+            pool_of,
+            self.book,
+            in_flight,
+            self.asgs.fallback_instances if self.asgs is not None else frozenset(),
+        )
+        self.status_body = json.dumps(document).encode()
+
     # --- what the drains report back ------------------------------------------------------------------
 
     def drain_finished(self, job: DrainJob, outcome: DrainOutcome) -> None:
@@ -677,8 +715,8 @@ class Controller:
             SOURCE_LAST_READ.labels(source).set(max(last, self.term_started))
 
     def start_term(self) -> None:
-        """A new term starts from a fresh read of every source: the pool book of a previous term missed
-        what another leader consumed from SQS meanwhile."""
+        """A new term starts from a fresh read of every source, on the book the last leader saved (lead()
+        loads it): this process's own book of an earlier term missed what another leader learnt meanwhile."""
         self.book = PoolBook()
         self.launch_seen = set()
         self.alerted = dict(NO_POOL_ALERTS)
@@ -735,7 +773,9 @@ class Controller:
                         await self.check_priorities()  # again only when the ASGs changed
                     now = self.clock()
                     await self.apply_out_of_service(now)
-                    self.act(self.decision_pass(now), now)
+                    verdicts = self.decision_pass(now)
+                    self.act(verdicts, now)
+                    self.publish_status(verdicts, now)
                 except Exception as exc:
                     LOOP_ERRORS.labels("decisions").inc()
                     self.log.exception("decision_pass_failed", error=repr(exc))
@@ -746,6 +786,8 @@ class Controller:
         """Everything only the leader does; cancelled the moment the lease is lost."""
         self.log.info("leading")
         self.start_term()
+        # what the previous leader learnt (short pools, probe back-off), before any source adds to it
+        self.book = await self.book_store.load_until_loaded(self.config.lease_retry_period)
         try:
             async with asyncio.TaskGroup() as group:
                 self._group = group
@@ -761,9 +803,11 @@ class Controller:
                 if self.asgs is not None:
                     group.create_task(self.asgs.run(self.on_signals, self.config.activities_interval))
                 group.create_task(self.decision_loop())
+                group.create_task(self.book_store.keep(lambda: self.book))
         finally:
             self._group = None
             self.ready = False
+            self.status_body = json.dumps(standby_document(self.config.identity, self.clock())).encode()
             SOURCE_READY.clear()
             SOURCE_LAST_READ.clear()
 
@@ -808,6 +852,21 @@ class Controller:
             "Pod", self.config.identity, self.config.lease_namespace, "SpotdNoFallbackScope", message, type="Warning"
         )
 
+    def http_server(self) -> Any:
+        """The --listen server: /healthz, /readyz, /metrics and /status (what `spotd status` reads)."""
+        from spotd.common.health import HealthServer
+
+        host, port = self.config.listen
+        return HealthServer(
+            host,
+            port,
+            REGISTRY,
+            self.alive,
+            self.readiness,
+            detail=self.readiness_detail,
+            status=lambda: self.status_body,
+        )
+
     def readiness_detail(self) -> str:
         """What /readyz says besides ready / not ready."""
         scope = self.config.scope
@@ -830,7 +889,6 @@ async def run(config: ControllerConfig | argparse.Namespace) -> int:
     from spotd.capacity.sources.asg import AsgSource, tag_filters
     from spotd.capacity.sources.aws import AwsStartupError, InstanceLookup, check_aws_access
     from spotd.capacity.sources.sqs import SqsSource
-    from spotd.common.health import HealthServer
     from spotd.kube.client import make_client
 
     if os.environ.get("AWS_REGION") and not os.environ.get("AWS_DEFAULT_REGION"):
@@ -855,14 +913,7 @@ async def run(config: ControllerConfig | argparse.Namespace) -> int:
         "controller_starting", aws_identity=caller, **{k: str(v) for k, v in config.summary().items() if k != "alerts"}
     )
     controller.announce_scope()
-    server = HealthServer(
-        config.listen[0],
-        config.listen[1],
-        REGISTRY,
-        controller.alive,
-        controller.readiness,
-        detail=controller.readiness_detail,
-    )
+    server = controller.http_server()
     await server.start()
     controller.log.info("listening", port=server.port)
     stop = asyncio.Event()
