@@ -30,9 +30,26 @@ def _drop_secrets(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMa
     return event
 
 
+class _JsonLines(logging.Handler):
+    """Other libraries' stdlib log records (botocore, asyncio, httpx, urllib3) as spotd's JSON lines, written
+    to `stream`, or to whatever sys.stderr is when the line is written."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__()
+        self._stream = stream
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record)
+            print(line, file=self._stream if self._stream is not None else sys.stderr, flush=True)
+        except Exception:
+            self.handleError(record)
+
+
 def configure(level: str = "info", stream: Any = None) -> None:
-    # Libraries log through the stdlib; their debug chatter (httpcore) is not ours to print.
-    logging.basicConfig(format="%(message)s", stream=stream or sys.stderr, level=logging.WARNING)
+    """spotd's events at `level` and up, and other libraries' records at WARNING and up (their debug chatter
+    is not ours to print), as one JSON object per line with "logger" naming a library's logger."""
+    threshold = logging.getLevelNamesMapping()[level.upper()]
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -42,7 +59,7 @@ def configure(level: str = "info", stream: Any = None) -> None:
             structlog.processors.format_exc_info,
             structlog.processors.JSONRenderer(sort_keys=False),
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
+        wrapper_class=structlog.make_filtering_bound_logger(threshold),
         # Without a stream, whatever sys.stderr is when a line is written (not when configured).
         logger_factory=structlog.PrintLoggerFactory(file=stream)
         if stream is not None
@@ -50,6 +67,30 @@ def configure(level: str = "info", stream: Any = None) -> None:
         # Not cached: module-level loggers follow a later configure() (the simulation logs to a file, then back).
         cache_logger_on_first_use=False,
     )
+    handler = _JsonLines(stream)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[
+                structlog.stdlib.add_logger_name,
+                structlog.processors.add_log_level,
+                structlog.processors.TimeStamper(fmt="iso", utc=True),
+            ],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                _drop_secrets,
+                structlog.processors.format_exc_info,
+                structlog.processors.JSONRenderer(sort_keys=False),
+            ],
+        )
+    )
+    root = logging.getLogger()
+    # A second configure() (the simulation's log file, then back) replaces ours; other handlers (pytest's) stay.
+    for old in [h for h in root.handlers if isinstance(h, _JsonLines)]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(max(threshold, logging.WARNING))
+    # warnings.warn() from a library (a DeprecationWarning shown once) as a record of logger "py.warnings".
+    logging.captureWarnings(True)
 
 
 def get(name: str) -> Any:
