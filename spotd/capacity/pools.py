@@ -20,13 +20,14 @@ return a new book.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from types import MappingProxyType
 
 from spotd.capacity.signals import ANY, AsgInfo, CapacitySignal, CapacityType, Pool, SignalKind
-from spotd.common.parsing import format_time
+from spotd.common.parsing import format_time, parse_iso_time
 
 AVAILABLE = "available"
 RECOVERING = "recovering"
@@ -268,3 +269,60 @@ def spot_where_known(
     if group is not None:
         return PoolVerdict(True, f"{verdict.reason}; Spot ASG {group.name} covers {pool}", verdict.state)
     return PoolVerdict(False, f"no Spot group known for {pool} (no Spot ASG covers it, no Spot launch seen)", UNKNOWN)
+
+
+# --- the book's persistence (a new leader reads what the previous one learnt) -----------------------------
+
+BOOK_FORMAT = 1
+_TIMES = ("last_ice", "last_launch", "last_probe", "short_since")
+
+
+def book_to_json(book: PoolBook) -> str:
+    """The book as compact JSON: {"format": 1, "pools": {"m5.large/us-east-1a": {...}}} (times RFC 3339)."""
+    pools: dict[str, dict[str, object]] = {}
+    for pool in book.pools():
+        rec = book.get(pool)
+        assert rec is not None
+        entry: dict[str, object] = {}
+        for name in _TIMES:
+            value = getattr(rec, name)
+            if value is not None:
+                entry[name] = format_time(value)
+        for name, value in (
+            ("ice_reason", rec.ice_reason),
+            ("ice_count", rec.ice_count),
+            ("launch_source", rec.launch_source),
+            ("probe_failures", rec.probe_failures),
+            ("short_reason", rec.short_reason),
+        ):
+            if value:
+                entry[name] = value
+        if rec.asgs:
+            entry["asgs"] = sorted(rec.asgs)
+        pools[str(pool)] = entry
+    return json.dumps({"format": BOOK_FORMAT, "pools": pools}, sort_keys=True, separators=(",", ":"))
+
+
+def book_from_json(text: str) -> PoolBook:
+    """The book book_to_json wrote; ValueError when the text is not one (the caller decides what then)."""
+    data = json.loads(text)
+    if not isinstance(data, dict) or data.get("format") != BOOK_FORMAT or not isinstance(data.get("pools"), dict):
+        raise ValueError("not a pool book of format 1")
+    records: dict[Pool, PoolRecord] = {}
+    for key, entry in data["pools"].items():
+        if not isinstance(entry, dict):
+            raise ValueError(f"pool {key!r}: not an object")
+        try:
+            times = {name: parse_iso_time(str(entry[name])) if entry.get(name) else None for name in _TIMES}
+            records[Pool.parse(key)] = PoolRecord(
+                ice_reason=str(entry.get("ice_reason", "")),
+                ice_count=int(entry.get("ice_count", 0)),
+                launch_source=str(entry.get("launch_source", "")),
+                asgs=frozenset(str(a) for a in entry.get("asgs", [])),
+                probe_failures=int(entry.get("probe_failures", 0)),
+                short_reason=str(entry.get("short_reason", "")),
+                **times,
+            )
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"pool {key!r}: {exc}") from None
+    return PoolBook(records)

@@ -35,6 +35,7 @@ from spotd.common.metrics import LOOP_ERRORS, REGISTRY
 from spotd.common.parsing import parse_iso_time
 from spotd.common.waits import wait_set
 from spotd.controller import surge as surges
+from spotd.controller.book_store import BookStore
 from spotd.controller.config import ControllerConfig, add_arguments, config_from_args
 from spotd.controller.drains import DrainDeps, DrainJob, DrainOutcome, DrainSettings, PoolNews, drain, pool_of, recover
 from spotd.controller.lifecycle import HookSettings, LifecycleHooks, NodeView, pods_to_drain
@@ -117,6 +118,7 @@ class Controller:
         self.clock = clock
         self.log = _log.bind(identity=config.identity)
         self.book = PoolBook()
+        self.book_store = BookStore(client, config.lease_namespace, self.log, dry_run=config.dry_run)
         self.wake = asyncio.Event()
         self.inventory = Inventory.from_client(
             client, capacity_label=config.capacity_type_label, on_node=lambda _o, _n: self._node_changed()
@@ -713,8 +715,8 @@ class Controller:
             SOURCE_LAST_READ.labels(source).set(max(last, self.term_started))
 
     def start_term(self) -> None:
-        """A new term starts from a fresh read of every source: the pool book of a previous term missed
-        what another leader consumed from SQS meanwhile."""
+        """A new term starts from a fresh read of every source, on the book the last leader saved (lead()
+        loads it): this process's own book of an earlier term missed what another leader learnt meanwhile."""
         self.book = PoolBook()
         self.launch_seen = set()
         self.alerted = dict(NO_POOL_ALERTS)
@@ -784,6 +786,8 @@ class Controller:
         """Everything only the leader does; cancelled the moment the lease is lost."""
         self.log.info("leading")
         self.start_term()
+        # what the previous leader learnt (short pools, probe back-off), before any source adds to it
+        self.book = await self.book_store.load_until_loaded(self.config.lease_retry_period)
         try:
             async with asyncio.TaskGroup() as group:
                 self._group = group
@@ -799,6 +803,7 @@ class Controller:
                 if self.asgs is not None:
                     group.create_task(self.asgs.run(self.on_signals, self.config.activities_interval))
                 group.create_task(self.decision_loop())
+                group.create_task(self.book_store.keep(lambda: self.book))
         finally:
             self._group = None
             self.ready = False
