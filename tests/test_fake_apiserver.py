@@ -498,6 +498,7 @@ async def test_injected_faults(api: FakeApiServer) -> None:
 
 async def test_graceful_delete_timing(api: FakeApiServer) -> None:
     api.termination_scale = 0.1
+    api.create(node("n1"))  # Ready: its kubelet ends the pods' graceful deletions
     api.create(pod("slow", annotations={}))  # grace 30 s -> 3 s scaled; shortened below
     api.create(pod("quick", annotations={STOP_SECONDS_ANNOTATION: "2"}))  # stops in 2 s -> 0.2 s
     api.create(pod("pending", node_name=None))

@@ -36,7 +36,9 @@ AGENT = "system:serviceaccount:spotd:spotd-agent"
 
 
 def node(name: str) -> dict[str, Any]:
-    return {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}}
+    """Ready: its kubelet ends the graceful deletions of its pods."""
+    status = {"conditions": [{"type": "Ready", "status": "True"}]}
+    return {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}, "status": status}
 
 
 def pod(name: str, node_name: str = "node-a", labels: dict[str, str] | None = None, ready: bool = True) -> Any:

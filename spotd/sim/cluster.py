@@ -293,7 +293,7 @@ class EmbeddedCluster:
                 self.agents[name] = tasks.create_task(serve(config, health_server=False), name=f"agent-{name}")
 
     def remove_node(self, name: str) -> None:
-        """A terminated instance: its agent stops, the Node goes, its pods are collected on the next pass."""
+        """A terminated instance: its agent stops, the Node goes; pod GC collects its pods (podgc.py)."""
         agent = self.agents.pop(name, None)
         if agent is not None:
             agent.cancel()

@@ -8,8 +8,16 @@ import random
 from collections import defaultdict
 from typing import Any
 
+from spotd.controller.node_groups import tolerates
 from spotd.sim.kubeapi.server import FakeApiServer
 from spotd.sim.scheduler import Obj, Scheduler, terminating
+
+# the NoExecute tolerations the DaemonSet controller adds to its pods (AddOrUpdateDaemonPodTolerations): it
+# starts none on a node with another NoExecute taint, which the taint manager would evict at once
+DAEMON_POD_TOLERATIONS = [
+    {"key": "node.kubernetes.io/not-ready", "operator": "Exists", "effect": "NoExecute"},
+    {"key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoExecute"},
+]
 
 
 def is_ready(pod: Obj) -> bool:
@@ -98,11 +106,7 @@ class Controllers:
         self.passes += 1
         nodes = {n["metadata"]["name"]: n for n in self.store.iter_objects("Node")}
         by_owner: dict[tuple[str, str, str], list[Obj]] = defaultdict(list)
-        for pod in list(self.store.iter_objects("Pod")):
-            node = pod.get("spec", {}).get("nodeName")
-            if node and node not in nodes:  # pod garbage collection after a node is gone
-                self.scheduler.delete(pod, 0)
-                continue
+        for pod in list(self.store.iter_objects("Pod")):  # a gone node's pods: the API server's pod GC (podgc.py)
             ref = controller_of(pod)
             if ref:
                 by_owner[(ref[0], pod["metadata"]["namespace"], ref[1])].append(pod)
@@ -135,8 +139,10 @@ class Controllers:
         for ds in list(self.store.iter_objects("DaemonSet")):
             meta = ds["metadata"]
             covered = {p["spec"].get("nodeName") for p in by_owner[("DaemonSet", meta["namespace"], meta["name"])]}
-            for node in nodes:
-                if node not in covered:
+            tolerations = [*(ds["spec"]["template"]["spec"].get("tolerations") or []), *DAEMON_POD_TOLERATIONS]
+            for node, obj in nodes.items():
+                no_execute = [t for t in obj.get("spec", {}).get("taints") or [] if t.get("effect") == "NoExecute"]
+                if node not in covered and all(tolerates(tolerations, t) for t in no_execute):
                     pod = self.new_pod(ds, self.pod_name(meta["name"]), node)
                     if initial:
                         pod["status"] = {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}

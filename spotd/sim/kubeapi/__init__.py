@@ -34,9 +34,12 @@ What it does not do (know this before trusting a green test):
   add; no LimitRanger, ServiceAccount, NodeRestriction, ResourceQuota or webhooks. Pods are defaulted and
   their container resources validated as kube-apiserver does (strategy.py: a GPU request without an equal
   limit is a 422); no other schema validation; deleting a namespace removes it at once (no Terminating phase,
-  no namespace controller); ownerReferences garbage collection is ignored,
-  deleting a Node leaves its pods (no pod GC), no kubelet: pods change phase/readiness only when someone
-  writes them;
+  no namespace controller); ownerReferences garbage collection is ignored; finalizers hold any object (a
+  DELETE marks it, the update removing the last one deletes it);
+- pods: a graceful deletion ends only on a node that exists and is Ready (its kubelet: policy.py), else the
+  pod stays Terminating; the taint manager and pod GC (terminating pods of an out-of-service NotReady node,
+  pods of a deleted Node) as podgc.py says; no node lifecycle controller (nothing turns a node NotReady) and
+  no other kubelet: pods change phase/readiness only when someone writes them;
 - lists always answer from the current state (resourceVersion/resourceVersionMatch ignored), and a
   `continue` token resumes by key on the current state rather than on a snapshot;
 - watches replay from a global history of `history_size` changes (then 410 Expired); bookmarks every

@@ -39,8 +39,12 @@ def clone(obj: Any) -> Any:
 
 def now_rfc3339(offset_seconds: float = 0.0) -> str:
     """UTC time as Kubernetes writes metav1.Time: second precision, trailing Z."""
-    when = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=offset_seconds)
-    return when.strftime("%Y-%m-%dT%H:%M:%SZ")
+    return format_rfc3339(dt.datetime.now(dt.UTC) + dt.timedelta(seconds=offset_seconds))
+
+
+def format_rfc3339(when: dt.datetime) -> str:
+    """An aware datetime as metav1.Time."""
+    return when.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def now_micro() -> str:

@@ -366,7 +366,7 @@ class ResourceHandlers:
         elif dry_run:
             obj = old
         else:
-            obj = self.store.remove(t.res.kind, t.namespace or "", t.name or "")
+            obj = self.store.delete(t.res.kind, t.namespace or "", t.name or "")
         return json_response(self.out(t.res, obj))
 
     # ---- pod subresources ----------------------------------------------------------------------------

@@ -5,6 +5,7 @@ that respect budgets by their status (and decrement it, as the real eviction sub
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import math
 import time
@@ -22,10 +23,37 @@ _SCALED_KINDS = ("ReplicaSet", "Deployment", "StatefulSet", "ReplicationControll
 _UNSCALED_KINDS = {"Job": "jobs.batch", "DaemonSet": "daemonsets.apps", "CronJob": "cronjobs.batch"}
 DELETION_TIMEOUT_SECONDS = 120  # an evicted pod not deleted by then counts as healthy again
 MAX_DISRUPTED_PODS = 2000  # eviction.go's MaxDisruptedPodSize: past it, evictions are refused (403)
+EVICTION_CONDITION = {
+    "type": "DisruptionTarget",
+    "status": "True",
+    "reason": "EvictionByEvictionAPI",
+    "message": "Eviction API: evicting",
+}
 
 
 def is_terminating(pod: Obj) -> bool:
     return bool(pod["metadata"].get("deletionTimestamp"))
+
+
+def kubelet_alive(node: Obj | None) -> bool:
+    """A node whose kubelet runs: it exists and its Ready condition is True (False or Unknown: not)."""
+    conditions = ((node or {}).get("status") or {}).get("conditions") or []
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+
+
+def set_pod_condition(pod: Obj, condition: Obj) -> Obj:
+    """apipod.UpdatePodCondition: the pod with `condition` set (lastTransitionTime moves only with its status)."""
+    status = dict(pod.get("status") or {})
+    conditions = list(status.get("conditions") or [])
+    for i, c in enumerate(conditions):
+        if c.get("type") == condition["type"]:
+            same = c.get("status") == condition["status"] and c.get("lastTransitionTime")
+            conditions[i] = {**c, **condition, "lastTransitionTime": c["lastTransitionTime"] if same else now_rfc3339()}
+            break
+    else:
+        conditions.append({**condition, "lastProbeTime": None, "lastTransitionTime": now_rfc3339()})
+    status["conditions"] = conditions
+    return {**pod, "status": status}
 
 
 def is_healthy(pod: Obj) -> bool:
@@ -112,6 +140,7 @@ class DisruptionController:
         self._flush_scheduled = False
         self._flush_handle: asyncio.TimerHandle | asyncio.Handle | None = None
         self._timers: dict[Key, tuple[float, str, asyncio.TimerHandle]] = {}
+        self._stalled: dict[str, dict[Key, str]] = {}  # node -> pods its dead kubelet did not finish (uid)
         store.hooks.append(self._on_change)
 
     # ---- PodDisruptionBudget status -------------------------------------------------------------------
@@ -129,6 +158,14 @@ class DisruptionController:
         elif ch.kind == "PodDisruptionBudget":
             if ch.type == "ADDED" or (ch.old is not None and ch.old.get("spec") != ch.obj.get("spec")):
                 self._dirty.add((ch.namespace, ch.obj["metadata"]["name"]))
+        elif ch.kind == "Node":
+            name = ch.obj["metadata"]["name"]
+            if ch.type == "DELETED":
+                self._stalled.pop(name, None)  # its kubelet will not come back: pod GC's orphans (podgc.py)
+            elif name in self._stalled and kubelet_alive(ch.obj):
+                with contextlib.suppress(RuntimeError):  # without a loop: at the next change
+                    asyncio.get_running_loop().call_soon(self._kubelet_back, name)
+            return
         elif ch.kind in _SCALED_KINDS:
             for pdb in self.store.iter_objects("PodDisruptionBudget", ch.namespace):
                 self._dirty.add((ch.namespace, pdb["metadata"]["name"]))
@@ -301,7 +338,7 @@ class DisruptionController:
             if dry_run:
                 return pod
             self._cancel_timer((ns, name))
-            return self.store.remove("Pod", ns, name)
+            return self.store.delete("Pod", ns, name)  # held by finalizers, if any
         meta = pod["metadata"]
         if is_terminating(pod) and grace >= int(meta.get("deletionGracePeriodSeconds", grace)):
             return pod  # a longer grace never extends a deletion in progress
@@ -333,10 +370,24 @@ class DisruptionController:
         self._timers[key] = (deadline, uid, handle)
 
     def _finish(self, key: Key, uid: str) -> None:
+        """The kubelet has stopped the pod's containers and deletes it for good (grace 0; finalizers hold it).
+        Only a live kubelet does: on a node that is NotReady or gone the pod stays Terminating until the node
+        comes back, pod GC force-deletes it (out-of-service taint, podgc.py) or someone deletes it with
+        grace 0."""
         self._timers.pop(key, None)
         pod = self.store.get("Pod", *key)
-        if pod is not None and pod["metadata"]["uid"] == uid and is_terminating(pod):
-            self.store.remove("Pod", *key)
+        if pod is None or pod["metadata"]["uid"] != uid or not is_terminating(pod):
+            return
+        node = (pod.get("spec") or {}).get("nodeName") or ""
+        if not kubelet_alive(self.store.get("Node", "", node)):
+            self._stalled.setdefault(node, {})[key] = uid
+            return
+        self.store.delete("Pod", *key)
+
+    def _kubelet_back(self, node: str) -> None:
+        """A node Ready again: its kubelet finishes the deletions it missed."""
+        for key, uid in self._stalled.pop(node, {}).items():
+            self._finish(key, uid)
 
     def _cancel_timer(self, key: Key) -> None:
         current = self._timers.pop(key, None)
@@ -352,7 +403,8 @@ class DisruptionController:
 
     def evict(self, ns: str, name: str, eviction: Obj, dry_run: bool = False) -> None:
         """POST pods/{name}/eviction: 429 when the pod's budget allows no disruption, 500 when several
-        budgets select the pod, otherwise a graceful delete honouring deleteOptions.gracePeriodSeconds."""
+        budgets select the pod, otherwise the condition DisruptionTarget (reason EvictionByEvictionAPI) written
+        on the pod, then a graceful delete honouring deleteOptions.gracePeriodSeconds."""
         pod = self.store.get("Pod", ns, name)
         if pod is None:
             raise errors.not_found("", "pods", name)
@@ -366,6 +418,8 @@ class DisruptionController:
         if not (is_terminating(pod) or phase in ("Succeeded", "Failed", "Pending")):
             self.before_read()
             self._check_and_decrement(pod, dry_run)
+        if not dry_run:  # addConditionAndDeletePod: why the pod goes, written before it is deleted
+            self.store.update(set_pod_condition(pod, EVICTION_CONDITION), check_version=False)
         self.delete_pod(ns, name, grace, dry_run=dry_run)
 
     def _check_and_decrement(self, pod: Obj, dry_run: bool) -> None:

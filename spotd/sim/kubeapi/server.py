@@ -32,6 +32,7 @@ from .auth import (
 from .codec import clone
 from .handlers import USER_KEY, ResourceHandlers, json_response, parse_path, query_flag
 from .plugins import SYSTEM_PRIORITY_CLASSES
+from .podgc import NodeLifecycle
 from .policy import DisruptionController
 from .rbac import AccessRecord, Authorizer, access_review_attributes, forbidden, request_attributes
 from .store import Obj, Store, Subscription
@@ -102,6 +103,7 @@ class FakeApiServer:
         self.bookmark_interval = bookmark_interval
         self.store = Store(history_size=history_size)
         self.disruption = DisruptionController(self.store, termination_scale, pdb_lag)
+        self.node_lifecycle = NodeLifecycle(self.store, self.disruption)  # taint eviction and pod GC
         # ValidatingAdmissionPolicies stored in the fake apply to every request, as on a real server.
         self.admission_hooks: list[Callable[[AdmissionAttributes], None]] = [self._admit_by_policies]
         self._policies: Any = None
@@ -151,6 +153,7 @@ class FakeApiServer:
 
     async def stop(self) -> None:
         self.disruption.cancel_all()
+        self.node_lifecycle.cancel_all()
         self.store.close()
         if self._runner is not None:
             await self._runner.cleanup()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import datetime as dt
 import itertools
 import random
 import uuid
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import errors, strategy
-from .codec import clone, dumps, now_rfc3339
+from .codec import clone, dumps, format_rfc3339, now_rfc3339, parse_time
 from .resources import Resource, resource_for_kind
 
 Obj = dict[str, Any]
@@ -240,11 +241,43 @@ class Store:
                 meta[kept] = old_meta[kept]
             else:
                 meta.pop(kept, None)
-        meta["generation"] = old_meta.get("generation", 1) + (1 if _spec_changed(old, obj) else 0)
+        if old_meta.get("deletionTimestamp"):
+            added = [f for f in meta.get("finalizers") or [] if f not in (old_meta.get("finalizers") or [])]
+            if added:  # ValidateNoNewFinalizers
+                why = "Forbidden: no new finalizers can be added if the object is being deleted"
+                found = ", ".join(f'"{f}"' for f in added)
+                raise errors.invalid(
+                    res.kind, name, "metadata.finalizers", f"{why}, found new finalizers []string{{{found}}}", res.group
+                )
+        # the first deletion mark bumps the generation too (rest.BeforeDelete, markAsDeleting)
+        first_mark = set_deletion and meta.get("deletionTimestamp") and not old_meta.get("deletionTimestamp")
+        meta["generation"] = old_meta.get("generation", 1) + (1 if first_mark or _spec_changed(old, obj) else 0)
         if _unchanged(old, obj):
             return old  # the real server does not write (nor bump resourceVersion) on a no-op update
+        if old_meta.get("deletionGracePeriodSeconds") == 0 and not meta.get("finalizers"):
+            # ShouldDeleteDuringUpdate: the update removing the last finalizer of an object marked for deletion
+            # with grace 0 (a DELETE that only waited for them) deletes it
+            self._commit("DELETED", res, obj, old)
+            return obj
         self._commit("MODIFIED", res, obj, old)
         return obj
+
+    def delete(self, kind: str, namespace: str, name: str) -> Obj:
+        """A DELETE with grace 0 (or of a kind without graceful deletion): removed at once, unless it has
+        finalizers: then only marked, deletionGracePeriodSeconds 0 and deletionTimestamp when the deletion was
+        asked (a graceful one's start; now for a first one), and removed by the update that takes off the last
+        finalizer (store.go updateForGracefulDeletionAndFinalizers, markAsDeleting; rest.BeforeDelete)."""
+        obj = self.get(kind, namespace, name)
+        if obj is None or not obj["metadata"].get("finalizers"):
+            return self.remove(kind, namespace, name)
+        meta = obj["metadata"]
+        grace = meta.get("deletionGracePeriodSeconds")
+        if grace == 0:
+            return obj  # already marked: nothing changes
+        started = parse_time(meta.get("deletionTimestamp") or "")
+        when = now_rfc3339() if started is None else format_rfc3339(started - dt.timedelta(seconds=grace or 0))
+        marked = {**meta, "deletionTimestamp": when, "deletionGracePeriodSeconds": 0}
+        return self.update({**obj, "metadata": marked}, check_version=False, set_deletion=True)
 
     def remove(self, kind: str, namespace: str, name: str) -> Obj:
         """Delete at once; 404 when missing. The DELETED event carries the deletion's resourceVersion."""
