@@ -208,6 +208,23 @@ def test_the_embedded_daemonsets_start_no_pod_the_taint_manager_would_evict() ->
     assert sorted(p["spec"]["nodeName"] for p in api.list("Pod")) == ["plain", "unreachable"]
 
 
+async def test_the_embedded_scheduler_writes_why_it_preempts(fake: FakeApiServer) -> None:
+    from spotd.sim.scheduler import Scheduler
+
+    node = fake.create(builders.node("n1", allocatable={"cpu": "1", "memory": "2Gi", "pods": "110"}))
+    low = builders.pod("placeholder", "n1", requests={"cpu": "800m"})
+    high = builders.pod("critical", None, requests={"cpu": "800m"})
+    low["spec"]["priority"], high["spec"]["priority"] = -10, 1000
+    fake.create(low)
+    fake.create(high)
+    Scheduler(fake, 0.01).schedule({"n1": node}, initial=False)
+    victim = fake.get("Pod", "placeholder")
+    assert victim is not None and victim["metadata"]["deletionTimestamp"]
+    why = [c for c in victim["status"]["conditions"] if c["type"] == "DisruptionTarget"]
+    assert why and why[0]["reason"] == "PreemptionByScheduler" and why[0]["status"] == "True"
+    assert why[0]["message"] == "default-scheduler: preempting to accommodate a higher priority pod"
+
+
 async def test_the_out_of_service_taint_evicts_and_pod_gc_force_deletes_on_a_dead_node(fake: FakeApiServer) -> None:
     fake.create(builders.node("dead"))
     for name in ("terminating", "running", "tolerant"):

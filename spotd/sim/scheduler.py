@@ -10,6 +10,7 @@ from typing import Any
 
 from spotd.controller.node_groups import node_selection_matches, tolerates
 from spotd.sim.kubeapi.errors import ApiError
+from spotd.sim.kubeapi.policy import set_pod_condition
 from spotd.sim.kubeapi.server import FakeApiServer
 
 Obj = dict[str, Any]
@@ -49,6 +50,9 @@ def requests_of(pod: Obj) -> tuple[int, int]:
         cpu += cpu_millis(req.get("cpu"))
         mem += mem_mebibytes(req.get("memory"))
     return cpu, mem
+
+
+PREEMPTION_CONDITION = {"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler"}
 
 
 class Scheduler:
@@ -172,7 +176,14 @@ class Scheduler:
                 room = [room[0] + vcpu, room[1] + vmem, room[2] + 1]
                 victims.append(victim)
             if _fits(room, (cpu, mem, 1)) and victims:
-                for victim in victims:
+                scheduler = pod["spec"].get("schedulerName") or "default-scheduler"
+                why = {
+                    **PREEMPTION_CONDITION,
+                    "message": f"{scheduler}: preempting to accommodate a higher priority pod",
+                }
+                for victim in victims:  # prepareCandidate: why the victim goes, then its deletion (its own grace)
+                    with contextlib.suppress(ApiError):
+                        self.api.update(set_pod_condition(victim, why))
                     self.delete(victim, int(victim["spec"].get("terminationGracePeriodSeconds", 30)))
                 self.nominated[uid] = name
                 return
