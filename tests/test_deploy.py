@@ -34,6 +34,8 @@ MANIFESTS = (
 # Written by the alerting work; a CRD (monitoring.coreos.com/v1), so no bundled schema: checked for shape.
 PROMETHEUS_RULE = DEPLOY / "prometheusrule.yaml"
 IMAGE = "ghcr.io/spotd/spotd"
+# The DaemonSet's image: the Dockerfile's agent target, without boto3 and aiohttp (docs/deployment.md).
+AGENT_IMAGE = "ghcr.io/spotd/spotd-agent"
 NAMESPACE = "spotd"
 # The oldest Kubernetes the manifests claim to support (docs/deployment.md) and the newest bundled schema.
 K8S_VERSIONS = ("1.30", kubernetes_validate.latest_version())
@@ -146,7 +148,7 @@ def test_kustomize_output_validates() -> None:
     docs = [doc for doc in yaml.safe_load_all(out.stdout) if doc]
     kinds = sorted({d["kind"] for d in docs})
     assert {"Namespace", "DaemonSet", "Deployment", "PodDisruptionBudget", "PrometheusRule"} <= set(kinds)
-    tag = f"{IMAGE}:{project_version()}"
+    tags = {"DaemonSet": f"{AGENT_IMAGE}:{project_version()}", "Deployment": f"{IMAGE}:{project_version()}"}
     for doc in docs:
         assert doc["metadata"]["labels"]["app.kubernetes.io/part-of"] == "spotd", doc["metadata"]["name"]
         if doc["kind"] == "PrometheusRule":
@@ -157,7 +159,7 @@ def test_kustomize_output_validates() -> None:
             kubernetes_validate.validate(doc, version, strict=True)
         if doc["kind"] in ("DaemonSet", "Deployment"):
             images = [c["image"] for c in doc["spec"]["template"]["spec"]["containers"]]
-            assert images == [tag]
+            assert images == [tags[doc["kind"]]]
     for doc in docs:
         if doc["kind"] not in CLUSTER_SCOPED:
             assert doc["metadata"]["namespace"] == NAMESPACE, doc["metadata"]["name"]
@@ -213,9 +215,13 @@ def test_probes_on_the_listen_port(workload: tuple[str, str, str, int]) -> None:
 def test_image_and_service_account(workload: tuple[str, str, str, int]) -> None:
     spec = pod_spec(workload)
     (container,) = spec["containers"]
-    (image,) = kustomization()["images"]
-    assert image == {"name": IMAGE, "newTag": project_version()}
-    assert container["image"] == f"{IMAGE}:{project_version()}"
+    name = AGENT_IMAGE if workload == AGENT else IMAGE
+    # Both images at the project's version: an overlay that bumps one and not the other is a skew the docs warn of.
+    assert kustomization()["images"] == [
+        {"name": IMAGE, "newTag": project_version()},
+        {"name": AGENT_IMAGE, "newTag": project_version()},
+    ]
+    assert container["image"] == f"{name}:{project_version()}"
     assert container["args"][0] == ("agent" if workload == AGENT else "controller")
     assert spec["automountServiceAccountToken"] is True
     find(load("rbac.yaml"), "ServiceAccount", spec["serviceAccountName"])
@@ -471,7 +477,7 @@ def test_dockerfile_matches_project_and_manifests() -> None:
     assert version and version[1] == project_version(), "the image installs spotd==VERSION"
     assert user and user.groups() == (str(NONROOT), str(NONROOT)), "the manifests' runAsUser"
     assert '\nENTRYPOINT ["spotd"]\n' in text
-    assert len(re.findall(r"^FROM ", text, re.M)) == 2, "multi-stage: builder and runtime"
+    assert len(re.findall(r"^FROM ", text, re.M)) == 4, "multi-stage: builder, runtime, agent, controller"
     ignore = [line for line in (ROOT / ".dockerignore").read_text().splitlines() if line and line[0] != "#"]
     assert ignore[0] == "*" and "!spotd/" in ignore, ".dockerignore is an allow-list"
 

@@ -332,7 +332,7 @@ async def test_load_manifests_applies_the_kustomization(api: FakeApiServer) -> N
     assert binding is not None and binding["subjects"][0]["namespace"] == "spotd"
     daemonset = api.get("DaemonSet", "spotd-agent", "spotd")
     assert daemonset is not None
-    assert daemonset["spec"]["template"]["spec"]["containers"][0]["image"] == "ghcr.io/spotd/spotd:0.1.0"
+    assert daemonset["spec"]["template"]["spec"]["containers"][0]["image"] == "ghcr.io/spotd/spotd-agent:0.1.0"
     assert api.get("PodDisruptionBudget", "spotd-controller", "spotd") is not None
     again = api.load_manifests([DEPLOY])  # apply twice: replaces, no 409
     from spotd.sim.kubeapi import manifests, resources

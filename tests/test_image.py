@@ -1,4 +1,5 @@
-"""The container image, built from ./Dockerfile by scripts/image, run with podman as deploy/ runs it.
+"""The container images, built from ./Dockerfile by scripts/image (the default image, the controller's, and
+the `agent` target, the DaemonSet's), run with podman as deploy/ runs them.
 
 Each program runs with what its manifest says, read from the YAML: user and group, read-only root
 filesystem, no capabilities, no privilege escalation, the emptyDir /tmp, the memory and CPU limits, the
@@ -162,20 +163,44 @@ def podman(*args: str, timeout: float = 120) -> str:
     return out.stdout
 
 
-@pytest.fixture(scope="session")
-def image() -> str:
-    """The image's tag: from scripts/test (which builds it first, with its progress shown), else built here."""
-    if "SPOTD_IMAGE_STATUS" in os.environ:
-        status, tag, detail = int(os.environ["SPOTD_IMAGE_STATUS"]), os.environ.get("SPOTD_IMAGE", ""), ""
+def built(target: str | None, variable: str) -> str:
+    """The tag of the Dockerfile's `target` (None: the default image): from scripts/test when it set
+    `variable` and `variable`_STATUS (it builds first, with its progress shown), else built here."""
+    if f"{variable}_STATUS" in os.environ:
+        status, tag, detail = int(os.environ[f"{variable}_STATUS"]), os.environ.get(variable, ""), ""
     else:
-        build = subprocess.run([str(ROOT / "scripts" / "image")], capture_output=True, text=True, timeout=1800)
+        command = [str(ROOT / "scripts" / "image"), *(["--target", target] if target else [])]
+        build = subprocess.run(command, capture_output=True, text=True, timeout=1800)
         status, tag, detail = build.returncode, (build.stdout.split() or [""])[-1], build.stderr[-3000:]
     if status == 0 and tag:
         return tag
-    reason = f"scripts/image exited {status}: {detail.strip() or 'see its output above'}"
+    reason = f"scripts/image{' --target ' + target if target else ''} exited {status}: {detail.strip() or 'see above'}"
     if status == 3 and not IN_CI:
         pytest.skip(reason)
     pytest.fail(reason)
+
+
+@pytest.fixture(scope="session")
+def image() -> str:
+    """The default image (the Dockerfile's last stage, spotd[aws]): the Deployment's, the controller's."""
+    return built(None, "SPOTD_IMAGE")
+
+
+@pytest.fixture(scope="session")
+def agent_image() -> str:
+    """The Dockerfile's agent target: the DaemonSet's image, without boto3 and aiohttp."""
+    return built("agent", "SPOTD_AGENT_IMAGE")
+
+
+IMAGES = pytest.mark.parametrize("which", ["image", "agent_image"], ids=["default", "agent"])
+
+
+def pull_size(image: str, tmp_path: Path) -> int:
+    """Bytes a node pulls: the image's layers gzip-compressed, as a registry push stores them."""
+    out = tmp_path / "pushed"
+    podman("push", "--quiet", "--compress", "--compression-format", "gzip", image, f"dir:{out}", timeout=600)
+    manifest = json.loads((out / "manifest.json").read_text())
+    return sum(int(layer["size"]) for layer in manifest["layers"])
 
 
 class Container:
@@ -266,9 +291,11 @@ PROBE = pytest.mark.parametrize("probe", [False, True], ids=["as-manifest", "byt
 # ---- the image itself ---------------------------------------------------------------------------------
 
 
+@IMAGES
 def test_labels_user_and_entrypoint_match_the_project_and_manifests(
-    image: str, capsys: pytest.CaptureFixture[str]
+    which: str, request: pytest.FixtureRequest, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
+    image = request.getfixturevalue(which)
     (info,) = json.loads(podman("image", "inspect", image))
     config = info["Config"]
     labels = config["Labels"]
@@ -281,17 +308,32 @@ def test_labels_user_and_entrypoint_match_the_project_and_manifests(
         security = doc["spec"]["template"]["spec"]["securityContext"]
         assert config["User"] == f"{security['runAsUser']}:{security['runAsGroup']}"
         assert container_of(doc)["image"].endswith(":" + project_version())
-    report(capsys, f"image {image}: {info['Size'] / 1e6:.0f} MB")
+    # Built on the base the Dockerfile names, pinned to the digest podman holds for it (scripts/image).
+    base = labels["org.opencontainers.image.base.name"]
+    name, digest = base.split("@")
+    assert digest == podman("image", "inspect", "--format", "{{.Digest}}", name).strip()
+    report(
+        capsys,
+        f"image {image}: {info['Size'] / 1e6:.0f} MB, {pull_size(image, tmp_path) / 1e6:.1f} MB to pull (gzip) "
+        f"on {name}",
+    )
 
 
-def test_no_build_tools_or_pip_at_run_time(image: str) -> None:
+@IMAGES
+def test_no_build_tools_or_pip_at_run_time(which: str, request: pytest.FixtureRequest) -> None:
+    image = request.getfixturevalue(which)
+    # The agent image also lacks what only the controller and the simulation import.
+    absent = ["pip", "setuptools", "wheel"] + (["aiohttp", "boto3", "botocore"] if which == "agent_image" else [])
     check = (
         "import importlib.util, json, shutil; print(json.dumps({"
         "'tools': [t for t in ('gcc', 'cc', 'g++', 'make', 'ld', 'pip', 'pip3', 'pip3.11') if shutil.which(t)],"
-        "'modules': [m for m in ('pip', 'setuptools', 'wheel') if importlib.util.find_spec(m)]}))"
+        f"'modules': [m for m in {absent!r} if importlib.util.find_spec(m)]}}))"
     )
     out = podman("run", "--rm", "--read-only", "--network", "none", "--entrypoint", "python", image, "-c", check)
     assert json.loads(out) == {"tools": [], "modules": []}
+    if which == "image":  # the default image keeps everything: the controller, the CLI, simulate-reclaim
+        present = "import boto3, aiohttp, spotd.sim.kubeapi"
+        podman("run", "--rm", "--read-only", "--network", "none", "--entrypoint", "python", image, "-c", present)
 
 
 # ---- the agent ----------------------------------------------------------------------------------------
@@ -329,7 +371,7 @@ def pods_on_node(api: FakeApiServer) -> list[str]:
 
 @PROBE
 async def test_agent_drains_its_node_on_a_spot_notice(
-    image: str,
+    agent_image: str,
     api: FakeApiServer,
     imds: FakeImds,
     probe: bool,
@@ -351,7 +393,7 @@ async def test_agent_drains_its_node_on_a_spot_notice(
     )
     assert "PYTHONOPTIMIZE=2" in options, "the DaemonSet runs the agent with -OO"
 
-    with Container(image, options, args) as agent:
+    with Container(agent_image, options, args) as agent:
         ready_after = await agent.ready(port, timeout=startup_budget(ds))
         rss_idle = await agent.rss_mb()
         cgroup_idle = await agent.cgroup_memory()
