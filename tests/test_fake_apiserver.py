@@ -510,11 +510,11 @@ async def test_graceful_delete_timing(api: FakeApiServer) -> None:
     started = time.monotonic()
     status, body, _ = await http(api, "DELETE", "/api/v1/namespaces/default/pods/quick")
     assert status == 200 and body["metadata"]["deletionGracePeriodSeconds"] == 30
+    assert body["metadata"]["deletionTimestamp"]  # marked, not gone: gone 0.2 s later (the watch shows both)
     await http(api, "DELETE", "/api/v1/namespaces/default/pods/slow", {"gracePeriodSeconds": 30})
     await http(api, "DELETE", "/api/v1/namespaces/default/pods/pending")
     await http(api, "DELETE", "/api/v1/namespaces/default/pods/done")
     assert api.get("Pod", "pending") is None and api.get("Pod", "done") is None  # unscheduled, finished: at once
-    assert api.get("Pod", "quick")["metadata"]["deletionTimestamp"]  # type: ignore[index]
 
     await until(lambda: api.get("Pod", "quick") is None, timeout=2.5)
     assert time.monotonic() - started >= 0.2  # min(grace 30, stop-seconds 2) * 0.1
