@@ -325,7 +325,7 @@ async def test_kubectl_as_a_service_account(api: FakeApiServer, tmp_path: Path) 
 
 async def test_load_manifests_applies_the_kustomization(api: FakeApiServer) -> None:
     roles = {r["metadata"]["name"] for r in api.list("ClusterRole")}
-    assert roles == {"spotd-agent", "spotd-controller", "spotd-controller-surge"}
+    assert roles == {"spotd-agent", "spotd-controller", "spotd-controller-surge", "spotd-status"}
     lease_role = api.get("Role", "spotd-controller-lease", "spotd")
     assert lease_role is not None and lease_role["metadata"]["labels"]["app.kubernetes.io/part-of"] == "spotd"
     binding = api.get("ClusterRoleBinding", "spotd-agent")

@@ -197,7 +197,7 @@ class HookSettings:
 
 
 @dataclass(frozen=True)
-class NodeView:
+class InventoryReads:
     """What the follower reads of the inventory (no API call): present(node), pods_left(node), the
     deadline the node's agent records (agent_deadline), the node of an instance, the ASGs of this cluster."""
 
@@ -218,7 +218,7 @@ class LifecycleHooks:
         events: EventRecorder,
         log: Any,
         clock: Callable[[], datetime],
-        view: NodeView,
+        view: InventoryReads,
         settings: HookSettings,
         resumed: Callable[[str, HookAction], None] | None = None,
     ) -> None:

@@ -38,7 +38,7 @@ from spotd.controller import surge as surges
 from spotd.controller.book_store import BookStore
 from spotd.controller.config import ControllerConfig, add_arguments, config_from_args
 from spotd.controller.drains import DrainDeps, DrainJob, DrainOutcome, DrainSettings, PoolNews, drain, pool_of, recover
-from spotd.controller.lifecycle import HookSettings, LifecycleHooks, NodeView, pods_to_drain
+from spotd.controller.lifecycle import HookSettings, InventoryReads, LifecycleHooks, pods_to_drain
 from spotd.controller.metrics import (
     DECISION_PASS_SECONDS,
     DRAINS_HELD,
@@ -216,7 +216,7 @@ class Controller:
             extra = self.inventory.node_extra.get(name)
             return extra.notice_deadline if extra is not None else None
 
-        view = NodeView(
+        view = InventoryReads(
             present=lambda name: name in self.inventory.nodes,
             pods_left=lambda name: pods_to_drain(self.inventory.pods_of(name)),
             agent_deadline=agent_deadline,
