@@ -5,7 +5,9 @@ actions the code called, against deploy/iam*.json (tests/aws_actions.py)."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -52,3 +54,21 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 def access_records(pytestconfig: pytest.Config) -> set[AccessRecord]:
     """Every authorization decision of every FakeApiServer so far in this session (grows as tests run)."""
     return pytestconfig.stash[_RECORDS]
+
+
+@pytest.fixture(scope="session")
+def real_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """The real control plane (tests/realcluster.py), once per session, deploy/ applied. Under CI=true a
+    missing binary fails the tests; elsewhere, without Go, they skip."""
+    import shutil
+
+    from tests.realcluster import RealCluster, controlplane_binaries
+
+    if os.environ.get("CI") != "true" and not os.environ.get("SPOTD_CONTROLPLANE") and shutil.which("go") is None:
+        pytest.skip("no Go to build the control plane (scripts/controlplane); CI=true makes this a failure")
+    cluster = RealCluster(controlplane_binaries(), tmp_path_factory.mktemp("real-cluster"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
