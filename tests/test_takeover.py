@@ -225,3 +225,51 @@ async def test_agent_running_the_node_is_drained_once_not_twice(api: FakeApiServ
     finally:
         agent.stop(signal.SIGKILL)
         await imds.stop()
+
+
+async def test_a_lost_lease_in_the_turn_of_a_node_change_stops_the_takeover() -> None:
+    """The leader's task group is cancelled (lease lost) in the same turn as an inventory change wakes the
+    takeover waiting for the agent: the takeover must end, not go on to taint, cordon and drain as a non-leader
+    (asyncio.wait_for on Python 3.11 returned normally then; helper review of issue 21, proved with this)."""
+    from datetime import UTC, datetime, timedelta
+
+    import structlog
+
+    from spotd.controller.takeover import Takeovers, TakeoverSettings
+    from spotd.notices.queue_events import SPOT_ITN, InstanceEvent
+
+    acts: list[tuple[str, str]] = []
+
+    class Recorder:
+        def record(self, node: str, reason: str, *a: object, **k: object) -> None:
+            acts.append(("Event", reason))
+
+    class RefusingClient:  # the Kubernetes client of a replica that no longer leads: any call is a finding
+        def __getattr__(self, name: str) -> object:
+            acts.append(("API", name))
+            raise RuntimeError("API call by a non-leader")
+
+    now = datetime.now(UTC)
+    takeovers = Takeovers(
+        RefusingClient(),  # type: ignore[arg-type]
+        Recorder(),  # type: ignore[arg-type]
+        structlog.get_logger(),
+        lambda: datetime.now(UTC),
+        lambda node: "",
+        TakeoverSettings(ack_timeout=0.3, ack_poll=10),
+    )
+    event = InstanceEvent(SPOT_ITN, ("i-1",), now, deadline=now + timedelta(minutes=2), action="terminate")
+
+    async def lead() -> None:
+        async with asyncio.TaskGroup() as group:
+            takeovers.consider(group.create_task, "n1", event)
+            await asyncio.Event().wait()
+
+    work = asyncio.create_task(lead())
+    await asyncio.sleep(0.05)
+    takeovers.notify()
+    work.cancel()
+    done, _ = await asyncio.wait({work}, timeout=5)
+    assert done and work.cancelled()
+    await asyncio.sleep(0.5)  # past the acknowledgement timeout: nothing may follow
+    assert acts == []

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from spotd.common.waits import wait_set
 from spotd.controller.metrics import TAKEOVERS
 from spotd.drain.executor import DrainOptions, DrainResult, drain_node
 from spotd.drain.plan import PodPolicy
@@ -102,8 +103,7 @@ class Takeovers:
             left = self.settings.ack_poll if until is None else min(until - loop.time(), self.settings.ack_poll)
             if left <= 0:
                 return False
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), left)
+            await wait_set(changed, left)  # not wait_for: it can swallow a lost lease's cancellation
 
     async def _stop_when_acknowledged(self, node: str, kind: str, stop: asyncio.Event) -> None:
         await self._acknowledged_within(node, kind, None)
