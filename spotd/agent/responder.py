@@ -9,7 +9,6 @@ starts at once whatever they answer.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -23,6 +22,7 @@ from spotd.agent.policy import NoticePolicy, Response, Step, choose_response, pl
 from spotd.alerts.model import AlertNode, node_drain_incomplete_alert, spot_interruption_alert
 from spotd.alerts.sender import Alerter
 from spotd.common.metrics import LOOP_ERRORS
+from spotd.common.waits import wait_set
 from spotd.drain.executor import DrainOptions, DrainResult, drain_node
 from spotd.drain.metrics import PODS_LEFT
 from spotd.kube.events import EventRecorder
@@ -247,8 +247,8 @@ class Responder:
             if not done:
                 self.node_failures += 1
                 LOOP_ERRORS.labels("node_patch").inc()
-                with contextlib.suppress(TimeoutError):  # a new goal ends the back-off early
-                    await asyncio.wait_for(self.node_wake.wait(), min(5.0, 0.1 * 2**self.node_failures))
+                # a new goal ends the back-off early; wait_set keeps a shutdown's cancellation (wait_for lost it)
+                await wait_set(self.node_wake, min(5.0, 0.1 * 2**self.node_failures))
                 self.node_wake.set()
                 continue
             self.node_failures = 0
@@ -313,8 +313,7 @@ class Responder:
             self.log.error("drain_failed", notice=response.notice.key, error=repr(exc), failures=self.drain_failures)
             if self.drain_failures == 1:
                 self.events.record(self.nodes.name, "DrainFailed", f"drain could not run: {exc!r}"[:500], "Warning")
-            with contextlib.suppress(TimeoutError):  # a stop (release, shutdown) ends the back-off too
-                await asyncio.wait_for(self.drain_stop.wait(), min(30.0, 0.5 * 2**self.drain_failures))
+            await wait_set(self.drain_stop, min(30.0, 0.5 * 2**self.drain_failures))  # a stop ends it too
             return None
 
     def _counted_down(self, when: datetime | None) -> datetime | None:

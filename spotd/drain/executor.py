@@ -22,6 +22,7 @@ from lightkube.core.exceptions import ApiError
 from lightkube.models.meta_v1 import DeleteOptions, ObjectMeta
 from lightkube.resources.core_v1 import Pod
 
+from spotd.common.waits import wait_set
 from spotd.drain.metrics import DRAIN_DURATION, DRAINS, EVICTIONS, PODS_LEFT
 from spotd.drain.plan import (
     MIN_GRACE_SECONDS,
@@ -182,10 +183,7 @@ class _Drain:
     async def pause(self, seconds: float) -> None:
         """Sleep, but wake at once when the drain is stopped."""
         if seconds > 0:
-            try:
-                await asyncio.wait_for(self.stop.wait(), seconds)
-            except TimeoutError:
-                pass
+            await wait_set(self.stop, seconds)  # not wait_for: it could swallow a lost lease's cancellation
 
     # -- API --
     async def list_pods(self) -> tuple[list[Pod], str | None]:
