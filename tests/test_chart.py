@@ -161,9 +161,22 @@ def differences(expected: Any, actual: Any, path: str = "") -> list[str]:
     return [] if expected == actual else [f"{path}: deploy/ {expected!r}, chart {actual!r}"]
 
 
+# Helm's own annotation, the one difference allowed: the Namespace holds the release's records, so
+# `helm uninstall` must keep it (tests/test_chart.py's real install saw the uninstall fail without it).
+HELM_KEEP = {"helm.sh/resource-policy": "keep"}
+
+
+def without_helm_keep(obj: Doc) -> Doc:
+    meta = obj.get("metadata") or {}
+    if obj.get("kind") != "Namespace" or meta.get("annotations") != HELM_KEEP:
+        return obj
+    return {**obj, "metadata": {k: v for k, v in meta.items() if k != "annotations"}}
+
+
 def drift(deploy: list[Doc], chart: list[Doc]) -> list[str]:
-    """Every difference between deploy/'s objects and the chart's, object by object."""
-    want, got = by_key(deploy), by_key(chart)
+    """Every difference between deploy/'s objects and the chart's, object by object (the Namespace's
+    helm.sh/resource-policy aside)."""
+    want, got = by_key(deploy), by_key([without_helm_keep(o) for o in chart])
     lines = [f"{k}: in deploy/, not rendered by the chart" for k in sorted(want.keys() - got.keys())]
     lines += [f"{k}: rendered by the chart, not in deploy/" for k in sorted(got.keys() - want.keys())]
     for k in sorted(want.keys() & got.keys()):
@@ -443,6 +456,156 @@ def test_rbac_grants_what_deploy_grants(helm: list[str], values_file: Path) -> N
         expected |= {(chart_name, *g[1:5]) for g in deploy_grants if g.username == source}
     actual = {tuple(g[:5]) for g in granted([write_manifests(chart)])}
     assert actual == expected
+
+
+# ---- install and upgrade on the real control plane ---------------------------------------------------------
+
+# A release beside deploy/'s (the session's cluster has deploy/ applied): its own namespace and names, and
+# agent port 9111 (a host port with hostNetwork: deploy/'s agent holds 9101 on every node).
+RELEASE, RELEASE_NAMESPACE = "helm-spotd", "spotd-helm"
+REAL_NODES = ("helm-spot-1", "helm-spot-2")
+
+
+def pods_running(real: Any, selector: str, want: int) -> list[Doc]:
+    """The release's pods of one component once `want` of them run, are ready and no other is left."""
+    found: list[Doc] = []
+
+    def check() -> bool:
+        status, body = real.request(
+            "GET", f"/api/v1/namespaces/{RELEASE_NAMESPACE}/pods?labelSelector=app.kubernetes.io/component%3D{selector}"
+        )
+        pods = [p for p in body["items"] if not p["metadata"].get("deletionTimestamp")] if status == 200 else []
+        ready = [
+            p
+            for p in pods
+            if p["status"].get("phase") == "Running"
+            and any(c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions") or [])
+        ]
+        found[:] = ready
+        return len(ready) == len(pods) == want
+
+    real.wait_for(check, timeout=120)
+    return found
+
+
+def workloads_settled(real: Any, generation_of: dict[str, int]) -> tuple[Doc, Doc]:
+    """The DaemonSet and the Deployment once their controllers have acted on the latest spec and every pod
+    they want is updated and ready."""
+    base = f"/apis/apps/v1/namespaces/{RELEASE_NAMESPACE}"
+    seen: dict[str, Doc] = {}
+
+    def check() -> bool:
+        _, ds = real.request("GET", f"{base}/daemonsets/{RELEASE}-agent")
+        _, dep = real.request("GET", f"{base}/deployments/{RELEASE}-controller")
+        seen.update(ds=ds, dep=dep)
+        ds_status, dep_status = ds.get("status") or {}, dep.get("status") or {}
+        return (
+            ds_status.get("observedGeneration") == ds["metadata"]["generation"] > generation_of.get("ds", 0)
+            and ds_status.get("desiredNumberScheduled", 0) >= len(REAL_NODES)
+            and ds_status.get("numberReady")
+            == ds_status.get("updatedNumberScheduled")
+            == ds_status.get("desiredNumberScheduled")
+            and dep_status.get("observedGeneration") == dep["metadata"]["generation"] > generation_of.get("dep", 0)
+            and dep_status.get("readyReplicas") == dep_status.get("updatedReplicas") == dep["spec"]["replicas"]
+            and dep_status.get("replicas") == dep["spec"]["replicas"]
+        )
+
+    real.wait_for(check, timeout=120)
+    return seen["ds"], seen["dep"]
+
+
+def node_write(real: Any, node: str, token: str) -> int:
+    """A server-side dry-run cordon of `node` as `token`: 200 admitted, 403 RBAC, 422 an admission policy."""
+    status, _ = real.request(
+        "PATCH",
+        f"/api/v1/nodes/{node}?dryRun=All",
+        {"spec": {"unschedulable": True}},
+        token=token,
+        content_type="application/merge-patch+json",
+    )
+    return status
+
+
+def check_identities(real: Any, agents: int, agent_account: str, controller_account: str) -> None:
+    """The rendered RBAC and admission policies at work on the real server: the agent's pod-bound token may
+    cordon its own node and no other (the policy names this account), the controller's may list nodes but
+    not Leases (its Role names its own), neither may read Secrets."""
+    (pod,) = [p for p in pods_running(real, "agent", agents) if p["spec"]["nodeName"] == REAL_NODES[0]]
+    assert pod["spec"]["serviceAccountName"] == agent_account
+    agent = real.service_account_token(RELEASE_NAMESPACE, agent_account, bound_pod=pod)
+    # The API server loads a new policy from its informer a moment after the write: wait until it holds.
+    real.wait_for(lambda: node_write(real, REAL_NODES[1], agent) == 422)
+    assert node_write(real, REAL_NODES[0], agent) == 200
+    controller = real.service_account_token(RELEASE_NAMESPACE, controller_account)
+    assert real.request("GET", "/api/v1/nodes", token=controller)[0] == 200
+    lease_path = f"/apis/coordination.k8s.io/v1/namespaces/{RELEASE_NAMESPACE}/leases"
+    assert real.request("GET", f"{lease_path}?limit=1", token=controller)[0] == 403  # get by name only
+    for token in (agent, controller):
+        assert real.request("GET", f"/api/v1/namespaces/{RELEASE_NAMESPACE}/secrets", token=token)[0] == 403
+
+
+@pytest.mark.timeout(900)  # the session's control plane may start here; each wait has its own limit
+def test_install_then_upgrade_on_the_real_control_plane(helm: list[str], real_cluster: Any) -> None:
+    """`helm install` then `helm upgrade` with other ServiceAccount names and controller flags: the real
+    DaemonSet and Deployment controllers, scheduler and kwok run every pod, and the RBAC and admission
+    policies follow the accounts; `helm uninstall` leaves nothing of the release."""
+    from spotd.sim import builders
+    from tests.realcluster import KWOK_ANNOTATION
+
+    real = real_cluster
+    for name in REAL_NODES:
+        if real.request("GET", f"/api/v1/nodes/{name}")[0] == 404:
+            node = builders.node(name, builders.SPOT)
+            node["metadata"].setdefault("annotations", {})[KWOK_ANNOTATION] = "fake"
+            assert real.request("POST", "/api/v1/nodes", node)[0] == 201
+    kubeconfig = str(real.work / "admin.kubeconfig")
+    common = ["--namespace", RELEASE_NAMESPACE, "--kubeconfig", kubeconfig, "--set", "agent.port=9111"]
+    run_helm(helm, "install", RELEASE, str(CHART), "--create-namespace", *common)
+    try:
+        ds, dep = workloads_settled(real, {})
+        # Another release's placeholder class: the controller is told its name.
+        assert container(dep)["args"][-1] == f"--placeholder-priority-class={RELEASE}-placeholder"
+        assert real.request("GET", f"/apis/scheduling.k8s.io/v1/priorityclasses/{RELEASE}-placeholder")[0] == 200
+        pods_running(real, "controller", 2)
+        check_identities(real, ds["status"]["desiredNumberScheduled"], f"{RELEASE}-agent", f"{RELEASE}-controller")
+        status, ns = real.request("GET", f"/api/v1/namespaces/{RELEASE_NAMESPACE}")
+        assert status == 200, ns
+        assert ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "privileged", ns
+
+        run_helm(
+            helm,
+            "upgrade",
+            RELEASE,
+            str(CHART),
+            *common,
+            "--set",
+            "agent.serviceAccount.name=node-lifecycle-agent",
+            "--set",
+            "controller.serviceAccount.name=node-lifecycle-controller",
+            "--set-json",
+            'controller.extraArgs=["--max-drains-per-hour=3"]',
+        )
+        generations = {"ds": ds["metadata"]["generation"], "dep": dep["metadata"]["generation"]}
+        ds, dep = workloads_settled(real, generations)
+        assert container(dep)["args"][-1] == "--max-drains-per-hour=3"
+        for pod in pods_running(real, "controller", 2):
+            assert pod["spec"]["serviceAccountName"] == "node-lifecycle-controller"
+        agents = ds["status"]["desiredNumberScheduled"]
+        check_identities(real, agents, "node-lifecycle-agent", "node-lifecycle-controller")
+        accounts = f"/api/v1/namespaces/{RELEASE_NAMESPACE}/serviceaccounts"
+        assert real.request("GET", f"{accounts}/{RELEASE}-agent")[0] == 404  # the old ones are gone
+    finally:
+        run_helm(helm, "uninstall", RELEASE, "--namespace", RELEASE_NAMESPACE, "--kubeconfig", kubeconfig, "--wait")
+        # Kept by the uninstall (helm.sh/resource-policy), as a namespace from --create-namespace would be.
+        status, ns = real.request("GET", f"/api/v1/namespaces/{RELEASE_NAMESPACE}")
+        real.request("DELETE", f"/api/v1/namespaces/{RELEASE_NAMESPACE}")
+    assert status == 200 and not ns["metadata"].get("deletionTimestamp"), ns
+    for path in (
+        f"/apis/rbac.authorization.k8s.io/v1/clusterroles/{RELEASE}-agent",
+        f"/apis/admissionregistration.k8s.io/v1/validatingadmissionpolicies/{RELEASE}-agent-own-node",
+        f"/apis/scheduling.k8s.io/v1/priorityclasses/{RELEASE}-placeholder",
+    ):
+        assert real.request("GET", path)[0] == 404, path
 
 
 # ---- the copies ------------------------------------------------------------------------------------------
