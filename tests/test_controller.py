@@ -187,7 +187,9 @@ def pods_on(api: FakeApiServer, name: str) -> list[str]:
 
 
 def the_lease(api: FakeApiServer) -> dict[str, Any]:
-    (lease,) = api.list("Lease", "spotd")
+    """The election's Lease (the namespace also holds the pool book's, spotd-pool-book)."""
+    lease = api.get("Lease", "spotd-controller", "spotd")
+    assert lease is not None
     return lease
 
 
