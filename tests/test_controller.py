@@ -339,7 +339,7 @@ async def test_sigterm_mid_drain_uncordons_and_a_restart_after_kill_recovers(
     async with running(replicaset(api, "spot-1")):
         add_node(api, "spot-1", "spot")
         c3 = start(procs, tmp_path, "ctl-3")
-        await eventually(lambda: c3.events("drain_resumed"), timeout=20)  # a fresh mark: taken over
+        await eventually(lambda: c3.events("drain_resumed"), timeout=60)  # after ctl-2's lease runs out
         await eventually(lambda: c3.drains("complete") == 1, timeout=30)
     assert pods_on(api, "od-old") == []
 

@@ -260,7 +260,7 @@ class Spotd:
     async def start(self) -> None:
         self.agent.start()
         self.controller.start()
-        await self.agent.ready()
+        await self.agent.ready(timeout=60)
         await eventually(self.controller.leading, timeout=30, interval=0.1)
 
     def stop(self) -> None:
