@@ -188,3 +188,22 @@ async def test_a_standby_whose_clock_runs_ahead_does_not_take_over_a_healthy_lea
     finally:
         await b.stop()
         await a.stop()
+
+
+async def test_a_standby_says_once_whom_it_waits_for(api: Any) -> None:
+    """A standby's rounds are silent while the holder's lease is live: one `lease_held` line per holder lets a
+    reader of its log tell a standby waiting out a dead leader's lease from a stuck election loop."""
+    from structlog.testing import capture_logs
+
+    a = Candidate(api, "a").start()
+    await wait_for(lambda: a.leading, 2)
+    with capture_logs() as logs:
+        b = Candidate(api, "b").start()
+        try:
+            await wait_for(lambda: sum(r["event"] == "lease_held" for r in logs) >= 1, 5)
+            await asyncio.sleep(1.0)  # several standby rounds (retry period 0.2 s)
+            held = [r for r in logs if r["event"] == "lease_held"]
+            assert [(r["holder"], r["takeover_after_unrenewed_s"]) for r in held] == [("a", 2.0)]
+        finally:
+            await b.stop()
+            await a.stop()

@@ -72,6 +72,7 @@ class LeaderElector:
         # as client-go does, so a skewed clock on the holder cannot make us take over early.
         self._observed: tuple[str, str] | None = None
         self._observed_at = 0.0
+        self._announced_holder = ""  # the other holder last logged: a standby says once whom it waits for
         self.healthy = True
 
     @property
@@ -169,6 +170,7 @@ class LeaderElector:
         holder = spec.get("holderIdentity") or ""
         if holder and holder != c.identity and not self._expired(spec):
             self._set_leader(False, f"held by {holder}")
+            self._announce_holder(holder, spec)
             return False
         lease["spec"] = self._spec(spec, now)
         updated = await self._http.put(self._path, json=lease)
@@ -180,9 +182,22 @@ class LeaderElector:
         self._renewed("renewed" if holder == c.identity else f"took over from {holder or 'nobody'}")
         return True
 
+    def _announce_holder(self, holder: str, spec: dict[str, Any]) -> None:
+        """A standby is quiet by design; one line per new holder tells waiting for expiry from a stuck loop."""
+        if holder == self._announced_holder:
+            return
+        self._announced_holder = holder
+        _log.info(
+            "lease_held",
+            lease=self.config.name,
+            holder=holder,
+            takeover_after_unrenewed_s=float(spec.get("leaseDurationSeconds") or self.config.lease_duration),
+        )
+
     def _renewed(self, reason: str) -> None:
         self._last_renew = self._clock()
         self._observed = None
+        self._announced_holder = ""
         self._set_leader(True, reason)
 
     def _expired(self, spec: dict[str, Any]) -> bool:
