@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import signal
@@ -31,6 +32,9 @@ def agent_kubeconfig(api: Any, path: Path, node: str) -> str:
         api.load_manifests([DEPLOY])
     token = api.service_account_token("spotd", "spotd-agent", node_name=node)
     return str(api.write_kubeconfig(path, token=token))
+
+
+LOG_RUNS = itertools.count(1)  # log file names unique within a test's tmp dir
 
 
 def free_port() -> int:
@@ -64,8 +68,8 @@ class AgentProcess:
         env: dict[str, str] | None = None,
         python: str = sys.executable,
     ) -> None:
-        self.port = free_port()
-        self.log_path = tmp / f"agent-{node}-{self.port}.log"
+        self._port = 0
+        self.log_path = tmp / f"agent-{node}-{next(LOG_RUNS)}.log"
         self.args = [
             python,
             "-m",
@@ -80,13 +84,24 @@ class AgentProcess:
             "--poll-interval",
             "0.2s",
             "--listen",
-            f"127.0.0.1:{self.port}",
+            "127.0.0.1:0",  # the program's own bind: a port picked here could be taken before it binds
             "--log-level",
             "debug",
             *extra,
         ]
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def port(self) -> int:
+        """The port the program bound (read from its start line); 0 until it has logged it."""
+        if not self._port:
+            for entry in self.logs() if self.log_path.exists() else ():
+                if entry.get("event") == "agent_started" and entry.get("listen"):
+                    self._port = int(str(entry["listen"]).rsplit(":", 1)[1])
+                elif entry.get("event") == "listening" and entry.get("port"):
+                    self._port = int(entry["port"])
+        return self._port
 
     def start(self) -> AgentProcess:
         self._log = open(self.log_path, "ab")
@@ -97,6 +112,8 @@ class AgentProcess:
         await eventually(lambda: self.http("/readyz")[0] == 200, timeout=timeout, interval=0.1)
 
     def http(self, path: str) -> tuple[int, str]:
+        if not self.port:
+            return 0, ""
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=2) as r:
                 return r.status, r.read().decode()

@@ -26,7 +26,7 @@ import pytest
 from spotd.common.parsing import format_time
 from spotd.sim import builders
 from spotd.sim.kubeapi.server import FakeApiServer
-from tests.agent_harness import DEPLOY, AgentProcess, eventually, free_port, pdb_obj, pod_obj
+from tests.agent_harness import DEPLOY, LOG_RUNS, AgentProcess, eventually, pdb_obj, pod_obj
 from tests.moto_server import EVENTS_QUEUE, MotoAws, aws, moto_endpoint  # noqa: F401  (pytest fixtures)
 
 OLD = timedelta(hours=5)
@@ -106,13 +106,13 @@ class ControllerProcess(AgentProcess):
     """`python -m spotd controller` with short timings, logs to a file."""
 
     def __init__(self, tmp: Path, kubeconfig: str, identity: str, *extra: str, queue_url: str = "") -> None:
-        self.port = free_port()
+        self._port = 0
         self.identity = identity
-        self.log_path = tmp / f"controller-{identity}-{self.port}.log"
+        self.log_path = tmp / f"controller-{identity}-{next(LOG_RUNS)}.log"
         self.args = [
             *controller_command(),
             "--kubeconfig", kubeconfig,
-            "--listen", f"127.0.0.1:{self.port}",
+            "--listen", "127.0.0.1:0",
             "--lease-namespace", "spotd",
             "--min-on-demand-age", "1h",
             "--ice-cooldown", "8s",
