@@ -74,6 +74,10 @@ async def running(alerter: Alerter) -> AsyncIterator[asyncio.Task[None]]:
             await task
 
 
+def bound_port(runner: web.AppRunner) -> int:
+    return int(runner.addresses[0][1])
+
+
 class FakeAlertmanager:
     """A tiny aiohttp server in the test's loop that records every POST and answers with self.status."""
 
@@ -81,7 +85,7 @@ class FakeAlertmanager:
         self.requests: list[tuple[dict[str, str], list[dict[str, Any]]]] = []
         self.status = 200
         self.require_auth = require_auth
-        self.port = free_port()
+        self.port = 0  # bound in __aenter__: a port picked before binding can be taken by another process
         self._runner: web.AppRunner | None = None
 
     async def __aenter__(self) -> FakeAlertmanager:
@@ -95,7 +99,8 @@ class FakeAlertmanager:
         app.router.add_post("/api/v2/alerts", handle)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
+        self.port = bound_port(self._runner)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -442,7 +447,7 @@ class Webhook:
 
     def __init__(self) -> None:
         self.notifications: list[dict[str, Any]] = []
-        self.port = free_port()
+        self.port = 0
 
     async def handle(self, request: web.Request) -> web.Response:
         self.notifications.append(await request.json())
@@ -459,7 +464,8 @@ async def webhook() -> AsyncIterator[Webhook]:
     app.router.add_post("/hook", hook.handle)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", hook.port).start()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    hook.port = bound_port(runner)
     yield hook
     await runner.cleanup()
 
