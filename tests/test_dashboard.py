@@ -419,10 +419,14 @@ def key_panel_checks() -> dict[str, Any]:
     def any_value(floor: float) -> Any:
         return lambda results: any(float(r["value"][1]) >= floor for r in results[0])
 
+    def finite_for(labels: tuple[str, ...], key: tuple[str, ...]) -> Any:
+        return lambda results: all(math.isfinite(by_label(r, *labels).get(key, math.nan)) for r in results)
+
     return {
         "Notices in the time range": has(("kind",), ("spot-itn",), 1),
         "Notices being acted on": data,
         "Node patches by outcome": has(("action", "outcome"), ("notice", "ok"), 1),
+        "Notice to cordon": finite_for(("kind", "actor"), ("spot-itn", "agent")),
         "Drain outcomes in the time range": has(("outcome",), ("incomplete",), 1),
         "Drain time": finite,
         "Drain time distribution": data,
@@ -470,6 +474,10 @@ async def test_prometheus_answers_the_key_panels_during_a_rehearsal(
         sqs.send_message(QueueUrl=queue_url, MessageBody=json.dumps(itn))  # the queue, second witness
         sqs.send_message(QueueUrl=queue_url, MessageBody=ice_message("m5.large", "us-east-1a", now))
         await eventually(lambda: "DrainIncomplete" in event_reasons(api, SPOT_NODE), timeout=30)
+        # one notice, one cordon: one observation, within the two minutes a Spot warning gives
+        cordon = {"kind": "spot-itn", "actor": "agent"}
+        assert processes.agent.metric("spotd_notice_to_cordon_seconds_count", **cordon) == 1
+        assert processes.agent.metric("spotd_notice_to_cordon_seconds_bucket", le="120.0", **cordon) == 1
 
         dashboard = load_dashboard()
         values = values_for(dashboard, cluster=CLUSTER)

@@ -186,6 +186,8 @@ async def test_agent_stopped_the_controller_drains_before_the_deadline_pdb_honou
         agent.stop(signal.SIGKILL)  # the agent is down: nobody hears IMDS on this node
         await imds.stop()
     taken = sample("spotd_controller_takeovers_total", {"outcome": "complete"})
+    cordon = {"kind": "spot-itn", "actor": "controller"}
+    cordons = sample("spotd_notice_to_cordon_seconds_count", cordon)
     async with controller_parts(api, tmp_path, ack_timeout=0.5) as rig, running(replicaset(api, "other")):
         event = await rig.deliver(spot_itn())
         await rig.finished()
@@ -195,6 +197,7 @@ async def test_agent_stopped_the_controller_drains_before_the_deadline_pdb_honou
         assert {"key": TAINT, "value": "spot-itn", "effect": "NoSchedule"} in stored["spec"]["taints"]
         assert pods_on_node(api) == ["logs-agent"]
         assert sample("spotd_controller_takeovers_total", {"outcome": "complete"}) == taken + 1
+        assert sample("spotd_notice_to_cordon_seconds_count", cordon) == cordons + 1
         assert {"SpotdAgentSilent", "SpotdTakeoverComplete"} <= set(node_events(api))
         # evictions only, through the PDB (refusals retried), never a delete
         assert not [r for r in api.requests if r.method == "DELETE" and "/pods/" in r.path]

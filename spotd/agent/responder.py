@@ -29,7 +29,7 @@ from spotd.kube.events import EventRecorder
 from spotd.kube.keys import NOTICE_ANNOTATION, STATE_ANNOTATION
 from spotd.kube.ratelimit import RateLimiter
 from spotd.notices.episodes import IMDS, QUEUE, first_witness
-from spotd.notices.metrics import EPISODE_SIGHTINGS
+from spotd.notices.metrics import EPISODE_SIGHTINGS, NOTICE_TO_CORDON
 from spotd.notices.record import MalformedNotice, Notice, NoticeKind
 
 _PATCH_TRIES = 5
@@ -80,6 +80,10 @@ class Responder:
         self.node_task: asyncio.Task[None] | None = None
         self.node_failures = 0
         self.unconfirmed = False  # the acting notice was resumed from the node and not seen since
+        self.cordon_timed: str | None = None  # the notice whose cordon spotd_notice_to_cordon_seconds counted
+        for kind, policy in policies.items():  # at 0 from the start: a series born at 1 is no rate() to Prometheus
+            if Step.CORDON in policy.steps:
+                NOTICE_TO_CORDON.labels(str(kind), "agent")
 
     # ---- state ----
     def resume_from(self, view: NodeView) -> None:
@@ -289,10 +293,21 @@ class Responder:
             )
         if not before.unschedulable and after.unschedulable:
             self.log.info("node_cordoned", notice=response.notice.key)
+            self._time_cordon(response)
             self.events.record(node, "NodeCordoned", f"cordoned for {response.reason}")
         if Step.EXCLUDE_LB in response.steps and before.labels != after.labels:
             self.log.info("node_excluded_from_load_balancers", notice=response.notice.key)
             self.events.record(node, "ExcludedFromLoadBalancers", "labelled out of external load balancers")
+
+    def _time_cordon(self, response: Response) -> None:
+        """Count the time from the notice being due (its first sighting, or its act_at) to its first cordon;
+        a cordon made again (after kubectl uncordon) is not counted twice."""
+        if self.cordon_timed == response.notice.key:
+            return
+        self.cordon_timed = response.notice.key
+        mono, wall = self.anchor  # the monotonic clock since the notice was taken up: a clock step moves nothing
+        seconds = (wall - response.act_at).total_seconds() + time.monotonic() - mono
+        NOTICE_TO_CORDON.labels(str(response.notice.kind), "agent").observe(max(0.0, seconds))
 
     # ---- draining ----
     def _ensure_drain(self, response: Response) -> None:
@@ -408,6 +423,7 @@ class Responder:
         self.alerter.resolve("SpotInterruptionNotice", spot_interruption_alert(acting, self.node_info()).labels)
         NOTICE_ACTIVE.labels(str(acting.kind)).set(0)
         self.acting, self.state, self.drained_key, self.unconfirmed = None, None, None, False
+        self.cordon_timed = None
 
     async def close(self) -> None:
         """On shutdown: stop the drain in flight; the node annotation records where it stopped."""

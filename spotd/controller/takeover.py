@@ -27,6 +27,7 @@ from spotd.kube.events import EventRecorder
 from spotd.kube.keys import INTERRUPTION_TAINT_KEY
 from spotd.kube.nodes import add_node_taint, merge_patch_node_retrying, patched
 from spotd.kube.ratelimit import RateLimiter
+from spotd.notices.metrics import NOTICE_TO_CORDON
 from spotd.notices.queue_events import ASG_TERMINATION, SPOT_ITN, STATE_CHANGE, InstanceEvent
 
 TAKEOVER_KINDS = frozenset({SPOT_ITN, STATE_CHANGE, ASG_TERMINATION})
@@ -77,6 +78,8 @@ class Takeovers:
         self.limiter = limiter or RateLimiter(50, 100)
         self.running: dict[str, asyncio.Task[None]] = {}
         self._changed = asyncio.Event()
+        for kind in TAKEOVER_KINDS:  # at 0 from the start: a series born at 1 is no rate() to Prometheus
+            NOTICE_TO_CORDON.labels(kind, "controller")
 
     def consider(self, spawn: Spawn, node: str, event: InstanceEvent) -> None:
         """A queue notice for a node of ours: follow it unless one is followed for that node already."""
@@ -112,6 +115,7 @@ class Takeovers:
     async def follow(self, node: str, event: InstanceEvent) -> None:
         """Wait for the agent's acknowledgement; without it, taint, cordon and drain the node."""
         received = self.clock()
+        started = asyncio.get_running_loop().time()  # the monotonic twin of received, for the cordon's timing
         deadline = takeover_deadline(event, received, timedelta(seconds=self.settings.asg_termination_window))
         log = self.log.bind(node=node, kind=event.kind, deadline=deadline.isoformat())
         if await self._acknowledged_within(node, event.kind, self.settings.ack_timeout):
@@ -131,7 +135,7 @@ class Takeovers:
             log.info("would_drain_node", reason="agent silent")
             return
         try:
-            await self._taint_and_cordon(node, event.kind, log)
+            await self._taint_and_cordon(node, event.kind, log, started)
             stop = asyncio.Event()
             options = DrainOptions(
                 policy=PodPolicy(), deadline_action="leave", safety_margin=self.settings.safety_margin
@@ -159,7 +163,7 @@ class Takeovers:
         TAKEOVERS.labels(outcome if outcome in TAKEOVERS_KNOWN else "failed").inc()
         self._report(node, outcome, result, log)
 
-    async def _taint_and_cordon(self, node: str, kind: str, log: Any) -> None:
+    async def _taint_and_cordon(self, node: str, kind: str, log: Any, started: float) -> None:
         taint = {"key": INTERRUPTION_TAINT_KEY, "value": kind, "effect": "NoSchedule"}
         status, _added = await add_node_taint(self.client, node, taint)
         if not patched(status):
@@ -167,6 +171,8 @@ class Takeovers:
         status = await merge_patch_node_retrying(self.client, node, {"spec": {"unschedulable": True}}, log)
         if not patched(status):
             log.warning("takeover_cordon_failed", status=status)
+        else:  # from the queue message's arrival: the ack timeout the agent was given is part of it
+            NOTICE_TO_CORDON.labels(kind, "controller").observe(asyncio.get_running_loop().time() - started)
 
     def _report(self, node: str, outcome: str, result: DrainResult, log: Any) -> None:
         left = list(result.left or result.blocked)
