@@ -280,7 +280,9 @@ async def test_terminate_completed_only_after_the_drain_and_heartbeated_while_it
         api.delete("PodDisruptionBudget", "web", "default")  # the drain can end now
         await eventually(lambda: hooks.completions, timeout=30)
         assert hooks.completions == [(TOKEN, "CONTINUE", ["logs-agent"])]  # after the last pod went
-        await eventually(lambda: LIFECYCLE_ANNOTATION not in api.get("Node", NODE)["metadata"]["annotations"])
+        # The Event announces a finished action: by then it is off the Node (nothing left for a new leader)
+        await eventually(lambda: "SpotdLifecycleContinued" in [e.get("reason") for e in api.list("Event")])
+        assert LIFECYCLE_ANNOTATION not in api.get("Node", NODE)["metadata"]["annotations"]
         assert (
             sample("spotd_lifecycle_actions_total", {"transition": "terminate", "outcome": "continue"}) == continued + 1
         )

@@ -361,6 +361,7 @@ class LifecycleHooks:
             LIFECYCLE_ACTIONS.labels(TERMINATE, "dry_run").inc()
             log.info("would_complete_lifecycle_action", result=CONTINUE, reason=verdict.reason, left=list(verdict.left))
             return True
+        completed = False
         try:
             await self.actions.complete(action.asg, action.hook, action.token, action.instance_id, CONTINUE)
         except LifecycleActionGone as exc:
@@ -372,14 +373,17 @@ class LifecycleHooks:
             log.warning("lifecycle_complete_failed", error=repr(exc))
             return False
         else:
+            completed = True
             LIFECYCLE_ACTIONS.labels(TERMINATE, "continue").inc()
             log.warning("lifecycle_action_completed", result=CONTINUE, reason=verdict.reason, left=list(verdict.left))
+        # Off the Node before the Event: whoever reads the Event finds no pending action there to resume.
+        await self._forget(node, action.token)
+        if completed:
             message = f"lifecycle hook {action.hook} of {action.asg} completed (CONTINUE): {verdict.reason}"
             if verdict.left:
                 self.events.record(node, "SpotdLifecycleContinued", f"{message}; left: {left}"[:1000], "Warning")
             else:
                 self.events.record(node, "SpotdLifecycleContinued", message)
-        await self._forget(node, action.token)
         return True
 
     async def resume(self, spawn: Spawn) -> int:
