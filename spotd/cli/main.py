@@ -38,7 +38,33 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(only=next((a for a in argv if a in COMMANDS), None))
+    command = next((a for a in argv if a in COMMANDS), None)
+    try:
+        return _run(argv, command)
+    except ModuleNotFoundError as exc:
+        line = missing_dependency(command, exc)
+        if line is None:  # one of our own modules: a broken install, the traceback says where
+            raise
+        print(line, file=sys.stderr)
+        return 1
+
+
+def missing_dependency(command: str | None, exc: ModuleNotFoundError) -> str | None:
+    """The one line for a command whose library is not installed (`spotd controller` in the agent image,
+    which has no boto3 or aiohttp); None when the missing module is spotd's own."""
+    top = (exc.name or "").split(".")[0]
+    if not top or top == "spotd":
+        return None
+    package = "spotd[aws]" if top in ("boto3", "botocore") else "spotd"
+    prog = f"spotd {command}" if command else "spotd"
+    return (
+        f"{prog}: error: {top} is not installed here, and this command needs it (the agent image "
+        f"ghcr.io/spotd/spotd-agent holds `spotd agent` only: use ghcr.io/spotd/spotd, or install {package})"
+    )
+
+
+def _run(argv: list[str], command: str | None) -> int:
+    parser = build_parser(only=command)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
