@@ -35,6 +35,7 @@ from spotd.rehearsal.runner import Rehearsal, RehearsalConfig
 from spotd.rehearsal.targets import RehearsalRefused, Target
 from spotd.sim.cluster import ClusterSpec, spec_from_args
 from spotd.sim.cluster import add_arguments as add_cluster_arguments
+from spotd.sim.controlplane import ControlPlaneUnavailable, find_controlplane
 
 EMBEDDED_DEFAULT_COUNT = 12
 FALLBACK_DEFAULT_COUNT = 6
@@ -66,6 +67,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--kubeconfig", help="the cluster to rehearse on; without it, the embedded simulated cluster")
     p.add_argument("--embedded", action="store_true", help="use the embedded cluster even with --kubeconfig")
+    p.add_argument(
+        "--control-plane",
+        nargs="?",
+        const="",
+        metavar="DIR",
+        help="embedded: on a real control plane (kube-apiserver, etcd, controller-manager, scheduler, kwok) "
+        "from DIR's binaries, else $SPOTD_CONTROLPLANE's, else scripts/controlplane's (a build when not cached); "
+        "without the flag, the fake API server",
+    )
     p.add_argument("--output", choices=("text", "json"), default="text", help="report as tables or one JSON object")
     p.add_argument("--any-capacity-type", action="store_true", help="allow nodes that are not Spot")
     p.add_argument("--terminate", action="store_true", help="terminate the instances at the deadline (needs --yes)")
@@ -99,6 +109,7 @@ class SimulateConfig:
     agent_log: str | None
     log_level: str
     fallback: FallbackConfig | None = None
+    control_plane: str | None = None  # embedded on a real control plane: its binaries' directory, "" to find it
 
 
 def config_from_args(args: argparse.Namespace) -> SimulateConfig:
@@ -106,6 +117,8 @@ def config_from_args(args: argparse.Namespace) -> SimulateConfig:
     embedded = args.embedded or not args.kubeconfig
     if args.scenario == "fallback":
         return fallback_config_from_args(args, embedded)
+    if args.control_plane is not None and not embedded:
+        raise ValueError("--control-plane: only with the embedded cluster (no --kubeconfig, or --embedded)")
     names = tuple(n.strip() for n in args.node if n.strip())
     if names and (args.count or args.selector):
         raise ValueError("--node: give either --node NAME ... or --selector/--count, not both")
@@ -163,6 +176,7 @@ def config_from_args(args: argparse.Namespace) -> SimulateConfig:
         agent_poll_interval=args.agent_poll_interval,
         agent_log=args.agent_log,
         log_level=args.log_level,
+        control_plane=args.control_plane,
     )
 
 
@@ -177,6 +191,7 @@ def fallback_config_from_args(args: argparse.Namespace, embedded: bool) -> Simul
         "--via": args.via not in ("request", "annotation"),
         "--kind": args.kind != NoticeKind.SPOT_ITN,
         "--any-capacity-type": args.any_capacity_type,
+        "--control-plane": args.control_plane is not None,
     }
     for flag, given in refused.items():
         if given:
@@ -229,12 +244,17 @@ async def run(config: SimulateConfig) -> int:
     try:
         if config.fallback is not None:
             report = await run_fallback_embedded(config, config.fallback)
+        elif config.embedded and config.control_plane is not None:
+            report = await run_embedded_on_control_plane(config)
         elif config.embedded:
             report = await run_embedded(config)
         else:
             report = await Rehearsal(config.rehearsal).run()
     except RehearsalRefused as exc:
         print(f"spotd simulate-reclaim: {exc}", file=sys.stderr)
+        return 2
+    except ControlPlaneUnavailable as exc:
+        print(f"spotd simulate-reclaim: --control-plane: {exc}", file=sys.stderr)
         return 2
     except KubeConfigError as exc:
         print(f"spotd simulate-reclaim: {exc}", file=sys.stderr)
@@ -326,6 +346,31 @@ async def run_embedded(config: SimulateConfig) -> Report:
         await cluster.stop_imds()
         await api.stop()
         spotd_log.configure(config.log_level)  # back to stderr before the file goes
+        log_file.close()
+
+
+async def run_embedded_on_control_plane(config: SimulateConfig) -> Report:
+    """run_embedded's rehearsal on a real control plane (spotd.rehearsal.on_control_plane)."""
+    from spotd.common import log as spotd_log
+    from spotd.rehearsal.on_control_plane import run_on_control_plane
+
+    assert config.control_plane is not None
+    # nothing started or written before the binaries are known: without them, one line and exit 2
+    bin_dir = await asyncio.to_thread(find_controlplane, config.control_plane or None)
+    workdir = Path(tempfile.mkdtemp(prefix="spotd-simulate-real-"))
+    log_path = Path(config.agent_log) if config.agent_log else workdir / "agents.log"
+    print(f"embedded cluster on a real control plane; agent logs: {log_path}", file=sys.stderr, flush=True)
+    log_file = log_path.open("a")
+    spotd_log.configure(config.log_level, stream=log_file)
+
+    def agent_config(node: str, imds_url: str, kubeconfig: str) -> Any:
+        # each agent its own kubeconfig: a token bound to spotd's DaemonSet pod on its node
+        return agent_config_factory(kubeconfig, config.agent_poll_interval, config.log_level)(node, imds_url)
+
+    try:
+        return await run_on_control_plane(config.rehearsal, config.cluster, bin_dir, agent_config, workdir)
+    finally:
+        spotd_log.configure(config.log_level)
         log_file.close()
 
 

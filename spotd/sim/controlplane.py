@@ -64,6 +64,47 @@ def controlplane_binaries() -> Path:
     return Path(out.stdout.strip().splitlines()[-1])
 
 
+BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl", "kwok")
+
+
+class ControlPlaneUnavailable(Exception):
+    """No control plane to start here; the message is one line for the user."""
+
+
+def find_controlplane(given: str | None = None) -> Path:
+    """The directory of a complete set of binaries, for a command rather than the tests: `given`, else
+    $SPOTD_CONTROLPLANE, else scripts/controlplane's answer (a build when nothing is cached, its progress on
+    stderr). Also checks what start() needs besides: openssl and deploy/. Raises ControlPlaneUnavailable."""
+    where = given or os.environ.get("SPOTD_CONTROLPLANE")
+    if where:
+        bin_dir = Path(where)
+    else:
+        script = ROOT / "scripts" / "controlplane"
+        if not script.is_file():
+            raise ControlPlaneUnavailable(
+                "no control plane binaries: give DIR or set SPOTD_CONTROLPLANE (scripts/controlplane is not here)"
+            )
+        if shutil.which("go") is None:
+            raise ControlPlaneUnavailable(
+                "no control plane binaries: give DIR or set SPOTD_CONTROLPLANE, or install Go 1.26 for "
+                "scripts/controlplane to build them"
+            )
+        out = subprocess.run([str(script)], stdout=subprocess.PIPE, text=True)
+        if out.returncode != 0 or not out.stdout.strip():
+            raise ControlPlaneUnavailable(f"scripts/controlplane failed (exit {out.returncode}; its output above)")
+        bin_dir = Path(out.stdout.strip().splitlines()[-1])
+    missing = [b for b in BINARIES if not os.access(bin_dir / b, os.X_OK)]
+    if missing:
+        raise ControlPlaneUnavailable(f"{bin_dir} lacks {', '.join(missing)} (scripts/controlplane builds them)")
+    if shutil.which("openssl") is None:
+        raise ControlPlaneUnavailable("openssl is needed for the control plane's certificates")
+    if not (DEPLOY / "kustomization.yaml").is_file():
+        raise ControlPlaneUnavailable(
+            f"no {DEPLOY}/kustomization.yaml: the real control plane runs from spotd's source checkout"
+        )
+    return bin_dir
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
