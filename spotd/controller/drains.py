@@ -405,14 +405,19 @@ async def _finish(deps: DrainDeps, job: DrainJob, result: DrainOutcome, log: Any
                 deps.events.record(job.node, "SpotdDrainStopped", f"{outcome}: {detail}"[:1000], type="Warning")
         else:
             mark = retry_mark(job, outcome, deps.clock(), deps.settings)
+            recorded = False
             try:
-                await _put_back_with_backoff(deps, job, mark, log)
+                recorded = await _put_back_with_backoff(deps, job, mark, log)
             finally:
-                log.warning("drain_stopped", outcome=outcome, detail=detail, retry_after=mark.after.isoformat())
-                message = (
-                    f"{outcome}: {detail}; not tried again before {mark.after.isoformat()} (attempt {mark.attempts})"
+                after = mark.after.isoformat()
+                log.warning("drain_stopped", outcome=outcome, detail=detail, retry_after=after, recorded=recorded)
+                # The Event promises a back-off only when the Node holds it (the next pass reads it from there).
+                then = (
+                    f"not tried again before {after} (attempt {mark.attempts})"
+                    if recorded
+                    else "its back-off could not be written on the node: a later pass puts the node back"
                 )
-                deps.events.record(job.node, "SpotdDrainStopped", message[:1000], type="Warning")
+                deps.events.record(job.node, "SpotdDrainStopped", f"{outcome}: {detail}; {then}"[:1000], type="Warning")
     finally:
         CONTROLLER_DRAINS.labels(outcome).inc()
     landed: bool | None = None
@@ -432,8 +437,9 @@ def retry_mark(job: DrainJob, outcome: str, now: datetime, settings: DrainSettin
     return RetryMark(now + timedelta(seconds=wait), attempts, job.started, outcome)
 
 
-async def _put_back_with_backoff(deps: DrainDeps, job: DrainJob, mark: RetryMark, log: Any) -> None:
-    """Uncordon (if we cordoned) and write the back-off in one patch, retried: the back-off must not be lost."""
+async def _put_back_with_backoff(deps: DrainDeps, job: DrainJob, mark: RetryMark, log: Any) -> bool:
+    """Uncordon (if we cordoned) and write the back-off in one patch, retried: the back-off must not be lost.
+    True when the node holds it."""
     patch: dict[str, Any] = {"metadata": {"annotations": {DRAIN_RETRY_ANNOTATION: mark.to_json()}}}
     if job.cordoned:
         patch["metadata"]["annotations"][DRAINING_ANNOTATION] = None
@@ -441,9 +447,11 @@ async def _put_back_with_backoff(deps: DrainDeps, job: DrainJob, mark: RetryMark
     status = await merge_patch_node_retrying(deps.client, job.node, patch, log)
     if patched(status):
         log.info("node_uncordoned" if job.cordoned else "drain_backoff_recorded", status=status)
-    else:  # still marked as draining: recover() puts it back on a later pass; the back-off is lost
-        LOOP_ERRORS.labels("uncordon").inc()
-        log.error("node_uncordon_failed", status=status)
+        return True
+    # still marked as draining: recover() puts it back on a later pass; the back-off is lost
+    LOOP_ERRORS.labels("uncordon").inc()
+    log.error("node_uncordon_failed", status=status)
+    return False
 
 
 async def _terminate(deps: DrainDeps, job: DrainJob, log: Any) -> None:
