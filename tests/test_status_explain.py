@@ -294,3 +294,44 @@ def test_table_json_and_yaml_say_the_same() -> None:
     assert as_json == yaml.safe_load(render(report, "yaml"))
     assert as_json["controller"]["available"] is True and as_json["controller"]["identity"] == "ctl-a"
     assert [n["why"] for n in as_json["nodes"]] == ["out of scope: not fallback capacity", ""]
+
+
+# --- the Lease: who leads, or since when no one has ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("lease_obj", "line"),
+    [
+        (lease(), "lease: held by ctl-a, renewed 2s ago"),
+        (
+            lease(renewed=-300),
+            f"lease: not renewed since {t(-300)} (5m ago), 15s lease: no controller is leading (last holder ctl-a)",
+        ),
+        (lease(holder=""), f"lease: released, last renewed {t(-2)} (2s ago): no controller is leading"),
+        (
+            {"spec": {"holderIdentity": "ctl-a", "leaseDurationSeconds": 15}},
+            "lease: held by ctl-a, never renewed: no controller is leading",
+        ),
+    ],
+)
+def test_the_lease_line_says_who_leads_or_since_when_no_one_has(lease_obj: dict[str, Any], line: str) -> None:
+    report = build_report([k8s_node("od-1")], [], lease_obj, None, "no --controller-url given", NOW)
+    assert render(report, "table").splitlines()[1] == line
+    as_json = json.loads(render(report, "json"))["lease"]
+    assert as_json["note"] == line and as_json["expired"] is (not line.startswith("lease: held by ctl-a, renewed"))
+
+
+@pytest.mark.parametrize(
+    ("lease_obj", "note"),
+    [
+        (lease(renewed=-300), f"{UNAVAILABLE}: ctl-a answered as the leader, but its Lease was last renewed 5m ago"),
+        (lease(holder=""), f"{UNAVAILABLE}: ctl-a answered as the leader, but its Lease was last renewed 2s ago"),
+    ],
+)
+def test_a_leaders_answer_under_a_lapsed_lease_is_not_used(lease_obj: dict[str, Any], note: str) -> None:
+    """A replica that still says it leads while its Lease lapsed (partitioned from the API server, or its
+    renewals failing) leads nothing: its verdicts are not shown as the controller's."""
+    document = leader_doc(nodes=[{"node": "od-1", "in_scope": True, "reason": "Spot available", "drain": True}])
+    report = build_report([k8s_node("od-1")], [], lease_obj, document, "", NOW)
+    assert report.controller.note == note and not report.controller.available
+    assert report.rows[0].why == UNAVAILABLE and report.rows[0].next_look is None

@@ -78,6 +78,21 @@ class LeaseView:
         """No holder, or not renewed within its duration (read with this machine's clock: a hint only)."""
         return not self.holder or self.renewed is None or now - self.renewed > timedelta(seconds=self.duration)
 
+    def describe(self, now: datetime) -> str:
+        """Who leads, in one line; when no one does, since when the controller was last seen leading."""
+        seen = f"{format_time(self.renewed)} ({relative(self.renewed, now)})" if self.renewed else ""
+        if not self.holder:
+            last = f", last renewed {seen}" if seen else ""
+            return f"lease: released{last}: no controller is leading"
+        if self.renewed is None:
+            return f"lease: held by {self.holder}, never renewed: no controller is leading"
+        if self.expired(now):
+            return (
+                f"lease: not renewed since {seen}, {self.duration:g}s lease: no controller is leading "
+                f"(last holder {self.holder})"
+            )
+        return f"lease: held by {self.holder}, renewed {relative(self.renewed, now)}"
+
 
 def read_lease(obj: Mapping[str, Any] | None) -> LeaseView | None:
     if not obj:
@@ -124,6 +139,9 @@ def controller_view(document: Any, error: str, lease: LeaseView | None, now: dat
         return ControllerView(None, f"{UNAVAILABLE}: {identity} answered, and it is a standby{leader}")
     if lease is not None and lease.holder and lease.holder != identity:
         return ControllerView(None, f"{UNAVAILABLE}: {identity} answered, but the Lease names {lease.holder}")
+    if lease is not None and lease.expired(now):  # its verdicts are no leader's: a lapsed lease leads nothing
+        renewed = f"last renewed {relative(lease.renewed, now)}" if lease.renewed else "never renewed"
+        return ControllerView(None, f"{UNAVAILABLE}: {identity} answered as the leader, but its Lease was {renewed}")
     at = _time(document.get("at"))
     if at is None:
         return ControllerView(None, f"{UNAVAILABLE}: its last pass has no time")
@@ -376,10 +394,8 @@ def header_lines(report: StatusReport) -> list[str]:
     lease = report.lease
     if lease is None:
         lines.append("lease: not found (no controller has run, or it is in another namespace: --lease-namespace)")
-    elif lease.expired(report.at):
-        lines.append(f"lease: expired or released (last holder {lease.holder or 'none'}): no leader")
     else:
-        lines.append(f"lease: held by {lease.holder}, renewed {relative(lease.renewed, report.at)}")
+        lines.append(lease.describe(report.at))
     if report.controller.document is not None:
         for pool in report.controller.document.get("pools") or ():
             lines.append(f"pool {pool.get('pool')}: {pool.get('state')}: {pool.get('reason')}")
@@ -429,7 +445,12 @@ def to_document(report: StatusReport) -> dict[str, Any]:
         },
         "lease": None
         if lease is None
-        else {"holder": lease.holder, "renewed": _iso(lease.renewed), "expired": lease.expired(report.at)},
+        else {
+            "holder": lease.holder,
+            "renewed": _iso(lease.renewed),
+            "expired": lease.expired(report.at),
+            "note": lease.describe(report.at),
+        },
         "pools": list(document.get("pools") or ()) if document is not None else [],
         "nodes": [r.to_dict() for r in report.rows],
         "notes": report.notes,
