@@ -418,8 +418,19 @@ class Responder:
         else:
             self._want_node(compute, "release", None)
         PODS_LEFT.set(0)
-        self.log.info("notice_released", notice=acting.key, reason=reason)
-        self.events.record(self.nodes.name, "NoticeReleased", f"{acting.kind}: {reason}; node uncordoned")
+        self.log.info("notice_released", notice=acting.key, reason=reason, written=done)
+        # Say what the node holds now: a release the API refused is still the background writer's to do.
+        if done:
+            self.events.record(
+                self.nodes.name, "NoticeReleased", f"{acting.kind}: {reason}; our taint and cordon removed"
+            )
+        else:
+            self.events.record(
+                self.nodes.name,
+                "NoticeReleased",
+                f"{acting.kind}: {reason}; the node could not be written yet: retrying to remove our taint and cordon",
+                "Warning",
+            )
         self.alerter.resolve("SpotInterruptionNotice", spot_interruption_alert(acting, self.node_info()).labels)
         NOTICE_ACTIVE.labels(str(acting.kind)).set(0)
         self.acting, self.state, self.drained_key, self.unconfirmed = None, None, None, False
