@@ -324,14 +324,32 @@ def test_the_lease_line_says_who_leads_or_since_when_no_one_has(lease_obj: dict[
 @pytest.mark.parametrize(
     ("lease_obj", "note"),
     [
-        (lease(renewed=-300), f"{UNAVAILABLE}: ctl-a answered as the leader, but its Lease was last renewed 5m ago"),
-        (lease(holder=""), f"{UNAVAILABLE}: ctl-a answered as the leader, but its Lease was last renewed 2s ago"),
+        (
+            lease(renewed=-300),
+            f"{UNAVAILABLE}: ctl-a answered as the leader, but its last pass came 297s after its Lease's last "
+            f"renewal ({t(-300)}), past the 15s the Lease holds",
+        ),
+        (lease(holder=""), f"{UNAVAILABLE}: ctl-a answered as the leader, but the Lease has been released"),
+        (
+            {"spec": {"holderIdentity": "ctl-a", "leaseDurationSeconds": 15}},
+            f"{UNAVAILABLE}: ctl-a answered as the leader, but its Lease was never renewed",
+        ),
     ],
 )
 def test_a_leaders_answer_under_a_lapsed_lease_is_not_used(lease_obj: dict[str, Any], note: str) -> None:
     """A replica that still says it leads while its Lease lapsed (partitioned from the API server, or its
-    renewals failing) leads nothing: its verdicts are not shown as the controller's."""
+    renewals failing) leads nothing: its verdicts are not shown as the controller's. Told on the
+    controller's own clock (its last pass against its renewTime), not this machine's."""
     document = leader_doc(nodes=[{"node": "od-1", "in_scope": True, "reason": "Spot available", "drain": True}])
     report = build_report([k8s_node("od-1")], [], lease_obj, document, "", NOW)
     assert report.controller.note == note and not report.controller.available
     assert report.rows[0].why == UNAVAILABLE and report.rows[0].next_look is None
+
+
+def test_this_machines_clock_does_not_make_a_renewing_leader_look_lapsed() -> None:
+    """Read a minute later than the controller's clock (a slow machine, a skewed laptop): the lease line says
+    what this clock sees, but the leader's answer, renewed before its last pass, is still used."""
+    later = NOW + timedelta(seconds=60)
+    report = build_report([k8s_node("od-1")], [], lease(), leader_doc(), "", later)
+    assert report.controller.available, report.controller.note
+    assert render(report, "table").splitlines()[1].startswith("lease: not renewed since ")

@@ -133,6 +133,8 @@ async def run(config: StatusConfig) -> int:
         except httpx.HTTPError as exc:
             events = []
             notes.append(f"events unread ({_refusal(exc)}): back-offs are explained without the last drain's Event")
+        # /status first, the Lease after: a renewal after the answer's pass can only confirm its leadership
+        document, error = await read_controller(config.controller_url, config.timeout)
         lease: dict[str, Any] | None = None
         try:
             path = f"/apis/coordination.k8s.io/v1/namespaces/{config.lease_namespace}/leases/{config.lease_name}"
@@ -142,7 +144,6 @@ async def run(config: StatusConfig) -> int:
                 lease = resp.json()
         except httpx.HTTPError as exc:
             notes.append(f"lease unread ({_refusal(exc)}): the controller's answer cannot be checked against it")
-        document, error = await read_controller(config.controller_url, config.timeout)
         if lease is None and not error and not notes:
             notes.append("no Lease found: the controller's answer is taken as it is")
     finally:

@@ -122,6 +122,26 @@ class ControllerView:
         return next((e for e in self.document.get("nodes") or () if e.get("node") == node), None)
 
 
+def lease_lapsed_at(lease: LeaseView | None, at: datetime) -> str:
+    """Why the Lease did not hold at the controller's last pass (`at`), "" when it did or cannot be told.
+    Both times are the controller's clock (it writes renewTime), and the Lease is read after /status, so a
+    renewal after the pass only makes it hold: no clock of this machine, no slow read, makes a leader look
+    lapsed."""
+    if lease is None:
+        return ""
+    if not lease.holder:
+        return "the Lease has been released"
+    if lease.renewed is None:
+        return "its Lease was never renewed"
+    late = (at - lease.renewed).total_seconds()
+    if late > lease.duration:
+        return (
+            f"its last pass came {late:.0f}s after its Lease's last renewal ({format_time(lease.renewed)}), "
+            f"past the {lease.duration:g}s the Lease holds"
+        )
+    return ""
+
+
 def controller_view(document: Any, error: str, lease: LeaseView | None, now: datetime) -> ControllerView:
     """Whether the /status answer (document, or the error that came instead) is the leader's, and recent.
 
@@ -139,12 +159,12 @@ def controller_view(document: Any, error: str, lease: LeaseView | None, now: dat
         return ControllerView(None, f"{UNAVAILABLE}: {identity} answered, and it is a standby{leader}")
     if lease is not None and lease.holder and lease.holder != identity:
         return ControllerView(None, f"{UNAVAILABLE}: {identity} answered, but the Lease names {lease.holder}")
-    if lease is not None and lease.expired(now):  # its verdicts are no leader's: a lapsed lease leads nothing
-        renewed = f"last renewed {relative(lease.renewed, now)}" if lease.renewed else "never renewed"
-        return ControllerView(None, f"{UNAVAILABLE}: {identity} answered as the leader, but its Lease was {renewed}")
     at = _time(document.get("at"))
     if at is None:
         return ControllerView(None, f"{UNAVAILABLE}: its last pass has no time")
+    lapsed = lease_lapsed_at(lease, at)
+    if lapsed:  # a replica deciding under a lapsed lease leads nothing: its verdicts are no leader's
+        return ControllerView(None, f"{UNAVAILABLE}: {identity} answered as the leader, but {lapsed}")
     interval = float(document.get("interval_seconds") or 30)
     if now - at > timedelta(seconds=max(120.0, 4 * interval)):
         return ControllerView(None, f"{UNAVAILABLE}: its last pass was {relative(at, now)} (stale)")
