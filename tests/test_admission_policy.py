@@ -366,7 +366,7 @@ def test_own_node_but_not_spotd_fields_is_refused(policies: ValidatingAdmissionP
         combined["spec"]["taints"] = [*patch["spec"]["taints"], *legit["spec"]["taints"][-1:]]
     denial = policies.check(update(old, patched(old, combined), agent_of(A)))
     assert isinstance(denial, Denial), case
-    assert (denial.code, denial.reason) == (422, "Invalid")
+    assert (denial.code, denial.reason) == (403, "Forbidden")  # the validations' reason: Forbidden
     assert denial.message.startswith(f"nodes \"{A}\" is forbidden: ValidatingAdmissionPolicy 'spotd-agent-node-fields'")
     assert says in denial.message and f"of node {A}" in denial.message, denial.message
 
@@ -376,8 +376,8 @@ def test_agent_of_one_node_may_not_patch_another(policies: ValidatingAdmissionPo
     _, after = act(other, NoticeKind.SPOT_ITN)  # exactly what it would do to its own node
     denial = policies.check(update(other, after, agent_of(A)))
     assert denial == Denial(
-        422,
-        "Invalid",
+        403,
+        "Forbidden",
         f"nodes \"{B}\" is forbidden: ValidatingAdmissionPolicy 'spotd-agent-own-node' with binding "
         f"'spotd-agent-own-node' denied request: spotd-agent of node {A} may not change node {B}",
         f"ValidatingAdmissionPolicy 'spotd-agent-own-node' with binding 'spotd-agent-own-node' denied request: "
@@ -401,7 +401,7 @@ def test_a_token_without_one_node_name_is_refused_everywhere(
     node = eks_node(A)
     _, after = act(node, NoticeKind.SPOT_ITN)
     denial = policies.check(update(node, after, user))
-    assert denial is not None and denial.code == 422
+    assert denial is not None and denial.code == 403
     assert "its token names none" in denial.message and "spotd-agent-own-node" in denial.message
 
 
@@ -708,10 +708,10 @@ async def test_the_fake_api_server_applies_the_shipped_policy(tmp_path: Path) ->
         own = await patch(A, {"spec": {"unschedulable": True}})
         assert own.status_code == 200, own.text
         other = await patch("node-b", {"spec": {"unschedulable": True}})
-        assert other.status_code == 422
+        assert other.status_code == 403 and other.json()["reason"] == "Forbidden"
         assert "ValidatingAdmissionPolicy 'spotd-agent-own-node'" in other.json()["message"]
         beyond = await patch(A, {"metadata": {"labels": {"node-role.kubernetes.io/control-plane": ""}}})
-        assert beyond.status_code == 422
+        assert beyond.status_code == 403 and beyond.json()["reason"] == "Forbidden"
         assert api.get("Node", "node-b")["spec"].get("unschedulable") is not True
     finally:
         await api.stop()
@@ -743,6 +743,8 @@ async def check_agent_pod_delete(
         spec: Doc = {"containers": [{"name": "c", "image": "registry.k8s.io/pause:3.10"}]}
         if node is not None:
             spec["nodeName"] = node
+        else:
+            spec["schedulerName"] = "spotd-test-none"  # no such scheduler: on a real cluster it stays on no node
         return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": namespace}, "spec": spec}
 
     pods_url = f"/api/v1/namespaces/{namespace}/pods"

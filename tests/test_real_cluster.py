@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from spotd.sim import builders
-from tests.realcluster import KWOK_ANNOTATION, RealCluster
+from tests.realcluster import DEPLOY, KWOK_ANNOTATION, RealCluster
+from tests.test_admission_policy import check_agent_pod_delete
 
 TAINT = "spotd.io/interruption"
 
@@ -78,7 +79,7 @@ def real(real_cluster: RealCluster) -> Iterator[RealCluster]:
             add_node(real_cluster, name, capacity)
     # deploy/'s admission policies hold once the API server has loaded them (a moment after kubectl apply)
     token = agent_token(real_cluster, "real-spot-1")
-    real_cluster.wait_for(lambda: cordon(real_cluster, "real-spot-2", token, dry_run=True)[0] == 422)
+    real_cluster.wait_for(lambda: refused_by_policy(*cordon(real_cluster, "real-spot-2", token, dry_run=True)))
     yield real_cluster
 
 
@@ -87,6 +88,11 @@ def test_the_agents_pod_bound_token_names_its_node(real: RealCluster) -> None:
     user = whoami(real, agent_token(real, "real-spot-1"))
     assert user["username"] == "system:serviceaccount:spotd:spotd-agent"
     assert user["extra"]["authentication.kubernetes.io/node-name"] == ["real-spot-1"]
+
+
+def refused_by_policy(status: int, body: Any) -> bool:
+    """A 403 from an admission policy (its message names it), not from RBAC."""
+    return status == 403 and "ValidatingAdmissionPolicy" in str(body)
 
 
 def cordon(real: RealCluster, node: str, token: str, dry_run: bool = False) -> tuple[int, Any]:
@@ -105,8 +111,13 @@ def test_the_admission_policy_refuses_the_agents_write_to_another_node(real: Rea
     status, own = cordon(real, "real-spot-1", token)
     assert status == 200, own.get("message") if isinstance(own, dict) else own
     status, other = cordon(real, "real-spot-2", token)
-    # deploy/admission-policy.yaml's validations give no reason: the real server answers Invalid, 422
-    assert (status, other["reason"]) == (422, "Invalid"), other
+    # deploy/admission-policy.yaml's validations say reason Forbidden (without it the real server answers
+    # 422 Invalid, which is not what a refused write is)
+    assert (status, other["reason"]) == (403, "Forbidden"), other
+    assert other["message"] == (
+        "nodes \"real-spot-2\" is forbidden: ValidatingAdmissionPolicy 'spotd-agent-own-node' with binding "
+        "'spotd-agent-own-node' denied request: spotd-agent of node real-spot-1 may not change node real-spot-2"
+    )
     assert not get(real, "/api/v1/nodes/real-spot-2")["spec"].get("unschedulable")
     real.request(
         "PATCH",
@@ -122,3 +133,45 @@ def test_a_gpu_request_without_its_limit_is_refused_by_the_real_server(real: Rea
     status, body = real.request("POST", "/api/v1/namespaces/default/pods", pod)
     assert status == 422, body
     assert "Limit must be set for non overcommitable resources" in str(body)
+
+
+def dry_run_delete(real: RealCluster, namespace: str, pod: str, token: str) -> tuple[int, Any]:
+    """A dry-run DELETE of a pod as `token`. dryRun goes in the DeleteOptions body: a DELETE with a body is
+    decoded from the body alone, so `?dryRun=All` beside it is ignored and the pod really goes."""
+    options = {"kind": "DeleteOptions", "apiVersion": "v1", "dryRun": ["All"]}
+    return real.request("DELETE", f"/api/v1/namespaces/{namespace}/pods/{pod}", options, token=token)
+
+
+async def test_the_optional_delete_role_is_held_to_the_agents_own_node(real: RealCluster) -> None:
+    """deploy/optional/agent-deadline-delete.yaml on the real server: its DELETE policy reads the stored pod's
+    spec.nodeName (oldObject) against the token's node-name claim. Another node's pod, a pod on no node, any
+    pod with a token naming no node: 403 Forbidden; a collection: RBAC's 403; the agent's own node's pod: 200.
+    The role is removed at the end (the default deploy/ gives the agent no pod delete)."""
+    namespace = "real-cluster-delete"
+    real.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
+    probe = builders.pod("real-delete-probe", "real-spot-2", namespace=namespace, owner=None)
+    status, body = real.request("POST", f"/api/v1/namespaces/{namespace}/pods", probe)
+    assert status == 201, body
+    optional = str(DEPLOY / "optional" / "agent-deadline-delete.yaml")
+    real.kubectl("apply", "--server-side", "-f", optional)
+    try:
+        token = agent_token(real, "real-spot-1")
+        # A new policy holds a few seconds after the write (the API server's informer): wait until it does.
+        real.wait_for(lambda: refused_by_policy(*dry_run_delete(real, namespace, "real-delete-probe", token)))
+        await check_agent_pod_delete(
+            real.url,
+            real.tokens["admin"],
+            token,
+            "real-spot-1",
+            "real-spot-2",
+            agent_token_without_node=real.service_account_token("spotd", "spotd-agent"),
+            namespace=namespace,
+            verify=str(real.ca_file),
+        )
+        assert (
+            get(real, f"/api/v1/namespaces/{namespace}/pods/real-delete-probe")["metadata"].get("deletionTimestamp")
+            is None
+        )  # the dry runs deleted nothing
+    finally:
+        real.kubectl("delete", "--ignore-not-found", "-f", optional)
+        real.request("DELETE", f"/api/v1/namespaces/{namespace}")
