@@ -42,7 +42,7 @@ from spotd.rehearsal.cycle_report import (
     PodWait,
     build_fallback_report,
 )
-from spotd.rehearsal.running_controller import ControllerProcess, controller_argv, controller_options, free_port
+from spotd.rehearsal.running_controller import ControllerProcess, controller_argv, controller_options
 from spotd.rehearsal.targets import RehearsalRefused, rehearsal_request_data
 from spotd.sim.ca_model import NODEGROUP_LABEL, ON_DEMAND, SPOT, Autoscaler, AutoscalerTiming, SimulatedGroup
 from spotd.sim.cluster import ZONES, ClusterSpec, EmbeddedCluster
@@ -285,17 +285,16 @@ async def run_fallback(
         tasks.append(loop.create_task(cluster.run_controllers()))
         tasks.append(loop.create_task(cluster.run_agents(agent_factory(kubeconfig))))
         tasks.append(loop.create_task(autoscaler.run()))
-        port = free_port()
         base = [
             "--kubeconfig", kubeconfig,
-            "--listen", f"127.0.0.1:{port}",
+            "--listen", "127.0.0.1:0",  # its own bind, read back from its log: a port picked here may be taken
             "--sqs-queue-url", aws.queue_url,
             "--sqs-wait", "1s",
             "--lease-namespace", "kube-system",
             "--log-level", log_level,
         ]  # fmt: skip
         argv, notes = controller_argv(controller_options(), config.controller_args, scale, base, FALLBACK_SELECTOR)
-        controller = ControllerProcess(argv, aws.env(), workdir / "controller.log", port)
+        controller = ControllerProcess(argv, aws.env(), workdir / "controller.log")
         print(f"embedded cluster at {api.url}; starting spotd controller (log: {controller.log_path})", file=sys.stderr)
         await controller.start()
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import re
 import signal
-import socket
 import sys
 import time
 import urllib.request
@@ -87,11 +87,11 @@ def controller_argv(
 
 
 class ControllerProcess:
-    def __init__(self, argv: list[str], env: dict[str, str], log_path: Path, port: int) -> None:
+    def __init__(self, argv: list[str], env: dict[str, str], log_path: Path) -> None:
         self.argv = argv
         self.env = env
         self.log_path = log_path
-        self.port = port
+        self.port = 0  # bound by the controller (--listen 127.0.0.1:0), read from its `listening` line
         self.proc: asyncio.subprocess.Process | None = None
 
     async def start(self, timeout: float = 60.0) -> None:
@@ -116,6 +116,10 @@ class ControllerProcess:
             await asyncio.sleep(0.1)
 
     def _ready(self) -> bool:
+        if not self.port:
+            self.port = _listening_port(self.log_path)
+            if not self.port:
+                return False
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=1) as resp:
                 return bool(resp.status == 200)
@@ -128,14 +132,27 @@ class ControllerProcess:
         with contextlib.suppress(ProcessLookupError):
             self.proc.send_signal(signal.SIGTERM)
         try:
-            return await asyncio.wait_for(self.proc.wait(), 10)
+            async with asyncio.timeout(10):  # not wait_for: on 3.11 it can swallow our caller's cancellation
+                return await self.proc.wait()
         except TimeoutError:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.kill()
             return await self.proc.wait()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _listening_port(log_path: Path) -> int:
+    """The port in the controller's `listening` log line (JSON), 0 before it has written it."""
+    try:
+        text = log_path.read_text(errors="replace")
+    except OSError:
+        return 0
+    for line in text.splitlines():
+        if '"listening"' not in line:
+            continue
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if entry.get("event") == "listening" and entry.get("port"):
+            return int(entry["port"])
+    return 0
