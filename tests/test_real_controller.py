@@ -505,3 +505,26 @@ async def test_the_standby_takes_the_real_lease_after_a_kill_and_resumes_the_dra
     await eventually(lambda: b.drains("complete") == 1, timeout=90)
     await eventually(lambda: len(running_on(real, app, "rc-fo-spot")) == 2, timeout=30)
     assert running_on(real, app, od) == [] and not a.events("drain_complete")
+
+
+def test_placeholders_meet_the_restricted_pod_security_standard(real: RealCluster) -> None:
+    """--placeholder-namespace may be a namespace that enforces `restricted`: the real PodSecurity admission
+    accepts the placeholders as they are built (the pause image's user, no privilege, RuntimeDefault seccomp)."""
+    from spotd.controller.placeholders import placeholder_pods
+
+    namespace = "rc-restricted"
+    labels = {"pod-security.kubernetes.io/enforce": "restricted", "pod-security.kubernetes.io/warn": "restricted"}
+    real.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace, "labels": labels}})
+    workload = builders.pod("rc-psa", "rc-psa-od", requests={"cpu": "100m", "nvidia.com/gpu": "1"})
+    workload["spec"]["containers"][0]["resources"]["limits"] = {"nvidia.com/gpu": "1"}
+    (placeholder,) = placeholder_pods(
+        "rc-psa-od", [workload], namespace=namespace, capacity_label=builders.KARPENTER_CAPACITY_LABEL,
+        spot_values=["spot"],
+    )  # fmt: skip
+    status, body = real.request("POST", f"/api/v1/namespaces/{namespace}/pods?dryRun=All", placeholder)
+    assert status == 201, body
+    # and the admission is on: a pod that is not restricted is refused
+    root = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "rc-root", "namespace": namespace},
+            "spec": {"containers": [{"name": "c", "image": "c"}]}}  # fmt: skip
+    status, body = real.request("POST", f"/api/v1/namespaces/{namespace}/pods?dryRun=All", root)
+    assert status == 403 and "violates PodSecurity" in body["message"], body
