@@ -42,6 +42,8 @@ def status_body(
         body["details"] = details
     if 200 <= code < 300 and reason is None:
         del body["reason"]
+    if not message:  # metav1.Status.Message is omitempty: a bare success has none
+        del body["message"]
     return body
 
 

@@ -447,10 +447,7 @@ class DisruptionController:
         if len(status.get("disruptedPods") or {}) > MAX_DISRUPTED_PODS:
             raise _pdb_forbidden(pdb, "DisruptedPods map too big - too many evictions not confirmed by PDB controller")
         if allowed == 0:
-            name = pdb["metadata"]["name"]
-            raise _too_many(
-                pdb, f"The disruption budget {name} needs {desired} healthy pods and has {healthy} currently"
-            )
+            raise _too_many(pdb, disruption_denied_message(pdb))
         if dry_run:
             return
         new_status = {
@@ -466,6 +463,25 @@ class DisruptionController:
                 for c in status.get("conditions") or []
             ]
         self.store.update({**pdb, "status": new_status}, check_version=False)
+
+
+def disruption_denied_message(pdb: Obj) -> str:
+    """The cause of a 429 for a budget allowing no disruption, as the eviction subresource words it
+    (disruptionDeniedMessage): a failed sync first (the health counts are not to be trusted then), then the
+    health counts when they explain it, then the condition's own reason and message, else plainly."""
+    name = pdb["metadata"]["name"]
+    status = pdb.get("status") or {}
+    healthy, desired = status.get("currentHealthy", 0), status.get("desiredHealthy", 0)
+    condition = next((c for c in status.get("conditions") or [] if c.get("type") == "DisruptionAllowed"), None)
+    failed = condition is not None and condition.get("status") == "False" and bool(condition.get("message"))
+    denied = f"The disruption budget {name} does not allow evicting pods currently"
+    if failed and condition is not None and condition.get("reason") == "SyncFailed":
+        return f"{denied} because it failed sync: {condition['message']}"
+    if healthy <= desired:
+        return f"The disruption budget {name} needs {desired} healthy pods and has {healthy} currently"
+    if failed and condition is not None:
+        return f"{denied} ({condition.get('reason')}): {condition['message']}"
+    return denied
 
 
 def _too_many(pdb: Obj, cause: str, retry_after: int = 0) -> errors.ApiError:
