@@ -33,8 +33,9 @@ What it does not do (know this before trusting a green test):
   PriorityClass, 403 for an unknown one; the system classes exist) plugins (plugins.py), then the hooks you
   add; no LimitRanger, ServiceAccount, NodeRestriction, ResourceQuota or webhooks. Pods are defaulted and
   their container resources validated as kube-apiserver does (strategy.py: a GPU request without an equal
-  limit is a 422); no other schema validation; deleting a namespace removes it at once (no Terminating phase,
-  no namespace controller); ownerReferences garbage collection is ignored; finalizers hold any object (a
+  limit is a 422); no other schema validation; a deleted namespace is Terminating while the namespace
+  controller (namespaces.py) deletes its content and waits for what finalizers or graceful deletions hold,
+  then goes; ownerReferences garbage collection is ignored; finalizers hold any object (a
   DELETE marks it, the update removing the last one deletes it);
 - pods: a graceful deletion ends only on a node that exists and is Ready (its kubelet: policy.py), else the
   pod stays Terminating; the taint manager and pod GC (terminating pods of an out-of-service NotReady node,

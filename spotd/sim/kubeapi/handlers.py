@@ -14,6 +14,7 @@ from aiohttp import web
 from . import errors, events, patch, plugins, protobuf, strategy
 from .auth import ADMIN, AdmissionAttributes, UserInfo
 from .codec import clone, dumps, loads
+from .namespaces import NamespaceController
 from .policy import DisruptionController, check_preconditions
 from .resources import BY_PATH, EVENTS_V1_FIELD_ALIASES, Resource, field_labels
 from .selectors import make_matcher, parse_field_selector, parse_label_selector, required_value
@@ -97,6 +98,7 @@ class ResourceHandlers:
         self.disruption = disruption
         self.admission_hooks = admission_hooks if admission_hooks is not None else []
         self.builtin = plugins.BuiltinAdmission(store)
+        self.namespaces = NamespaceController(store, disruption)  # a namespace DELETE: Terminating, emptied
 
     def admit_builtin(self, t: RequestTarget, operation: str, obj: Obj | None, old: Obj | None = None) -> None:
         """kube-apiserver's own admission plugins (plugins.py), first: they may refuse or change `obj`."""
@@ -363,6 +365,8 @@ class ResourceHandlers:
         self.admit(request, t, "DELETE", None, old, dry_run=dry_run)
         if t.res.kind == "Pod":
             obj = self.disruption.delete_pod(t.namespace or "", t.name or "", grace_seconds, dry_run)
+        elif t.res.kind == "Namespace" and not dry_run:
+            obj = self.namespaces.mark(t.name or "")
         elif dry_run:
             obj = old
         else:

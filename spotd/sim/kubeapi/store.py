@@ -385,6 +385,9 @@ def generate_name(kind: str, meta: Obj) -> None:
         meta["name"] = meta["generateName"] + "".join(random.choices(_NAME_CHARS, k=5))
 
 
+NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
+
+
 def _apply_defaults(obj: Obj) -> None:
     """The API defaults the rest of the fake relies on (pods: strategy.default_pod; namespaces' phase)."""
     if obj["kind"] == "Pod":
@@ -393,6 +396,11 @@ def _apply_defaults(obj: Obj) -> None:
         obj.setdefault("preemptionPolicy", "PreemptLowerPriority")
     elif obj["kind"] == "Namespace":
         obj.setdefault("status", {}).setdefault("phase", "Active")
+        # the label the registry sets on every namespace (its name), for namespaceSelectors
+        obj["metadata"]["labels"] = {
+            **(obj["metadata"].get("labels") or {}),
+            NAMESPACE_NAME_LABEL: obj["metadata"]["name"],
+        }
 
 
 def _spec_changed(old: Obj, new: Obj) -> bool:
