@@ -528,3 +528,82 @@ def test_placeholders_meet_the_restricted_pod_security_standard(real: RealCluste
             "spec": {"containers": [{"name": "c", "image": "c"}]}}  # fmt: skip
     status, body = real.request("POST", f"/api/v1/namespaces/{namespace}/pods?dryRun=All", root)
     assert status == 403 and "violates PodSecurity" in body["message"], body
+
+
+async def test_a_daemonset_pod_pending_on_a_full_node_elsewhere_does_not_hold_drains(
+    real: RealCluster, controllers: Any
+) -> None:
+    """The real DaemonSet controller pins each of its pods to its node with a required node affinity on the
+    field metadata.name (matchFields): an agent pod that does not fit its full node is Pending for lack of
+    capacity, but no fallback node's pods compete with it, and it must not hold their drain for ever."""
+    full, od, app = "rc-ds-full", "rc-ds-od", "rc-ds-app"
+    add_node(real, od, builders.ON_DEMAND, "ds", pool="rc-ds")
+    deployment(real, app, "ds", 2, {"requests": {"cpu": "100m"}})
+    await eventually(lambda: len(running_on(real, app, od)) == 2, timeout=60)
+    add_node(real, "rc-ds-spot", builders.SPOT, "ds")
+    add_node(real, full, builders.SPOT, "dsfull", allocatable=_resources(cpu="50m"))  # deploy/'s agent asks 100m
+    try:
+        await eventually(lambda: [p for p in _pods_pinned_to(real, full) if _unschedulable(p)], timeout=60)
+        ctl = controllers("rc-ds-ctl", "--fallback-selector", "node-pool=rc-ds", "--surge-timeout", "0")
+        await eventually(lambda: ctl.drains("complete") == 1 or _held(ctl, od), timeout=60)
+        assert ctl.drains("complete") == 1, _held(ctl, od)
+        await eventually(lambda: len(running_on(real, app, "rc-ds-spot")) == 2, timeout=30)
+    finally:
+        status, body = real.request("DELETE", f"/api/v1/nodes/{full}")  # its agent pod goes with it
+        assert status == 200, body
+
+
+def _pods_pinned_to(real: RealCluster, node_name: str) -> list[dict[str, Any]]:
+    """The DaemonSet pods meant for `node_name` (their required affinity's matchFields name it)."""
+    path = "/api/v1/namespaces/spotd/pods?labelSelector=app.kubernetes.io/component%3Dagent"
+    out = []
+    for p in get(real, path)["items"]:
+        required = ((p["spec"].get("affinity") or {}).get("nodeAffinity") or {}).get(
+            "requiredDuringSchedulingIgnoredDuringExecution"
+        ) or {}
+        fields = [f for t in required.get("nodeSelectorTerms") or [] for f in t.get("matchFields") or []]
+        if any(f["key"] == "metadata.name" and f.get("values") == [node_name] for f in fields):
+            out.append(p)
+    return out
+
+
+def _unschedulable(pod: dict[str, Any]) -> bool:
+    return any(
+        c.get("type") == "PodScheduled"
+        and c.get("reason") == "Unschedulable"
+        and "Insufficient" in c.get("message", "")
+        for c in pod.get("status", {}).get("conditions") or []
+    )
+
+
+def _held(ctl: ControllerProcess, node_name: str) -> list[str]:
+    """The reasons the controller gave for keeping `node_name` that name Pending pods."""
+    return [e["reason"] for e in ctl.events("node_kept") if e.get("node") == node_name and "Pending" in e["reason"]]
+
+
+def test_a_pending_pod_pinned_by_match_fields_could_run_on_its_node_only() -> None:
+    """The inventory's reading of the real DaemonSet controller's pin (pure)."""
+    import msgspec
+
+    from spotd.inventory.records import RawPod, pod_record
+
+    def pending(*fields: dict[str, Any]) -> Any:
+        terms = [{"matchFields": list(fields)}] if fields else []
+        pod = {
+            "metadata": {"namespace": "spotd", "name": "agent-x", "ownerReferences": [
+                {"kind": "DaemonSet", "name": "spotd-agent", "controller": True}]},
+            "spec": {"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": terms}}}},
+            "status": {"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "False",
+                       "reason": "Unschedulable", "message": "0/3 nodes are available: 1 Insufficient cpu."}]},
+        }  # fmt: skip
+        record = pod_record(msgspec.json.decode(json.dumps(pod).encode(), type=RawPod))
+        assert record.pending is not None
+        return record.pending
+
+    pinned = pending({"key": "metadata.name", "operator": "In", "values": ["full-1"]})
+    assert pinned.could_run_on({}, "full-1") and not pinned.could_run_on({}, "od-1")
+    assert pinned.could_run_on({})  # no name given: it could (fail closed: it holds drains)
+    unread = pending({"key": "metadata.name", "operator": "NotIn", "values": ["full-1"]})
+    assert unread.could_run_on({}, "od-1")  # a field requirement we do not read: it could
+    assert pending().could_run_on({}, "od-1")

@@ -222,9 +222,10 @@ def drains_in_last_hour(history: Sequence[datetime], now: datetime) -> int:
 def competing_pending(node: NodeInfo, pending: Sequence[PendingPod]) -> list[PendingPod]:
     """The Pending pods the node's pods would compete with once evicted: those that could run on a node
     like it (no constraint, or a node selector and required affinity its labels satisfy). A GPU pod
-    selecting GPU nodes does not compete with a fallback node's web pods."""
+    selecting GPU nodes does not compete with a fallback node's web pods, nor a DaemonSet's pod, pinned to
+    its own node, with any other node's."""
     labels = dict(node.labels)
-    return [p for p in pending if p.could_run_on(labels)]
+    return [p for p in pending if p.could_run_on(labels, node.name)]
 
 
 def pending_blocker(node: NodeInfo, pending: int | Sequence[PendingPod]) -> str | None:

@@ -74,6 +74,7 @@ class _SelectorRequirement(msgspec.Struct):
 
 class _SelectorTerm(msgspec.Struct):
     matchExpressions: list[_SelectorRequirement] | None = None
+    matchFields: list[_SelectorRequirement] | None = None
 
 
 class _NodeSelector(msgspec.Struct):
@@ -194,16 +195,26 @@ def matches_all(requirements: Iterable[Requirement], labels: Mapping[str, str]) 
 class PendingPod:
     """A pod Pending for lack of capacity, with the node constraints it was scheduled with.
 
-    selector: its nodeSelector; terms: its required node affinity terms (ORed; each ANDed)."""
+    selector: its nodeSelector; terms: its required node affinity terms (ORed; each ANDed); term_nodes: per
+    term, the node names its matchFields allow (metadata.name In, as the DaemonSet controller pins each of its
+    pods to one node), None when the term names none."""
 
     key: str
     selector: tuple[Requirement, ...] = ()
     terms: tuple[tuple[Requirement, ...], ...] = ()
+    term_nodes: tuple[frozenset[str] | None, ...] = ()
 
-    def could_run_on(self, labels: Mapping[str, str]) -> bool:
+    def could_run_on(self, labels: Mapping[str, str], name: str | None = None) -> bool:
+        """Whether the pod could run on a node with these labels (and this name: None, any)."""
         if not matches_all(self.selector, labels):
             return False
-        return not self.terms or any(matches_all(term, labels) for term in self.terms)
+        if not self.terms:
+            return True
+        for i, term in enumerate(self.terms):
+            nodes = self.term_nodes[i] if i < len(self.term_nodes) else None
+            if matches_all(term, labels) and (nodes is None or name is None or name in nodes):
+                return True
+        return False
 
 
 class PodRecord:
@@ -290,12 +301,25 @@ def _pending(namespace: str, name: str, spec: _PodSpec) -> PendingPod:
     terms: tuple[tuple[Requirement, ...], ...] = ()
     affinity = spec.affinity.nodeAffinity if spec.affinity else None
     required = affinity.requiredDuringSchedulingIgnoredDuringExecution if affinity else None
+    term_nodes: tuple[frozenset[str] | None, ...] = ()
     if required is not None:
         terms = tuple(
             tuple(Requirement(e.key, e.operator, tuple(e.values or ())) for e in t.matchExpressions or ())
             for t in required.nodeSelectorTerms or ()
         )
-    return PendingPod(f"{namespace}/{name}", selector, terms)
+        term_nodes = tuple(_field_nodes(t.matchFields or ()) for t in required.nodeSelectorTerms or ())
+    return PendingPod(f"{namespace}/{name}", selector, terms, term_nodes)
+
+
+def _field_nodes(fields: Iterable[_SelectorRequirement]) -> frozenset[str] | None:
+    """The node names a term's matchFields allow: metadata.name In (ANDed when repeated); None when there
+    is none. Other field requirements are not read: the pod may then run anywhere (it holds drains)."""
+    nodes: frozenset[str] | None = None
+    for f in fields:
+        if f.key == "metadata.name" and f.operator == "In":
+            names = frozenset(f.values or ())
+            nodes = names if nodes is None else nodes & names
+    return nodes
 
 
 def _time(text: str | None) -> datetime:
