@@ -607,3 +607,24 @@ def test_a_pending_pod_pinned_by_match_fields_could_run_on_its_node_only() -> No
     unread = pending({"key": "metadata.name", "operator": "NotIn", "values": ["full-1"]})
     assert unread.could_run_on({}, "od-1")  # a field requirement we do not read: it could
     assert pending().could_run_on({}, "od-1")
+
+
+async def test_a_new_leader_deletes_the_placeholders_of_a_killed_one(real: RealCluster, controllers: Any) -> None:
+    """The leader SIGKILLed mid-surge cannot delete its placeholders: the next term does, before its own."""
+    od, app = "rc-fs-od", "rc-fs-app"
+    add_node(real, od, builders.ON_DEMAND, "fs", pool="rc-fs")
+    add_node(real, "rc-fs-spot-full", builders.SPOT, "fs", allocatable=_resources(cpu="100m"))  # Spot known
+    deployment(real, app, "fs", 2, {"requests": {"cpu": "500m"}})
+    await eventually(lambda: len(running_on(real, app, od)) == 2, timeout=60)
+    flags = ("--fallback-selector", "node-pool=rc-fs", "--surge-timeout", "10m")
+    a = controllers("rc-fs-a", *flags)
+    await eventually(lambda: len(placeholders(real, od)) == 2, timeout=60)
+    left = {p["metadata"]["name"] for p in placeholders(real, od)}
+    b = controllers("rc-fs-b", *flags)
+    await b.ready(timeout=30)
+    a.stop(signal.SIGKILL)
+    await eventually(b.leading, timeout=30, interval=0.1)
+    await eventually(lambda: not left & {p["metadata"]["name"] for p in placeholders(real, od)}, timeout=30)
+    await eventually(lambda: len(placeholders(real, od)) == 2, timeout=60)  # b's own surge
+    assert not node(real, od)["spec"].get("unschedulable")  # nothing drained without Spot room
+    assert len(running_on(real, app, od)) == 2
