@@ -244,3 +244,29 @@ def test_a_pod_deleted_while_the_pod_watch_was_down_ends_the_drain(rig: Rig) -> 
     assert finished is not None
     assert (finished["outcome"], finished["left"]) == ("complete", []), finished
     assert agent.events("watch_failed")
+
+
+def test_a_silent_node_watch_is_noticed_and_started_again(rig: Rig) -> None:
+    """The agent's watch of its Node goes half-open: the proxy forwards its first event (ADDED), then nothing,
+    and keeps the connection, as a dead load balancer or a frozen proxy would. The agent asks the server to
+    end each watch after --watch-timeout (4 s here) and gives up on a watch silent for longer: the watch starts
+    again, and an operator's uncordon during the notice is seen and undone. Before (lightkube's watches have no
+    read timeout, spotd asked for no timeoutSeconds) the agent waited on the silent connection for ever, its
+    view of the node stale, and the uncordoned node stayed uncordoned."""
+    silent = rig.proxy.add(Rule("GET", r"^/api/v1/nodes\?.*watch=true", silent_after_lines=1, times=1))
+    # by its environment variable, as a DaemonSet sets it (and so that an agent without the flag still starts)
+    agent = rig.start_agent(env={"SPOTD_WATCH_TIMEOUT": "4s"})
+    assert silent.applied == 1
+    rig.notice(120)
+    rig.real.wait_for(rig.tainted_and_cordoned)
+    status, body = rig.real.request(
+        "PATCH",
+        f"/api/v1/nodes/{rig.node}",
+        {"spec": {"unschedulable": None}},
+        content_type="application/merge-patch+json",
+    )
+    assert status == 200, body
+    rig.real.wait_for(rig.tainted_and_cordoned)
+    failed = [e for e in agent.events("watch_failed") if e.get("watch") == "node"]
+    assert failed and "ReadTimeout" in failed[0]["error"], failed
+    assert silent.seen >= 2, "the node watch was started again"

@@ -32,7 +32,7 @@ from spotd.common.health import HealthServer, Heartbeat
 from spotd.common.metrics import LOOP_ERRORS, REGISTRY
 from spotd.drain.executor import DrainOptions
 from spotd.drain.plan import PodPolicy
-from spotd.kube.client import KubeConfigError, load_config, make_client
+from spotd.kube.client import WATCH_TIMEOUT, KubeConfigError, load_config, make_client
 from spotd.kube.events import EventRecorder
 from spotd.kube.keys import REHEARSAL_LABEL, SIMULATION_ANNOTATION
 from spotd.kube.ratelimit import RateLimiter
@@ -114,6 +114,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rebalance-taint-effect", choices=TAINT_EFFECTS, default="PreferNoSchedule")
     p.add_argument("--api-qps", type=float, default=50.0, help="client-side API request rate (50/s)")
     p.add_argument("--api-burst", type=int, default=100, help="client-side API burst (100)")
+    p.add_argument(
+        "--watch-timeout",
+        type=positive_duration,
+        default=WATCH_TIMEOUT,
+        help="the API server ends each watch after this long, and a watch silent for a tenth longer is taken "
+        "as dead and started again (5m)",
+    )
     add_alert_arguments(p)
 
 
@@ -136,6 +143,7 @@ class AgentConfig:
     alerts: AlertConfig
     log_level: str
     namespace: str = "spotd"
+    watch_timeout: float = WATCH_TIMEOUT
 
 
 def config_from_args(args: argparse.Namespace) -> AgentConfig:
@@ -179,6 +187,7 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         alerts=alert_config_from_args(args),
         log_level=args.log_level,
         namespace=args.namespace.strip() or "spotd",
+        watch_timeout=args.watch_timeout,
     )
 
 
@@ -394,7 +403,7 @@ class Agent:
 async def serve(config: AgentConfig, *, health_server: bool = True) -> None:
     """Run one agent until cancelled. `spotd agent` and the embedded simulation (many agents, one process) use it."""
     log = spotd_log.get("spotd.agent").bind(node=config.node_name)
-    client = make_client(config.kubeconfig, lean=True)
+    client = make_client(config.kubeconfig, lean=True, watch_timeout=config.watch_timeout)
     alerter = Alerter(config.alerts, log=log)
     agent = Agent(config, client, alerter)
     server = HealthServer(*config.listen, REGISTRY, agent.heartbeat.alive, lambda: agent.node_ready)

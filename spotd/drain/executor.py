@@ -35,6 +35,7 @@ from spotd.drain.plan import (
     retry_delay,
     shorter_grace,
 )
+from spotd.kube.client import watch_timeout_of
 from spotd.kube.keys import DO_NOT_DISRUPT_ANNOTATION, MIRROR_ANNOTATION, SAFE_TO_EVICT_ANNOTATION
 from spotd.kube.ratelimit import RateLimiter
 
@@ -362,6 +363,7 @@ class _Drain:
                     namespace=ALL_NS,
                     fields={"spec.nodeName": self.node},
                     resource_version=version,  # type: ignore[arg-type]  # None: from now (lightkube's default)
+                    server_timeout=watch_timeout_of(self.client),  # type: ignore[arg-type]  # a silent watch fails
                 )
                 async for event, pod in watch:
                     failures = 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Generator
 from pathlib import Path
 
@@ -17,6 +18,9 @@ from spotd.common.transport import TCP_KEEPALIVE, H11Transport
 FIELD_MANAGER = "spotd"
 SERVICE_ACCOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
 AGENT_CONNECTIONS = 100  # at most, to the API server from one agent (make_client(lean=True)): httpx's own limit
+WATCH_TIMEOUT = 300.0  # seconds: a watch's timeoutSeconds (client-go's reflectors ask for 5 to 10 minutes)
+
+_watch_timeouts: weakref.WeakKeyDictionary[AsyncClient, int] = weakref.WeakKeyDictionary()
 
 
 class KubeConfigError(ValueError):
@@ -73,6 +77,7 @@ def make_client(
     lean: bool = False,
     connections: int = AGENT_CONNECTIONS,
     service_account: str = SERVICE_ACCOUNT,
+    watch_timeout: float | None = None,
 ) -> AsyncClient:
     """One AsyncClient per process; lightkube keeps a connection pool behind it (watches lift the read timeout).
 
@@ -80,6 +85,10 @@ def make_client(
     which would load httpcore and anyio (about 3 MB resident), with at most ``connections`` at once. The
     controller, one pod, keeps httpx's. Without a kubeconfig: the in-cluster ServiceAccount in
     ``service_account``, its token read again as the kubelet rotates it (TokenFileAuth).
+
+    ``watch_timeout``: the server ends each watch after that many seconds (spotd's watches ask for it,
+    see watch_timeout_of), and a watch that sends nothing for a little longer is dead on the client side.
+    None: lightkube's default, watches without a read timeout.
     """
     config = load_config(kubeconfig, service_account)
     for cluster in config.clusters.values():
@@ -114,7 +123,21 @@ def make_client(
     )
     if not kubeconfig:
         http_of(client).auth = TokenFileAuth(Path(service_account, "token"))
+    if watch_timeout is not None:
+        # lightkube lifts the read timeout on watches: a silent connection (a half-open one behind a proxy
+        # or a load balancer, which TCP keepalive does not see) would hold a watch for ever. The server
+        # closes a watch at its timeoutSeconds, so nothing for longer than that means the connection is dead:
+        # the read times out, and the watch fails and starts again (spotd.kube.watch).
+        seconds = max(1, round(watch_timeout))
+        client._client._watch_timeout = httpx.Timeout(timeout, read=seconds + max(1.0, seconds / 10))
+        _watch_timeouts[client] = seconds
     return client
+
+
+def watch_timeout_of(client: AsyncClient) -> int | None:
+    """The timeoutSeconds a watch on `client` asks for: the client's read timeout on watches is a little
+    longer (make_client's watch_timeout); None when the client has none."""
+    return _watch_timeouts.get(client)
 
 
 def http_of(client: AsyncClient) -> httpx.AsyncClient:

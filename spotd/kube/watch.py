@@ -2,7 +2,9 @@
 
 lightkube's own retry covers only errors inside a stream: a failed reconnect raises out of the iterator,
 and after 410 Expired it retries the expired resourceVersion forever. Here any error ends that watch; the
-caller gets a RESYNC (changes may have been missed: list again), and a new watch starts from now.
+caller gets a RESYNC (changes may have been missed: list again), and a new watch starts from now. On a client
+made with a watch timeout (spotd.kube.client.make_client), each watch asks the server to end it after that
+long and a silent connection fails on the client's read timeout: a half-open watch is an error too.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from typing import Any
 
 from lightkube import AsyncClient
 from lightkube.types import OnErrorAction, OnErrorResult
+
+from spotd.kube.client import watch_timeout_of
 
 RESYNC = "RESYNC"
 
@@ -38,7 +42,13 @@ async def resilient_watch(
     while True:
         started = time.monotonic()
         try:
-            watch = client.watch(resource, resource_version=version, on_error=_raise, **selectors)  # type: ignore[arg-type]
+            watch = client.watch(
+                resource,
+                resource_version=version,  # type: ignore[arg-type]  # None: from now (lightkube's default)
+                server_timeout=watch_timeout_of(client),  # type: ignore[arg-type]  # None: the server's default
+                on_error=_raise,
+                **selectors,
+            )
             async for event, obj in watch:
                 failures = 0
                 yield event, obj
