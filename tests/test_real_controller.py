@@ -628,3 +628,36 @@ async def test_a_new_leader_deletes_the_placeholders_of_a_killed_one(real: RealC
     await eventually(lambda: len(placeholders(real, od)) == 2, timeout=60)  # b's own surge
     assert not node(real, od)["spec"].get("unschedulable")  # nothing drained without Spot room
     assert len(running_on(real, app, od)) == 2
+
+
+# ---- the second witness: a Spot warning from the queue for a node whose agent is silent ------------------------
+
+
+async def test_a_spot_warning_the_agent_never_records_is_drained_by_the_controller(
+    real: RealCluster,
+    controllers: Any,
+    queue: Any,  # noqa: F811
+) -> None:
+    """kwok runs deploy/'s agent pod on the node but no agent process: the controller, after
+    --agent-ack-timeout, taints, cordons and drains it through the real eviction API (issue 19)."""
+    from tests.test_queue_events import spot_itn
+
+    sqs, url = queue
+    node_name, app = "rc-wit-spot", "rc-wit-app"
+    add_node(real, node_name, builders.SPOT, "wit")
+    deployment(real, app, "wit", 2, {"requests": {"cpu": "500m"}})
+    await eventually(lambda: len(running_on(real, app, node_name)) == 2, timeout=60)
+    add_node(real, "rc-wit-room", builders.SPOT, "wit")
+    ctl = controllers("rc-wit-ctl", "--fallback-selector", "node-pool=rc-wit", "--agent-ack-timeout", "2s")
+    await eventually(lambda: ctl.events("sources_ready"), timeout=30)
+    iid = builders.instance_id_for(node_name)
+    warning = spot_itn(time=format_time(datetime.now(UTC)), detail={"instance-id": iid, "instance-action": "terminate"})
+    warning["resources"] = [f"arn:aws:ec2:us-east-1a:instance/{iid}"]
+    sqs.send_message(QueueUrl=url, MessageBody=json.dumps(warning))
+
+    await eventually(lambda: len(running_on(real, app, "rc-wit-room")) == 2, timeout=90)
+    taken = node(real, node_name)
+    assert taken["spec"].get("unschedulable") is True
+    assert any(t["key"] == "spotd.io/interruption" for t in taken["spec"].get("taints") or []), taken["spec"]
+    await eventually(lambda: {"SpotdAgentSilent", "SpotdTakeoverComplete"} <= set(events_for(real, node_name)), 30)
+    assert running_on(real, app, node_name) == []
