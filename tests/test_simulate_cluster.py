@@ -92,7 +92,20 @@ async def agent(cluster: Cluster) -> AsyncIterator[AgentProcess]:
 
 
 async def finish(proc: asyncio.subprocess.Process, timeout: float = 60) -> tuple[int, dict[str, Any], str]:
-    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    communicating = asyncio.ensure_future(proc.communicate())
+    done, _ = await asyncio.wait({communicating}, timeout=timeout)
+    if not done:  # a hung rehearsal: its threads' stacks (SIGUSR1, spotd.cli), then kill it and show them
+        alive = proc.returncode is None
+        if alive:
+            proc.send_signal(signal.SIGUSR1)
+            await asyncio.sleep(1.0)
+            proc.kill()
+        out, err = await communicating
+        raise AssertionError(
+            f"simulate-reclaim not finished after {timeout}s (process alive: {alive}); its stderr:\n"
+            + err.decode(errors="replace")[-6000:]
+        )
+    out, err = communicating.result()
     text = out.decode()
     try:
         data = json.loads(text)
