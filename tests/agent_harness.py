@@ -108,7 +108,7 @@ class AgentProcess:
         self.proc = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
         return self
 
-    async def ready(self, timeout: float = 15.0) -> None:
+    async def ready(self, timeout: float = 60.0) -> None:  # a wait: a Python start on a loaded machine
         await eventually(lambda: self.http("/readyz")[0] == 200, timeout=timeout, interval=0.1)
 
     def http(self, path: str) -> tuple[int, str]:
