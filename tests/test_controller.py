@@ -168,6 +168,20 @@ def queue(aws: MotoAws) -> Any:  # noqa: F811
     return sqs, url
 
 
+@pytest.fixture
+def source(aws: MotoAws) -> str:  # noqa: F811
+    """A capacity source for the controller under test (issue 19: without one it reads no pool as Spot
+    available and drains nothing): moto's queue, empty; its URL."""
+    return str(aws.client("sqs").create_queue(QueueName=EVENTS_QUEUE)["QueueUrl"])
+
+
+def queue_source(url: str, **more: Any) -> dict[str, Any]:
+    """run_in_process's sources: the queue at url (and whatever else the test hands the Controller)."""
+    from spotd.capacity.sources.sqs import SqsSource
+
+    return {"sqs": SqsSource(url, wait_seconds=1), **more}
+
+
 def start(
     procs: list[ControllerProcess], tmp: Path, identity: str, *extra: str, queue_url: str = ""
 ) -> ControllerProcess:
@@ -213,11 +227,11 @@ async def running(coro: Any) -> AsyncIterator[None]:
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("aws")
 async def test_only_the_leader_acts_and_the_standby_takes_over(
     api: FakeApiServer,
     tmp_path: Path,
     procs: list[ControllerProcess],
+    source: str,
 ) -> None:
     add_node(api, "spot-1", "spot")
     add_node(api, "od-1", "on-demand", OLD + timedelta(hours=1))
@@ -227,9 +241,9 @@ async def test_only_the_leader_acts_and_the_standby_takes_over(
     add_pods(api, "od-2", 2)
     add_pods(api, "od-3", 2)
     async with running(replicaset(api, "spot-1")):
-        a = start(procs, tmp_path, "ctl-a", "--max-drains-per-hour", "1")
+        a = start(procs, tmp_path, "ctl-a", "--max-drains-per-hour", "1", queue_url=source)
         await eventually(a.leading, timeout=20)
-        b = start(procs, tmp_path, "ctl-b", "--max-drains-per-hour", "2")
+        b = start(procs, tmp_path, "ctl-b", "--max-drains-per-hour", "2", queue_url=source)
         await b.ready(timeout=20)
         # A drains the oldest, then its hourly budget holds the second.
         await eventually(lambda: a.drains("complete") == 1, timeout=30)
@@ -311,17 +325,17 @@ async def test_ice_keeps_its_pool_and_a_spot_launch_plus_cooldown_drains_the_old
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("aws")
 async def test_sigterm_mid_drain_uncordons_and_a_restart_after_kill_recovers(
     api: FakeApiServer,
     tmp_path: Path,
     procs: list[ControllerProcess],
+    source: str,
 ) -> None:
     add_node(api, "od-old", "on-demand", OLD)
     add_node(api, "spot-0", "spot")  # Spot is known in the pool
     add_pods(api, "od-old", 2)
     api.create(pdb_obj("web", min_available=2, app="web"))  # nothing may go: the drain hangs
-    c = start(procs, tmp_path, "ctl-1")
+    c = start(procs, tmp_path, "ctl-1", queue_url=source)
     await eventually(lambda: node(api, "od-old")["spec"].get("unschedulable"), timeout=20)
     assert "spotd.io/draining" in node(api, "od-old")["metadata"]["annotations"]
     assert await asyncio.to_thread(c.stop, signal.SIGTERM) == 0
@@ -330,7 +344,7 @@ async def test_sigterm_mid_drain_uncordons_and_a_restart_after_kill_recovers(
     assert "spotd.io/draining" not in (uncordoned["metadata"].get("annotations") or {})
     assert len(pods_on(api, "od-old")) == 2
 
-    c2 = start(procs, tmp_path, "ctl-2")
+    c2 = start(procs, tmp_path, "ctl-2", queue_url=source)
     await eventually(lambda: c2.events("drain_starting"), timeout=20)
     c2.stop(signal.SIGKILL)  # no chance to clean up: the marker stays
     assert node(api, "od-old")["spec"].get("unschedulable") is True
@@ -338,23 +352,23 @@ async def test_sigterm_mid_drain_uncordons_and_a_restart_after_kill_recovers(
     api.delete("PodDisruptionBudget", "web", "default")
     async with running(replicaset(api, "spot-1")):
         add_node(api, "spot-1", "spot")
-        c3 = start(procs, tmp_path, "ctl-3")
+        c3 = start(procs, tmp_path, "ctl-3", queue_url=source)
         await eventually(lambda: c3.events("drain_resumed"), timeout=60)  # after ctl-2's lease runs out
         await eventually(lambda: c3.drains("complete") == 1, timeout=30)
     assert pods_on(api, "od-old") == []
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("aws")
 async def test_dry_run_changes_nothing(
     api: FakeApiServer,
     tmp_path: Path,
     procs: list[ControllerProcess],
+    source: str,
 ) -> None:
     add_node(api, "od-old", "on-demand", OLD)
     add_node(api, "spot-0", "spot")
     add_pods(api, "od-old", 2)
-    c = start(procs, tmp_path, "ctl", "--dry-run")
+    c = start(procs, tmp_path, "ctl", "--dry-run", queue_url=source)
     await eventually(lambda: c.events("would_drain"), timeout=20)
     await asyncio.sleep(1.0)
     assert not node(api, "od-old")["spec"].get("unschedulable")
@@ -391,7 +405,7 @@ async def test_new_ice_during_a_drain_stops_it_and_a_drain_timeout_gives_up(
     assert len(pods_on(api, "od-old")) == 2
     await asyncio.to_thread(c.stop, signal.SIGTERM)
 
-    t = start(procs, tmp_path, "ctl-t", "--drain-timeout", "2s", "--ice-cooldown", "0s")
+    t = start(procs, tmp_path, "ctl-t", "--drain-timeout", "2s", "--ice-cooldown", "0s", queue_url=url)
     await eventually(lambda: t.drains("timeout") >= 1, timeout=30)
     await eventually(lambda: not node(api, "od-old")["spec"].get("unschedulable"), timeout=5)
     assert len(pods_on(api, "od-old")) == 2  # PDB honoured to the letter: nothing forced
@@ -482,7 +496,7 @@ async def stop_in_process(ctl: Any, task: asyncio.Task[Any]) -> None:
 
 @pytest.mark.parametrize(("landing", "on_spot"), [("spot-other", True), ("od-other", False)])
 async def test_active_probe_drains_one_node_and_reads_where_its_pods_land(
-    api: FakeApiServer, tmp_path: Path, landing: str, on_spot: bool
+    api: FakeApiServer, tmp_path: Path, landing: str, on_spot: bool, source: str
 ) -> None:
     from spotd.capacity.signals import CapacitySignal, Pool, SignalKind
 
@@ -493,7 +507,7 @@ async def test_active_probe_drains_one_node_and_reads_where_its_pods_land(
     add_pods(api, "od-a", 2)
     add_pods(api, "od-b", 2)
     pool = Pool("m5.large", "us-east-1a")
-    ctl, task = await run_in_process(api, tmp_path, max_concurrent_drains=2)
+    ctl, task = await run_in_process(api, tmp_path, queue_source(source), max_concurrent_drains=2)
     try:
         await eventually(lambda: ctl.ready, timeout=20)  # a term starts from a fresh book: signal after it
         ice = CapacitySignal(pool, SignalKind.ICE, "sqs", datetime.now(UTC) - timedelta(seconds=30), "capacity")
@@ -513,15 +527,14 @@ async def test_active_probe_drains_one_node_and_reads_where_its_pods_land(
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("aws")
 async def test_a_leader_that_loses_its_lease_stops_at_once_and_leaves_the_node_marked(
-    api: FakeApiServer, tmp_path: Path, procs: list[ControllerProcess]
+    api: FakeApiServer, tmp_path: Path, procs: list[ControllerProcess], source: str
 ) -> None:
     add_node(api, "od-old", "on-demand", OLD)
     add_node(api, "spot-0", "spot")
     add_pods(api, "od-old", 2)
     api.create(pdb_obj("web", min_available=2, app="web"))  # the drain hangs
-    c = start(procs, tmp_path, "ctl")
+    c = start(procs, tmp_path, "ctl", queue_url=source)
     await eventually(lambda: c.events("drain_starting"), timeout=20)
     lease = api.get("Lease", "spotd-controller", "spotd")
     assert lease is not None
@@ -552,8 +565,9 @@ class RecordingAlerter:
         self.resolved.append((alertname, dict(labels)))
 
 
-def test_decision_pass_signals_verdicts_metrics_and_alerts(tmp_path: Path) -> None:
+def test_decision_pass_signals_verdicts_metrics_and_alerts(tmp_path: Path, source: str) -> None:
     from spotd.capacity.signals import CapacitySignal, Pool, SignalKind
+    from spotd.capacity.sources.sqs import SqsSource
     from spotd.controller.config import ControllerConfig
     from spotd.controller.main import Controller
     from spotd.controller.policy import parse_label_selector
@@ -583,9 +597,11 @@ def test_decision_pass_signals_verdicts_metrics_and_alerts(tmp_path: Path) -> No
             fallback_selector_text="node-pool=fallback",
         ),
         make_client(str(kubeconfig)),
+        sqs=SqsSource(source, wait_seconds=0),
         alerter=alerter,  # type: ignore[arg-type]
         clock=lambda: now,
     )
+    asyncio.run(ctl.sqs.poll_once(ctl.on_signals))  # the queue's backlog read (empty): a capacity source
 
     def put(name: str, capacity: str, age: timedelta, itype: str = "m5.large", zone: str = "us-east-1a") -> None:
         obj = node_obj(name, capacity, itype, zone)
@@ -627,6 +643,7 @@ async def test_unlabelled_node_typed_by_ec2_is_drained_and_terminated_through_it
     api: FakeApiServer,
     tmp_path: Path,
     procs: list[ControllerProcess],
+    source: str,
 ) -> None:
     ec2, autoscaling = aws.client("ec2"), aws.client("autoscaling")
     image = ec2.describe_images()["Images"][0]["ImageId"]
@@ -652,7 +669,7 @@ async def test_unlabelled_node_typed_by_ec2_is_drained_and_terminated_through_it
     add_node(api, "spot-1", "spot")
     add_pods(api, "od-unlabelled", 2)
     async with running(replicaset(api, "spot-1")):
-        c = start(procs, tmp_path, "ctl", "--terminate-drained")
+        c = start(procs, tmp_path, "ctl", "--terminate-drained", queue_url=source)
         await eventually(lambda: c.drains("complete") == 1, timeout=30)
         await eventually(lambda: c.events("node_terminated"), timeout=10)
     assert c.metric("spotd_nodes", capacity_type="on-demand") == 1.0

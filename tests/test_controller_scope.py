@@ -34,9 +34,11 @@ from tests.test_controller import (
     node_obj,
     pods_on,
     procs,  # noqa: F401  (pytest fixture)
+    queue_source,
     replicaset,
     run_in_process,
     running,
+    source,  # noqa: F401  (pytest fixture)
     stop_in_process,
 )
 
@@ -46,7 +48,9 @@ def patched_nodes(api: FakeApiServer) -> set[str]:
     return {r.path.rsplit("/", 1)[-1] for r in api.requests if r.method == "PATCH" and "/api/v1/nodes/" in r.path}
 
 
-async def test_an_on_demand_system_group_out_of_scope_is_never_touched(api: FakeApiServer, tmp_path: Path) -> None:
+async def test_an_on_demand_system_group_out_of_scope_is_never_touched(
+    api: FakeApiServer, tmp_path: Path, source: str
+) -> None:
     """No ICE ever; the system group is older than the fallback node; Karpenter's node matches the selector
     but is Karpenter's: only the fallback node is drained."""
     add_node(api, "system-1", "on-demand", OLD + timedelta(hours=3), pool="system")
@@ -59,7 +63,9 @@ async def test_an_on_demand_system_group_out_of_scope_is_never_touched(api: Fake
     add_node(api, "spot-1", "spot")
     for name in ("system-1", "system-2", "karp-1", "fallback-1"):
         add_pods(api, name, 2, app=f"app-{name}")
-    ctl, task = await run_in_process(api, tmp_path, max_drains_per_hour=6, max_concurrent_drains=3)
+    ctl, task = await run_in_process(
+        api, tmp_path, queue_source(source), max_drains_per_hour=6, max_concurrent_drains=3
+    )
     try:
         async with running(replicaset(api, "spot-1")):
             await eventually(lambda: pods_on(api, "fallback-1") == [], timeout=30)
@@ -98,7 +104,7 @@ async def test_without_a_declared_scope_nothing_is_drained_and_it_says_so(api: F
 
 
 async def test_a_drain_that_cannot_finish_backs_off_and_the_next_candidate_goes(
-    api: FakeApiServer, tmp_path: Path
+    api: FakeApiServer, tmp_path: Path, source: str
 ) -> None:
     retry_key = "spotd.io/drain-retry-after"  # spotd.kube.keys.DRAIN_RETRY_ANNOTATION (literal: run on old code)
     add_node(api, "stuck", "on-demand", OLD + timedelta(hours=1))  # the oldest: chosen first
@@ -109,7 +115,7 @@ async def test_a_drain_that_cannot_finish_backs_off_and_the_next_candidate_goes(
     api.create(pdb_obj("db", min_available=2, app="db"))  # never allows
     alerter = RecordingAlerter()
     settings = {"drain_timeout": 1.5, "retry_backoff": 3600.0, "max_drains_per_hour": 20}
-    ctl, task = await run_in_process(api, tmp_path, {"alerter": alerter}, **settings)
+    ctl, task = await run_in_process(api, tmp_path, queue_source(source, alerter=alerter), **settings)
     try:
         async with running(replicaset(api, "spot-1")):
             await eventually(lambda: "SpotdDrainComplete" in events_for(api, "next"), timeout=40)
@@ -126,7 +132,7 @@ async def test_a_drain_that_cannot_finish_backs_off_and_the_next_candidate_goes(
         await stop_in_process(ctl, task)
     # The back-off is on the node: a new process (or leader) does not try it either.
     api.requests.clear()
-    ctl2, task2 = await run_in_process(api, tmp_path, identity="second", **settings)
+    ctl2, task2 = await run_in_process(api, tmp_path, queue_source(source), identity="second", **settings)
     try:
         await eventually(lambda: ctl2.ready, timeout=20)
         await eventually(lambda: "stuck" in ctl2.reasons, timeout=10)  # ready comes before the first pass
@@ -137,12 +143,14 @@ async def test_a_drain_that_cannot_finish_backs_off_and_the_next_candidate_goes(
         await stop_in_process(ctl2, task2)
 
 
-async def test_a_node_with_a_completed_pod_drains_without_any_delete(api: FakeApiServer, tmp_path: Path) -> None:
+async def test_a_node_with_a_completed_pod_drains_without_any_delete(
+    api: FakeApiServer, tmp_path: Path, source: str
+) -> None:
     add_node(api, "fallback-1", "on-demand", OLD)
     add_node(api, "spot-1", "spot")
     add_pods(api, "fallback-1", 2)
     api.create(pod_obj("report-done", "fallback-1", owner="Job", phase="Succeeded", labels={"app": "report"}))
-    ctl, task = await run_in_process(api, tmp_path)
+    ctl, task = await run_in_process(api, tmp_path, queue_source(source))
     try:
         async with running(replicaset(api, "spot-1")):
             await eventually(lambda: "SpotdDrainComplete" in events_for(api, "fallback-1"), timeout=30)
@@ -165,7 +173,9 @@ def unschedulable_pod(name: str, node_selector: dict[str, str] | None, message: 
     return pod
 
 
-async def test_a_pending_gpu_pod_no_fallback_node_fits_does_not_hold_drains(api: FakeApiServer, tmp_path: Path) -> None:
+async def test_a_pending_gpu_pod_no_fallback_node_fits_does_not_hold_drains(
+    api: FakeApiServer, tmp_path: Path, source: str
+) -> None:
     from spotd.common.metrics import REGISTRY
 
     add_node(api, "fallback-1", "on-demand", OLD)
@@ -177,7 +187,7 @@ async def test_a_pending_gpu_pod_no_fallback_node_fits_does_not_hold_drains(api:
     web = unschedulable_pod("web-big", None, "0/3 nodes are available: 3 Insufficient cpu.")
     api.create(web)
     api.create(gpu)
-    ctl, task = await run_in_process(api, tmp_path)
+    ctl, task = await run_in_process(api, tmp_path, queue_source(source))
     try:
         # An unconstrained Pending pod competes with the fallback node's pods: held, and the metric says so.
         await eventually(lambda: "fallback-1" in ctl.reasons, timeout=20)
@@ -349,9 +359,8 @@ def test_a_missing_queue_exits_with_one_line(tmp_path: Path, aws: MotoAws) -> No
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("aws")
 async def test_a_leader_evicted_by_its_own_drain_hands_it_to_the_standby(
-    api: FakeApiServer, tmp_path: Path, procs: list[ControllerProcess]
+    api: FakeApiServer, tmp_path: Path, procs: list[ControllerProcess], source: str
 ) -> None:
     import signal
 
@@ -359,7 +368,7 @@ async def test_a_leader_evicted_by_its_own_drain_hands_it_to_the_standby(
     add_node(api, "spot-1", "spot")
     add_pods(api, "od-self", 2)
     api.create(pdb_obj("web", min_available=2, app="web"))  # the drain waits
-    first = ControllerProcess(tmp_path, str(tmp_path / "kubeconfig"), "ctl-on-node")
+    first = ControllerProcess(tmp_path, str(tmp_path / "kubeconfig"), "ctl-on-node", queue_url=source)
     first.env["NODE_NAME"] = "od-self"  # this replica runs on the node it drains
     first.start()
     procs.append(first)
@@ -371,7 +380,7 @@ async def test_a_leader_evicted_by_its_own_drain_hands_it_to_the_standby(
 
     api.delete("PodDisruptionBudget", "web", "default")
     async with running(replicaset(api, "spot-1")):
-        second = ControllerProcess(tmp_path, str(tmp_path / "kubeconfig"), "ctl-standby").start()
+        second = ControllerProcess(tmp_path, str(tmp_path / "kubeconfig"), "ctl-standby", queue_url=source).start()
         procs.append(second)  # type: ignore[arg-type]
         await eventually(lambda: second.drains("complete") == 1, timeout=30)
     assert second.events("drain_resumed") and not second.events("drain_abandoned")
@@ -380,13 +389,13 @@ async def test_a_leader_evicted_by_its_own_drain_hands_it_to_the_standby(
 
 
 async def test_a_drained_mark_that_cannot_be_written_never_gets_the_node_put_back(
-    api: FakeApiServer, tmp_path: Path
+    api: FakeApiServer, tmp_path: Path, source: str
 ) -> None:
     add_node(api, "fallback-1", "on-demand", OLD)
     add_node(api, "spot-1", "spot")
     add_pods(api, "fallback-1", 2)
     api.create(pdb_obj("web", min_available=2, app="web"))  # holds the drain until the fault is in place
-    ctl, task = await run_in_process(api, tmp_path)
+    ctl, task = await run_in_process(api, tmp_path, queue_source(source))
     try:
         await eventually(lambda: node(api, "fallback-1")["spec"].get("unschedulable"), timeout=20)
         api.inject_fault("PATCH", r"/api/v1/nodes/fallback-1$", 503, times=100)  # every mark write fails
@@ -402,7 +411,7 @@ async def test_a_drained_mark_that_cannot_be_written_never_gets_the_node_put_bac
         await stop_in_process(ctl, task)
     api.clear_faults()
     # A new leader knows nothing of it: the node, marked as draining with nothing left to evict, is drained.
-    ctl2, task2 = await run_in_process(api, tmp_path, identity="second")
+    ctl2, task2 = await run_in_process(api, tmp_path, queue_source(source), identity="second")
     try:
         await eventually(lambda: "spotd.io/drained" in node(api, "fallback-1")["metadata"]["annotations"], timeout=20)
         await asyncio.sleep(1.0)
@@ -414,14 +423,16 @@ async def test_a_drained_mark_that_cannot_be_written_never_gets_the_node_put_bac
         await stop_in_process(ctl2, task2)
 
 
-async def test_the_hourly_budget_counts_drains_of_nodes_deleted_since(api: FakeApiServer, tmp_path: Path) -> None:
+async def test_the_hourly_budget_counts_drains_of_nodes_deleted_since(
+    api: FakeApiServer, tmp_path: Path, source: str
+) -> None:
     """The autoscaler removes a drained node, marks and all: a new leader still counts its drain (Events)."""
     add_node(api, "fallback-1", "on-demand", OLD + timedelta(hours=1))
     add_node(api, "fallback-2", "on-demand", OLD)
     add_node(api, "spot-1", "spot")
     add_pods(api, "fallback-1", 2)
     add_pods(api, "fallback-2", 2)
-    ctl, task = await run_in_process(api, tmp_path, max_drains_per_hour=1)
+    ctl, task = await run_in_process(api, tmp_path, queue_source(source), max_drains_per_hour=1)
     try:
         async with running(replicaset(api, "spot-1")):
             await eventually(lambda: "SpotdDrainComplete" in events_for(api, "fallback-1"), timeout=30)
@@ -429,7 +440,7 @@ async def test_the_hourly_budget_counts_drains_of_nodes_deleted_since(api: FakeA
         await stop_in_process(ctl, task)
     api.delete("Node", "fallback-1")
     api.requests.clear()
-    ctl2, task2 = await run_in_process(api, tmp_path, identity="second", max_drains_per_hour=1)
+    ctl2, task2 = await run_in_process(api, tmp_path, queue_source(source), identity="second", max_drains_per_hour=1)
     try:
         await eventually(lambda: "fallback-2" in ctl2.reasons, timeout=20)
         await asyncio.sleep(1.0)
@@ -464,13 +475,15 @@ async def test_readyz_says_what_may_be_drained(
     assert "fallback scope: --fallback-selector node-pool=fallback" in scoped.http("/readyz")[1]
 
 
-async def test_a_node_annotated_to_be_left_alone_mid_drain_is_put_back(api: FakeApiServer, tmp_path: Path) -> None:
+async def test_a_node_annotated_to_be_left_alone_mid_drain_is_put_back(
+    api: FakeApiServer, tmp_path: Path, source: str
+) -> None:
     """Review finding: opt-outs were read only before the cordon; an operator's drain=false must stop it."""
     add_node(api, "fallback-1", "on-demand", OLD)
     add_node(api, "spot-1", "spot")
     add_pods(api, "fallback-1", 2, app="db")
     api.create(pdb_obj("db", min_available=2, app="db"))  # the drain waits on the budget
-    ctl, task = await run_in_process(api, tmp_path, drain_timeout=60.0)
+    ctl, task = await run_in_process(api, tmp_path, queue_source(source), drain_timeout=60.0)
     try:
         await eventually(lambda: "SpotdDrainStarted" in events_for(api, "fallback-1"), timeout=30)
         held = node(api, "fallback-1")
@@ -500,7 +513,7 @@ def node_when_announced(api: FakeApiServer, name: str, reasons: set[str]) -> lis
 
 @pytest.mark.parametrize("outcome", ["complete", "timeout"])
 async def test_the_node_is_marked_before_the_event_that_says_how_its_drain_ended(
-    api: FakeApiServer, tmp_path: Path, outcome: str
+    api: FakeApiServer, tmp_path: Path, outcome: str, source: str
 ) -> None:
     """Issue 21: a reader of SpotdDrainComplete finds the node marked drained, and a reader of SpotdDrainStopped
     finds it put back with its back-off, even when the API server is slow to take the patch (the old code
@@ -510,7 +523,9 @@ async def test_the_node_is_marked_before_the_event_that_says_how_its_drain_ended
     add_pods(api, "fallback-1", 2)
     api.create(pdb_obj("web", min_available=2, app="web"))  # holds the drain until the slow patch is in place
     seen = node_when_announced(api, "fallback-1", {"SpotdDrainComplete", "SpotdDrainStopped"})
-    ctl, task = await run_in_process(api, tmp_path, drain_timeout=4.0 if outcome == "timeout" else 20.0)
+    ctl, task = await run_in_process(
+        api, tmp_path, queue_source(source), drain_timeout=4.0 if outcome == "timeout" else 20.0
+    )
     try:
         await eventually(lambda: node(api, "fallback-1")["spec"].get("unschedulable"), timeout=20)
         api.inject_fault("PATCH", r"/api/v1/nodes/fallback-1$", 0, delay=1.0)  # the next node write is slow

@@ -1,3 +1,4 @@
+# ruff: noqa: F811
 """Issue 12 done-when (1)-(3): the controller, in process, as the real spotd-controller identity (deploy/'s
 RBAC), against the fake API server with the embedded cluster's ReplicaSet controller, scheduler and kubelet.
 
@@ -25,7 +26,8 @@ from spotd.common.parsing import format_time
 from spotd.sim.controllers import Controllers
 from spotd.sim.kubeapi.server import FakeApiServer
 from tests.agent_harness import eventually
-from tests.test_controller import events_for, run_in_process, stop_in_process
+from tests.moto_server import aws, moto_endpoint  # noqa: F401  (pytest fixtures)
+from tests.test_controller import events_for, queue_source, run_in_process, source, stop_in_process  # noqa: F401
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 CT = "karpenter.sh/capacity-type"
@@ -124,7 +126,7 @@ def event_messages(api: FakeApiServer, name: str, reason: str) -> list[str]:
     ]
 
 
-async def start(api: FakeApiServer, tmp_path: Path, **overrides: Any) -> tuple[Any, asyncio.Task[Any]]:
+async def start(api: FakeApiServer, tmp_path: Path, source: str, **overrides: Any) -> tuple[Any, asyncio.Task[Any]]:
     settings: dict[str, Any] = {
         "lease_namespace": "spotd",
         "lease_name": "spotd-controller",
@@ -134,7 +136,7 @@ async def start(api: FakeApiServer, tmp_path: Path, **overrides: Any) -> tuple[A
         "probe_quiet_period": 3600.0,  # no probe during a test: a short pool stays short
         **overrides,
     }
-    return await run_in_process(api, tmp_path, **settings)
+    return await run_in_process(api, tmp_path, queue_source(source), **settings)
 
 
 async def cluster(api: FakeApiServer) -> list[str]:
@@ -146,9 +148,11 @@ async def cluster(api: FakeApiServer) -> list[str]:
     return sorted(p["metadata"]["uid"] for p in pods_on(api, "od-1"))
 
 
-async def test_spot_short_evicts_nothing_and_records_the_pool_short(api: FakeApiServer, tmp_path: Path) -> None:
+async def test_spot_short_evicts_nothing_and_records_the_pool_short(
+    api: FakeApiServer, tmp_path: Path, source: str
+) -> None:
     before = await cluster(api)
-    ctl, task = await start(api, tmp_path, surge_timeout=1.5)
+    ctl, task = await start(api, tmp_path, source, surge_timeout=1.5)
     try:
         await eventually(lambda: len(placeholders(api)) == 2, timeout=20)
         await eventually(lambda: "SpotdSurgeFailed" in events_for(api, "od-1"), timeout=10)
@@ -194,13 +198,13 @@ def book_when_announced(api: FakeApiServer, holder: dict[str, Any], reasons: set
 
 
 async def test_the_failed_surge_is_booked_before_its_event_and_the_placeholders_deletion(
-    api: FakeApiServer, tmp_path: Path
+    api: FakeApiServer, tmp_path: Path, source: str
 ) -> None:
     """A reader of SpotdSurgeFailed (an operator, `spotd status`, a test) must not find the pool available."""
     await cluster(api)
     holder: dict[str, Any] = {}
     seen = book_when_announced(api, holder, {"SpotdSurgeFailed"})
-    ctl, task = await start(api, tmp_path, surge_timeout=1.5)
+    ctl, task = await start(api, tmp_path, source, surge_timeout=1.5)
     holder["ctl"] = ctl
     try:
         await eventually(lambda: "SpotdSurgeFailed" in events_for(api, "od-1"), timeout=20)
@@ -212,10 +216,10 @@ async def test_the_failed_surge_is_booked_before_its_event_and_the_placeholders_
 
 
 async def test_placeholders_on_a_new_spot_node_then_the_drain_and_where_they_landed(
-    api: FakeApiServer, tmp_path: Path
+    api: FakeApiServer, tmp_path: Path, source: str
 ) -> None:
     await cluster(api)
-    ctl, task = await start(api, tmp_path)
+    ctl, task = await start(api, tmp_path, source)
     try:
         await eventually(lambda: len(placeholders(api)) == 2, timeout=20)
         await asyncio.sleep(0.5)
@@ -238,7 +242,7 @@ async def test_placeholders_on_a_new_spot_node_then_the_drain_and_where_they_lan
 
 
 async def test_replacements_on_on_demand_mark_the_pool_short_and_no_drain_follows(
-    api: FakeApiServer, tmp_path: Path
+    api: FakeApiServer, tmp_path: Path, source: str
 ) -> None:
     add_old_node(api, node("od-2", "on-demand", cpu="1", pool="fallback"), hours=2)  # same pool, younger
     api.create(replica_set("api", 1))
@@ -248,7 +252,7 @@ async def test_replacements_on_on_demand_mark_the_pool_short_and_no_drain_follow
     api.create(node("spot-1", "spot", cpu="2"))  # room for the placeholders, and they can only go there
     holder: dict[str, Any] = {}
     seen = book_when_announced(api, holder, {"SpotdDrainNotReturned"})
-    ctl, task = await start(api, tmp_path, max_concurrent_drains=1, min_on_demand_age=3600.0)
+    ctl, task = await start(api, tmp_path, source, max_concurrent_drains=1, min_on_demand_age=3600.0)
     holder["ctl"] = ctl
     try:
         await eventually(lambda: event_messages(api, "od-1", "SpotdDrainNotReturned"), timeout=30)
@@ -267,7 +271,9 @@ async def test_replacements_on_on_demand_mark_the_pool_short_and_no_drain_follow
     assert len(pods_on(api, "od-2", running=True)) == 1
 
 
-async def test_a_new_term_deletes_the_placeholders_a_previous_leader_left(api: FakeApiServer, tmp_path: Path) -> None:
+async def test_a_new_term_deletes_the_placeholders_a_previous_leader_left(
+    api: FakeApiServer, tmp_path: Path, source: str
+) -> None:
     from spotd.controller.placeholders import placeholder_pods
 
     await cluster(api)
@@ -276,7 +282,7 @@ async def test_a_new_term_deletes_the_placeholders_a_previous_leader_left(api: F
         pod["metadata"]["name"] = f"spotd-placeholder-left-{i}"
         api.create(pod)
     assert len(placeholders(api)) == 2
-    ctl, task = await start(api, tmp_path, min_on_demand_age=24 * 3600.0)  # nothing to drain
+    ctl, task = await start(api, tmp_path, source, min_on_demand_age=24 * 3600.0)  # nothing to drain
     try:
         await eventually(lambda: ctl.ready, timeout=20)
         await eventually(lambda: placeholders(api) == [], timeout=5)

@@ -18,7 +18,8 @@ from spotd.controller.book_store import BOOK_ANNOTATION, BOOK_LEASE
 from spotd.controller.drains import DrainJob, PoolNews
 from spotd.sim.kubeapi.server import FakeApiServer
 from tests.agent_harness import eventually
-from tests.test_controller import OLD, add_node, api, run_in_process, stop_in_process  # noqa: F401  (fixture)
+from tests.moto_server import aws, moto_endpoint  # noqa: F401  (pytest fixtures)
+from tests.test_controller import OLD, add_node, api, queue_source, run_in_process, source, stop_in_process  # noqa: F401
 
 POOL = Pool("m5.large", "us-east-1a")
 T0 = datetime(2026, 12, 5, 10, 0, tzinfo=UTC)
@@ -46,10 +47,11 @@ def saved_pools(api: FakeApiServer) -> dict[str, dict[str, object]]:  # noqa: F8
 async def test_a_new_leader_reads_a_pool_short_that_the_previous_leader_marked(
     api: FakeApiServer,  # noqa: F811
     tmp_path: Path,
+    source: str,  # noqa: F811
 ) -> None:
     add_node(api, "od-1", "on-demand", OLD)
     add_node(api, "spot-1", "spot")  # a Spot launch in the pool: available, but for the short mark
-    a, a_task = await run_in_process(api, tmp_path, identity="ctl-a")
+    a, a_task = await run_in_process(api, tmp_path, queue_source(source), identity="ctl-a")
     try:
         await eventually(lambda: a.ready, timeout=20)
         node = a.inventory.nodes["od-1"]
@@ -61,7 +63,7 @@ async def test_a_new_leader_reads_a_pool_short_that_the_previous_leader_marked(
         await eventually(lambda: "r5.large/us-east-1c" in saved_pools(api), timeout=10)  # updated
     finally:
         await stop_in_process(a, a_task)
-    b, b_task = await run_in_process(api, tmp_path, identity="ctl-b")
+    b, b_task = await run_in_process(api, tmp_path, queue_source(source), identity="ctl-b")
     try:
         await eventually(lambda: b.ready, timeout=20)
         record = b.book.get(POOL)

@@ -27,8 +27,9 @@ from spotd.capacity.signals import CapacitySignal, Pool, SignalKind
 from spotd.sim.controllers import Controllers
 from spotd.sim.kubeapi.server import FakeApiServer
 from tests.agent_harness import eventually
+from tests.moto_server import aws, moto_endpoint  # noqa: F401  (pytest fixtures)
 from tests.permissions import group_member
-from tests.test_controller import run_in_process, stop_in_process
+from tests.test_controller import queue_source, run_in_process, source, stop_in_process  # noqa: F401
 from tests.test_make_before_break import add_old_node, node, placeholders, pods_on, replica_set
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
@@ -136,7 +137,9 @@ def ice(pool: Pool) -> CapacitySignal:
 
 
 async def test_status_explains_every_on_demand_node_through_the_fallback_cycle(
-    api: FakeApiServer, tmp_path: Path
+    api: FakeApiServer,
+    tmp_path: Path,
+    source: str,  # noqa: F811
 ) -> None:
     add_old_node(api, node("od-a", "on-demand", cpu="8", pool="fallback"))  # 3 h old: may go back once Spot is
     add_old_node(api, in_zone(node("od-b", "on-demand", cpu="500m", pool="fallback"), "us-east-1b"), hours=0.2)
@@ -146,6 +149,7 @@ async def test_status_explains_every_on_demand_node_through_the_fallback_cycle(
     ctl, task = await run_in_process(
         api,
         tmp_path,
+        queue_source(source),
         listen=("127.0.0.1", 0),
         surge_timeout=120.0,  # the surge stays running while we look
         landing_timeout=10.0,

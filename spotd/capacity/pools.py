@@ -271,6 +271,19 @@ def spot_where_known(
     return PoolVerdict(False, f"no Spot group known for {pool} (no Spot ASG covers it, no Spot launch seen)", UNKNOWN)
 
 
+def capacity_source_gap(queue_read: bool | None, spot_asgs: Iterable[str]) -> str | None:
+    """Why no pool can be read as Spot available, or None when a capacity source feeds the book.
+
+    queue_read: None without a queue (--sqs-queue-url), else whether its backlog was read; spot_asgs: the
+    Spot ASGs discovered by the tag filter, whose scaling activities are read. Without either, nothing can
+    tell an ICE: "no ICE seen" would mean nobody looked, so no pool is available and nothing is drained."""
+    if queue_read or any(True for _ in spot_asgs):
+        return None
+    if queue_read is None:
+        return "no capacity source: no queue (--sqs-queue-url) and no Spot ASG matches --asg-tag"
+    return "no capacity source yet: the queue's backlog is not read and no Spot ASG matches --asg-tag"
+
+
 # --- the book's persistence (a new leader reads what the previous one learnt) -----------------------------
 
 BOOK_FORMAT = 1

@@ -28,7 +28,7 @@ import msgspec
 from spotd.alerts.flags import AlertConfig
 from spotd.alerts.sender import Alerter
 from spotd.capacity.metrics import count_signals
-from spotd.capacity.pools import PoolBook, spot_group_for, spot_where_known
+from spotd.capacity.pools import PoolBook, capacity_source_gap, spot_group_for, spot_where_known
 from spotd.capacity.signals import ANY, CapacitySignal, CapacityType, Pool, SignalKind
 from spotd.common import log as spotd_log
 from spotd.common.metrics import LOOP_ERRORS, REGISTRY
@@ -40,6 +40,7 @@ from spotd.controller.config import ControllerConfig, add_arguments, config_from
 from spotd.controller.drains import DrainDeps, DrainJob, DrainOutcome, DrainSettings, PoolNews, drain, pool_of, recover
 from spotd.controller.lifecycle import HookSettings, InventoryReads, LifecycleHooks, pods_to_drain
 from spotd.controller.metrics import (
+    CAPACITY_SOURCE_READY,
     DECISION_PASS_SECONDS,
     DRAINS_HELD,
     FALLBACK_NODES,
@@ -59,10 +60,11 @@ from spotd.controller.policy import (
 )
 from spotd.controller.publish import NO_POOL_ALERTS, Firing, export_metrics, resolve_gone_nodes, update_pool_alerts
 from spotd.controller.status import DrainInFlight, StatusSettings, drain_phase, standby_document, status_document
-from spotd.controller.takeover import Takeovers, TakeoverSettings
+from spotd.controller.takeover import Takeovers, TakeoverSettings, resumable_takeovers
 from spotd.controller.witness import Witness
 from spotd.inventory.cache import Inventory, LazyNodePods
 from spotd.inventory.records import NodeInfo, RawNode, node_info
+from spotd.kube.client import http_of
 from spotd.kube.events import EventRecorder, node_event_times
 from spotd.kube.keys import ON_DEMAND, OUT_OF_SERVICE_TAINT_KEY, OUT_OF_SERVICE_TAINT_VALUE, SPOT
 from spotd.kube.lease import LeaderElector
@@ -166,6 +168,7 @@ class Controller:
         self.completed: set[str] = set()  # nodes whose drain completed: never put back (see recover)
         self.out_of_service: set[str] = set()  # nodes we gave the out-of-service taint (once each)
         self.priorities_checked: tuple[tuple[str, ...], tuple[str, ...]] | None = None
+        self.source_gap: str | None = ""  # why no capacity source feeds the book ("": not looked at this term)
         self.term_started = 0.0  # wall time this term began (for spotd_source_last_read_timestamp_seconds)
         self.ready = False
         self.last_pass = time.monotonic()
@@ -241,6 +244,32 @@ class Controller:
             resumed=lambda node, action: self.takeovers.consider(self._spawn, node, action.event()),
         )
 
+    async def resume_takeovers(self) -> None:
+        """At the start of a term: the agent-down drains a previous leader followed (their notices are on
+        the Nodes), followed again where the deadline is ahead and pods are left (one list of Nodes)."""
+        await self.inventory.wait_synced()
+        while True:
+            try:
+                resp = await http_of(self.client).get("/api/v1/nodes")
+                resp.raise_for_status()
+            except Exception as exc:  # the API server: tried again shortly
+                LOOP_ERRORS.labels("takeover").inc()
+                self.log.warning("takeover_resume_failed", error=repr(exc))
+                await asyncio.sleep(self.config.lease_retry_period)
+                continue
+            break
+        now, found = self.clock(), 0
+        for item in resp.json().get("items") or []:
+            meta = item.get("metadata") or {}
+            name = str(meta.get("name", ""))
+            if name not in self.inventory.nodes or not pods_to_drain(self.inventory.pods_of(name)):
+                continue
+            for event in resumable_takeovers(meta.get("annotations") or {}, now):
+                self.log.info("takeover_resumed", node=name, kind=event.kind, deadline=str(event.deadline))
+                self.takeovers.consider(self._spawn, name, event)
+                found += 1
+        self.log.info("takeovers_resumed", takeovers=found)
+
     async def resume_hooks(self) -> None:
         """At the start of a term: the lifecycle actions a previous leader recorded on the Nodes."""
         await self.inventory.wait_synced()
@@ -285,6 +314,35 @@ class Controller:
                     job.stop.set()
                     self.log.warning("drain_stopping", node=job.node, reason=f"new ICE in {sig.pool}: {sig.reason}")
         self.wake.set()
+
+    def capacity_source(self) -> str | None:
+        """Why no capacity source feeds the pool book (no queue, no Spot ASG discovered), or None."""
+        spot = [a.name for a in self.asgs.asgs.values() if a.spot] if self.asgs is not None else []
+        return capacity_source_gap(None if self.sqs is None else self.sqs.initial_read_done, spot)
+
+    def check_capacity_source(self) -> None:
+        """Say when the capacity source goes missing or comes (log, metric, an Event on our pod once a term):
+        without one, spot_answer reads no pool as available and nothing is drained."""
+        gap = self.capacity_source()
+        CAPACITY_SOURCE_READY.set(0 if gap else 1)
+        if gap == self.source_gap:
+            return
+        first = self.source_gap == ""
+        self.source_gap = gap
+        if gap is None:
+            spot = sorted(a.name for a in self.asgs.asgs.values() if a.spot) if self.asgs is not None else []
+            self.log.info("capacity_source_ready", queue=self.sqs is not None, spot_asgs=spot)
+            return
+        self.log.warning("no_capacity_source", reason=gap)
+        if first:
+            self.events.record_object(
+                "Pod",
+                self.config.identity,
+                self.config.lease_namespace,
+                "SpotdNoCapacitySource",
+                f"{gap}: no pool is read as Spot available, nothing is drained until one is ready",
+                type="Warning",
+            )
 
     def _sources_ready(self) -> bool:
         sqs_ok = self.sqs is None or self.sqs.initial_read_done
@@ -363,8 +421,11 @@ class Controller:
         quiet = timedelta(seconds=self.config.probe_quiet_period)
         probing = any(job.probe for job in self.in_flight.values())
         cache: dict[Pool, SpotAnswer] = {}
+        gap = self.capacity_source()
 
         def answer(node: NodeInfo) -> SpotAnswer:
+            if gap is not None:  # nobody could have told an ICE: not available, and no probe either
+                return SpotAnswer(False, f"{gap}: nothing is drained")
             pool = pool_of(node)
             if pool not in cache:
                 verdict = spot_where_known(self.book, pool, now, cooldown, self.asgs.asgs.values() if self.asgs else ())
@@ -382,6 +443,7 @@ class Controller:
     def decision_pass(self, now: datetime) -> list[Verdict]:
         """One pass over the warm inventory: signals from new Spot nodes, metrics, verdicts."""
         started = time.perf_counter()
+        self.check_capacity_source()
         nodes = self.resolved_nodes()
         launched = self.launch_signals(nodes)
         if launched:
@@ -493,6 +555,7 @@ class Controller:
             self.book,
             in_flight,
             self.asgs.fallback_instances if self.asgs is not None else frozenset(),
+            capacity_source=self.capacity_source(),
         )
         self.status_body = json.dumps(document).encode()
 
@@ -721,6 +784,7 @@ class Controller:
         self.launch_seen = set()
         self.alerted = dict(NO_POOL_ALERTS)
         self.priorities_checked = None
+        self.source_gap = ""
         self.term_started = time.time()
         if self.sqs is not None:
             self.sqs.reset()
@@ -800,6 +864,7 @@ class Controller:
                         )
                     )
                     group.create_task(self.resume_hooks())
+                    group.create_task(self.resume_takeovers())
                 if self.asgs is not None:
                     group.create_task(self.asgs.run(self.on_signals, self.config.activities_interval))
                 group.create_task(self.decision_loop())
@@ -810,6 +875,7 @@ class Controller:
             self.status_body = json.dumps(standby_document(self.config.identity, self.clock())).encode()
             SOURCE_READY.clear()
             SOURCE_LAST_READ.clear()
+            CAPACITY_SOURCE_READY.set(0)
 
     async def leadership(self) -> None:
         """Run `lead` while the lease is held; cancel it the moment the lease is lost (or we are cancelled)."""
@@ -907,6 +973,11 @@ async def run(config: ControllerConfig | argparse.Namespace) -> int:
         lookup=lookup,
         fallback_tag=config.fallback_asg_tag,
     )
+    try:  # which groups are Spot decides what is read for ICE: a refused read is not a warning
+        await asgs.check_discovery()
+    except AwsStartupError as exc:
+        print(f"spotd controller: error: {exc}", file=sys.stderr)
+        return 2
     alerter = Alerter(config.alerts, log=_log)
     controller = Controller(config, client, sqs=sqs, asgs=asgs, lookup=lookup, alerter=alerter)
     controller.log.info(

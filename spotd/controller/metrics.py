@@ -89,6 +89,12 @@ DRAINS_HELD = Gauge(
     ["reason"],
     registry=REGISTRY,
 )
+CAPACITY_SOURCE_READY = Gauge(
+    "spotd_capacity_source_ready",
+    "1 while a capacity source (the queue, or a Spot ASG's scaling activities) feeds the pool book; 0: none, "
+    "no pool is read as Spot available and nothing is drained (the leader's only).",
+    registry=REGISTRY,
+)
 SOURCE_READY = Gauge(
     "spotd_source_ready",
     "On the leader: 1 when the source's last read succeeded (sqs, activities, inventory).",
@@ -113,7 +119,8 @@ for _outcome in ("applied", "failed"):
 QUEUE_EVENTS = Counter(
     "spotd_queue_instance_events",
     "Instance events read from the queue (Spot warning, rebalance, state change, Health, lifecycle action), "
-    "by kind and outcome (matched: a node of this cluster; foreign: no node of this cluster has the instance).",
+    "by kind and outcome (matched: a node of this cluster; foreign: no node of this cluster has the instance; "
+    "rehearsal, rehearsal_refused: a `simulate-reclaim --via-queue` message for a node of this cluster).",
     ["kind", "outcome"],
     registry=REGISTRY,
 )

@@ -113,9 +113,11 @@ def status_document(
     book: PoolBook,
     in_flight: Mapping[str, DrainInFlight],
     fallback_instances: Collection[str] = (),
+    capacity_source: str | None = None,
 ) -> dict[str, Any]:
     """The leader's /status after a decision pass at `now`: one entry per on-demand node (its verdict, or why
-    it is out of scope), the pools the book knows, the drains in flight. JSON-ready (plain types)."""
+    it is out of scope), the pools the book knows, the drains in flight; capacity_source: why no capacity
+    source feeds the book (None: one does). JSON-ready (plain types)."""
     by_node = {v.node: v for v in verdicts}
     entries = []
     for node in sorted(nodes, key=lambda n: n.name):
@@ -155,6 +157,7 @@ def status_document(
         "interval_seconds": settings.interval,
         "dry_run": settings.dry_run,
         "scope": scope_text(settings.scope),
+        "capacity_source": {"ready": not capacity_source, "reason": capacity_source or ""},
         "min_on_demand_age_seconds": settings.min_on_demand_age,
         "surge_timeout_seconds": settings.surge_timeout,
         "drain_timeout_seconds": settings.drain_timeout,

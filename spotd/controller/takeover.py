@@ -8,25 +8,35 @@ engine as the agent: evictions only, deadline-aware (the grace capped by the tim
 PDB refusals retried until the deadline minus the safety margin and then left (never deleted). Should the
 agent record the notice later, the controller's drain stops there and the agent carries on: pods already
 gone stay gone, none is evicted twice by the two.
+
+A new leader resumes what its predecessor followed (resumable_takeovers): the Spot warnings and state
+changes the queue saw first are on the Node (spotd.io/queue-notice, written before the message was deleted),
+and one whose deadline is ahead, on a node with pods left to drain, is followed again (the agent's
+acknowledgement first, then the drain). ASG terminations are resumed with their lifecycle actions.
+
+A rehearsal's notice (`spotd simulate-reclaim --via-queue`) is followed the same way; its instance lives on,
+so at the deadline the node is released (the taint removed, uncordoned) unless a real notice came meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from spotd.common.parsing import parse_iso_time
 from spotd.common.waits import wait_set
 from spotd.controller.metrics import TAKEOVERS
 from spotd.drain.executor import DrainOptions, DrainResult, drain_node
 from spotd.drain.plan import PodPolicy
 from spotd.kube.events import EventRecorder
 from spotd.kube.keys import INTERRUPTION_TAINT_KEY
-from spotd.kube.nodes import add_node_taint, merge_patch_node_retrying, patched
+from spotd.kube.nodes import add_node_taint, merge_patch_node, merge_patch_node_retrying, patched, read_node
 from spotd.kube.ratelimit import RateLimiter
+from spotd.notices.episodes import queue_episodes
 from spotd.notices.metrics import NOTICE_TO_CORDON
 from spotd.notices.queue_events import ASG_TERMINATION, SPOT_ITN, STATE_CHANGE, InstanceEvent
 
@@ -48,6 +58,30 @@ def takeover_deadline(event: InstanceEvent, received: datetime, asg_window: time
     """When the instance goes: the event's own deadline; an ASG termination carries none (the hook waits
     for us), so received + the window, as the agent gives it."""
     return event.deadline if event.deadline is not None else received + asg_window
+
+
+RESUMED_KINDS = (SPOT_ITN, STATE_CHANGE)  # an ASG termination is resumed with its lifecycle action
+
+
+def resumable_takeovers(annotations: Mapping[str, str], now: datetime) -> list[InstanceEvent]:
+    """The queue notices recorded on a Node (spotd.io/queue-notice) that a new leader follows again: a Spot
+    warning or state change whose deadline is still ahead (pure; an unreadable entry is skipped)."""
+    out = []
+    episodes = queue_episodes(annotations)
+    for kind in RESUMED_KINDS:
+        entry = episodes.get(kind)
+        if entry is None:
+            continue
+        try:
+            at = parse_iso_time(str(entry.get("at") or ""))
+            deadline = parse_iso_time(str(entry.get("deadline") or ""))
+        except ValueError:
+            continue
+        if deadline <= now:
+            continue
+        action, event_id = str(entry.get("action") or ""), str(entry.get("event_id") or "")
+        out.append(InstanceEvent(kind, (), at=at, deadline=deadline, action=action, event_id=event_id))
+    return out
 
 
 @dataclass(frozen=True)
@@ -162,6 +196,37 @@ class Takeovers:
         outcome = "acknowledged" if stop.is_set() else result.outcome
         TAKEOVERS.labels(outcome if outcome in TAKEOVERS_KNOWN else "failed").inc()
         self._report(node, outcome, result, log)
+        if event.rehearsal and outcome != "acknowledged":
+            await self._release_rehearsal(node, event, deadline, log)
+
+    async def _release_rehearsal(self, node: str, event: InstanceEvent, deadline: datetime, log: Any) -> None:
+        """At the deadline of a rehearsal: the interruption taint we added off, the node uncordoned, unless
+        its agent now acts on a real notice (then the node is its)."""
+        wait = (deadline - self.clock()).total_seconds()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        if self.agent_kind(node):
+            log.info("rehearsal_not_released", reason="the agent acts on a real notice")
+            return
+        status = 0
+        for _ in range(5):  # the taints are replaced whole: conditional on the resourceVersion read
+            status, body = await read_node(self.client, node)
+            if status != 200:
+                break
+            taints = list((body.get("spec") or {}).get("taints") or [])
+            kept = [t for t in taints if not (t.get("key") == INTERRUPTION_TAINT_KEY and t.get("value") == event.kind)]
+            patch = {
+                "metadata": {"resourceVersion": (body.get("metadata") or {}).get("resourceVersion")},
+                "spec": {"taints": kept or None, "unschedulable": None},
+            }
+            status = await merge_patch_node(self.client, node, patch)
+            if status != 409:
+                break
+        if not patched(status):
+            log.warning("rehearsal_release_failed", status=status)
+            return
+        log.info("rehearsal_released")
+        self.events.record(node, "SpotdRehearsalReleased", f"rehearsal {event.rehearsal} over: node released")
 
     async def _taint_and_cordon(self, node: str, kind: str, log: Any, started: float) -> None:
         taint = {"key": INTERRUPTION_TAINT_KEY, "value": kind, "effect": "NoSchedule"}

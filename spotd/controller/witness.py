@@ -24,7 +24,7 @@ from spotd.kube.events import EventRecorder
 from spotd.kube.nodes import merge_patch_node, patched, read_node
 from spotd.notices.episodes import QUEUE, first_witness, queue_episode_patch
 from spotd.notices.metrics import EPISODE_SIGHTINGS
-from spotd.notices.queue_events import ASG_LAUNCH, ASG_TERMINATION, InstanceEvent
+from spotd.notices.queue_events import ASG_LAUNCH, ASG_TERMINATION, InstanceEvent, rehearsal_refusal
 from spotd.notices.record import Notice, NoticeKind
 
 FIRST, SECOND = "first", "second"
@@ -96,6 +96,10 @@ class Witness:
                 event_id=event.event_id,
             )
             return "foreign"
+        if event.rehearsal:
+            for node in nodes:
+                self.rehearse(node, event)
+            return "handled"
         for node in nodes:
             QUEUE_EVENTS.labels(event.kind, "matched").inc()
             self.log.info(
@@ -114,6 +118,33 @@ class Witness:
             if event.kind == ASG_TERMINATION and event.token and self.on_terminate_hook is not None:
                 await self.on_terminate_hook(node, event)
         return "handled"
+
+    def rehearse(self, node: NodeInfo, event: InstanceEvent) -> None:
+        """A `simulate-reclaim --via-queue` message: no episode (a rehearsal is no witness of a real one), no
+        alert; the agent never hears of it (IMDS says nothing), so the takeover rehearses the agent-down path:
+        the node is drained after --agent-ack-timeout and released at the deadline."""
+        assert self.clock is not None
+        refused = rehearsal_refusal(event, self.clock())
+        QUEUE_EVENTS.labels(event.kind, "rehearsal_refused" if refused else "rehearsal").inc()
+        log = self.log.bind(node=node.name, kind=event.kind, rehearsal=event.rehearsal)
+        if refused:
+            log.warning("queue_rehearsal_refused", reason=refused)
+            if self.events is not None:
+                self.events.record(
+                    node.name, "SpotdRehearsalRefused", f"rehearsal {event.rehearsal}: {refused}", "Warning"
+                )
+            return
+        assert event.deadline is not None
+        log.warning("queue_rehearsal", deadline=event.deadline.isoformat())
+        if self.events is not None:
+            self.events.record(
+                node.name,
+                "SpotdQueueRehearsal",
+                f"rehearsal {event.rehearsal}: {event.kind} from the queue, deadline {event.deadline:%H:%M:%S}Z; "
+                "the node is drained as for a silent agent and released at the deadline",
+            )
+        if self.on_matched is not None:
+            self.on_matched(node, event)
 
     async def record_episode(self, node: NodeInfo, event: InstanceEvent) -> str:
         """Record the episode on the Node unless a witness did; returns the first witness ("queue": this

@@ -10,6 +10,9 @@ EventBridge delivers, to the queue the controller already reads for capacity eve
                                                                   window's start)
   aws.autoscaling  "EC2 Instance-terminate Lifecycle Action"    -> asg-termination (with the hook's token)
   aws.autoscaling  "EC2 Instance-launch Lifecycle Action"       -> asg-launch
+A Spot warning, rebalance or state change that carries the rehearsal marker (a top-level "spotd-rehearsal"
+object: {"id": ..., "deadline": RFC 3339}, which EventBridge never writes) is `spotd simulate-reclaim
+--via-queue`'s: its event has `rehearsal` set and the marker's deadline (docs/simulate-reclaim.md).
 Also accepted: any of these wrapped in an SNS notification, and a lifecycle hook whose notification target
 is the queue itself (no EventBridge envelope). Anything else returns None (the capacity parser in
 spotd.capacity.signals may still read it). A body that is one of these but lacks what it must carry raises
@@ -26,10 +29,11 @@ from datetime import datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Any
 
-from spotd.common.parsing import INSTANCE_ID_RE, parse_iso_time
-from spotd.notices.record import MalformedNotice
+from spotd.common.parsing import INSTANCE_ID_RE, format_time, parse_iso_time
+from spotd.notices.record import REHEARSAL_MAX_AHEAD, MalformedNotice
 
 SPOT_WARNING = timedelta(minutes=2)  # EventBridge sends the Spot warning two minutes before the action
+REHEARSAL_MARKER = "spotd-rehearsal"  # the envelope key of a rehearsal's message (never EventBridge's)
 
 # Episode kinds: the agent's notice kinds where IMDS has the same notice, and two the queue alone sees.
 SPOT_ITN = "spot-itn"
@@ -67,6 +71,7 @@ class InstanceEvent:
     maintenance window. action: the Spot action, the new state, or the Health event type code.
     asg, hook, token: an Auto Scaling lifecycle action's group, hook name and LifecycleActionToken.
     event_id: the EventBridge id (or the lifecycle notification's RequestId), for the logs.
+    rehearsal: the id of the `spotd simulate-reclaim --via-queue` run that sent it ("": a real event).
     """
 
     kind: str
@@ -81,6 +86,7 @@ class InstanceEvent:
     asg: str = ""
     hook: str = ""
     token: str = ""
+    rehearsal: str = ""
 
 
 def read_instance_event(body: str) -> InstanceEvent | None:
@@ -157,6 +163,9 @@ def _read_ec2(data: dict[str, Any], kind: str, detail: dict[str, Any]) -> Instan
         if action not in LEAVING_STATES:
             return None
         deadline = at  # the instance is going now
+    rehearsal = ""
+    if REHEARSAL_MARKER in data:
+        rehearsal, deadline = _read_rehearsal_marker(data[REHEARSAL_MARKER])
     return InstanceEvent(
         kind,
         (iid,),
@@ -166,7 +175,54 @@ def _read_ec2(data: dict[str, Any], kind: str, detail: dict[str, Any]) -> Instan
         event_id=str(data.get("id") or ""),
         account=str(data.get("account") or ""),
         region=str(data.get("region") or ""),
+        rehearsal=rehearsal,
     )
+
+
+def _read_rehearsal_marker(marker: Any) -> tuple[str, datetime]:
+    if not isinstance(marker, dict):
+        raise MalformedNotice(f"{REHEARSAL_MARKER} is not a JSON object")
+    ident = marker.get("id")
+    if not isinstance(ident, str) or not ident:
+        raise MalformedNotice(f"{REHEARSAL_MARKER} has no id")
+    try:
+        deadline = parse_iso_time(str(marker.get("deadline") or ""))
+    except ValueError as exc:
+        raise MalformedNotice(f"{REHEARSAL_MARKER} deadline: {exc}") from None
+    return ident, deadline
+
+
+def rehearsal_refusal(event: InstanceEvent, now: datetime) -> str | None:
+    """Why a rehearsal's event is not acted on (None: it is), as the agents judge a rehearsal request: a
+    deadline past, or more than 15 minutes ahead, could never be a rehearsal's (a rehearsal is never made
+    into an immediate deadline)."""
+    if event.deadline is None:
+        return "no deadline"
+    if event.deadline <= now:
+        return f"deadline {format_time(event.deadline)} is in the past"
+    if event.deadline > now + REHEARSAL_MAX_AHEAD:
+        return f"deadline {format_time(event.deadline)} is more than 15 minutes ahead"
+    return None
+
+
+def rehearsal_spot_warning(
+    instance_id: str, at: datetime, deadline: datetime, rehearsal: str, region: str = "", account: str = ""
+) -> str:
+    """The SQS message body of a rehearsal's Spot interruption warning: EventBridge's shape, with the
+    rehearsal marker carrying the run's id and its deadline (read back by read_instance_event)."""
+    body = {
+        "version": "0",
+        "id": f"{rehearsal}-{instance_id}",
+        "detail-type": "EC2 Spot Instance Interruption Warning",
+        "source": "aws.ec2",
+        "account": account,
+        "time": format_time(at),
+        "region": region,
+        "resources": [f"arn:aws:ec2:{region}:{account}:instance/{instance_id}"],
+        "detail": {"instance-id": instance_id, "instance-action": "terminate"},
+        REHEARSAL_MARKER: {"id": rehearsal, "deadline": format_time(deadline)},
+    }
+    return json.dumps(body, separators=(",", ":"))
 
 
 def _read_lifecycle(

@@ -1,10 +1,14 @@
-"""The rehearsal's AWS calls: EC2 TerminateInstances (--terminate) and the FIS experiment (--via fis)."""
+"""The rehearsal's AWS calls: EC2 TerminateInstances (--terminate), the FIS experiment (--via fis) and the
+Spot warnings sent to the controller's queue (--via-queue)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
+from urllib.parse import urlparse
 
+from spotd.notices.queue_events import rehearsal_spot_warning
 from spotd.rehearsal.targets import RehearsalRefused, Target
 
 # boto3 is imported only in this module, and only inside the calls
@@ -78,3 +82,30 @@ def terminate_instances(targets: Sequence[Target]) -> None:
         by_region.setdefault(region_of(t.zone or t.provider_id.split("/")[-2]), []).append(t.instance_id)
     for region, ids in by_region.items():
         boto3.client("ec2", region_name=region).terminate_instances(InstanceIds=ids)
+
+
+def queue_region_account(queue_url: str) -> tuple[str, str]:
+    """(region, account) of an SQS queue URL https://sqs.<region>.amazonaws.com/<account>/<name>; "" where
+    the URL does not say (a local endpoint)."""
+    parsed = urlparse(queue_url)
+    host = (parsed.hostname or "").split(".")
+    region = host[1] if len(host) > 3 and host[0] == "sqs" else ""
+    parts = [p for p in parsed.path.split("/") if p]
+    account = parts[0] if len(parts) == 2 and parts[0].isdigit() else ""
+    return region, account
+
+
+def send_queue_notices(
+    queue_url: str, targets: Sequence[Target], at: datetime, deadline: datetime, rehearsal: str
+) -> list[str]:
+    """One rehearsal Spot warning per target to the controller's queue (sqs:SendMessage); the message ids."""
+    import boto3
+
+    region, account = queue_region_account(queue_url)
+    sqs = boto3.client("sqs", region_name=region or None)
+    sent = []
+    for t in targets:
+        zone_region = region_of(t.zone) if t.zone else region
+        body = rehearsal_spot_warning(t.instance_id, at, deadline, rehearsal, zone_region, account)
+        sent.append(str(sqs.send_message(QueueUrl=queue_url, MessageBody=body)["MessageId"]))
+    return sent

@@ -90,6 +90,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--fis-role-arn", help="IAM role FIS assumes (--via fis)")
     p.add_argument(
+        "--via-queue",
+        metavar="QUEUE_URL",
+        help="instead of --via: send EventBridge-shaped Spot interruption warnings, marked as a rehearsal, to "
+        "the controller's SQS queue; the agents hear nothing, the controller drains the nodes as for silent "
+        "agents and releases them at the deadline (the agent-down path; needs sqs:SendMessage on the queue)",
+    )
+    p.add_argument(
         "--namespace",
         default=os.environ.get("POD_NAMESPACE") or "spotd",
         help="spotd's namespace, where the agents read rehearsal requests (POD_NAMESPACE, else spotd)",
@@ -142,7 +149,16 @@ def config_from_args(args: argparse.Namespace) -> SimulateConfig:
         if args.kind not in (NoticeKind.SPOT_ITN, NoticeKind.REBALANCE):
             raise ValueError("--via imds: only --kind spot-itn or rebalance")
     via = "request" if args.via == "annotation" else args.via
-    if via == "request" and args.notice > 900:
+    queue_url = str(getattr(args, "via_queue", None) or "").strip()
+    if queue_url:
+        if args.via not in ("request", "annotation"):
+            raise ValueError(f"--via-queue: not with --via {args.via} (it is the way the notice goes)")
+        if embedded:
+            raise ValueError("--via-queue: needs a cluster (--kubeconfig) whose spotd controller reads the queue")
+        if args.kind != NoticeKind.SPOT_ITN:
+            raise ValueError("--via-queue: only --kind spot-itn (an EC2 Spot Instance Interruption Warning)")
+        via = "queue"
+    if via in ("request", "queue") and args.notice > 900:
         raise ValueError("--notice: the agents refuse a rehearsal whose deadline is more than 15 minutes ahead")
     if args.via == "fis":
         if embedded:
@@ -165,6 +181,7 @@ def config_from_args(args: argparse.Namespace) -> SimulateConfig:
         terminate=args.terminate,
         via=via,
         fis_role_arn=args.fis_role_arn,
+        queue_url=queue_url,
         seed=args.seed if args.seed is not None else (1 if embedded else None),
         namespace=args.namespace.strip() or "spotd",
     )
@@ -189,6 +206,7 @@ def fallback_config_from_args(args: argparse.Namespace, embedded: bool) -> Simul
         "--selector": bool(args.selector),
         "--terminate": args.terminate,
         "--via": args.via not in ("request", "annotation"),
+        "--via-queue": bool(getattr(args, "via_queue", None)),
         "--kind": args.kind != NoticeKind.SPOT_ITN,
         "--any-capacity-type": args.any_capacity_type,
         "--control-plane": args.control_plane is not None,

@@ -22,7 +22,7 @@ from spotd.common.waits import wait_set
 from spotd.kube.client import make_client
 from spotd.kube.keys import INTERRUPTION_TAINT_KEY, REHEARSAL_LABEL
 from spotd.notices.record import NoticeKind
-from spotd.rehearsal.aws import start_fis_experiment, terminate_instances
+from spotd.rehearsal.aws import send_queue_notices, start_fis_experiment, terminate_instances
 from spotd.rehearsal.report import Fact, NodePlan, Observation, Report, WorkloadPlan, WorkloadRef, build_report
 from spotd.rehearsal.targets import (
     RehearsalRefused,
@@ -48,8 +48,9 @@ class RehearsalConfig:
     recovery_timeout: float = 60.0
     any_capacity_type: bool = False
     terminate: bool = False
-    via: str = "request"  # request (a ConfigMap the agents read) | fis | imds (embedded)
+    via: str = "request"  # request (a ConfigMap the agents read) | fis | imds (embedded) | queue
     fis_role_arn: str | None = None
+    queue_url: str = ""  # via queue: the controller's SQS queue
     seed: int | None = None
     namespace: str = "spotd"  # spotd's own: where the agents read rehearsal requests
 
@@ -124,7 +125,7 @@ class Rehearsal:
                 any_capacity_type=self.config.any_capacity_type,
                 rng=rng,
             )
-            if self.config.via == "fis" or (self.config.terminate and self.terminator is None):
+            if self.config.via in ("fis", "queue") or (self.config.terminate and self.terminator is None):
                 unknown = [t.name for t in self.targets if not t.instance_id]
                 if unknown:
                     raise RehearsalRefused(f"no EC2 instance ID (spec.providerID aws:///...) on {', '.join(unknown)}")
@@ -191,7 +192,7 @@ class Rehearsal:
         elif kind == "Event":
             name = obj.involvedObject.name if obj.involvedObject else None
             if name in self.plans and event == "ADDED":
-                fact = {"DrainComplete": Fact.DRAINED, "DrainIncomplete": Fact.DRAIN_INCOMPLETE}.get(obj.reason or "")
+                fact = DRAIN_FACTS.get(obj.reason or "")
                 if fact is not None:
                     self.observe(fact, name, detail=obj.message or "")
                 elif obj.reason in ("PodsForceDeleted", "PodsDeletedAtDeadline"):
@@ -269,6 +270,16 @@ class Rehearsal:
             )
             self.say(f"FIS experiment {self.fis_experiment} started for {len(self.targets)} instances")
             return
+        if self.config.via == "queue":
+            rehearsal = f"spotd-rehearsal-{now:%Y%m%d-%H%M%S}-{random.randrange(16**4):04x}"
+            until = deadline or now + timedelta(seconds=self.config.notice)
+            await asyncio.to_thread(send_queue_notices, self.config.queue_url, self.targets, now, until, rehearsal)
+            self.say(
+                f"Spot warnings for {len(self.targets)} instances sent to {self.config.queue_url} at "
+                f"{format_time(now)}, deadline {format_time(until)}: the controller drains them as for silent agents"
+            )
+            self.notes.append(f"notice delivered through the controller's queue (rehearsal {rehearsal})")
+            return
         if self.config.via == "imds":
             if self.notifier is None:
                 raise RehearsalRefused("--via imds: only the embedded cluster's IMDS can be told")
@@ -315,9 +326,11 @@ class Rehearsal:
         warned = False
         while True:
             now = datetime.now(UTC)
-            if not warned and self.config.via == "request" and now - self.started_at > timedelta(seconds=15):
+            if not warned and self.config.via in ("request", "queue") and now - self.started_at > timedelta(seconds=15):
                 idle = [n for n in self.plans if not any(o.subject == n for o in self.timeline)]
-                if idle:
+                if idle and self.config.via == "queue":
+                    self.say(f"nothing done yet on {', '.join(idle)}: is spotd controller reading the queue?")
+                elif idle:
                     self.say(f"no agent has acted yet on {', '.join(idle)}: is the spotd agent running there?")
                 warned = True
             ends = [self.settled(p, now) for p in self.plans.values()]
@@ -381,6 +394,15 @@ class Rehearsal:
                 self.say(f"could not remove the rehearsal request {where}: {exc}")
         except OSError as exc:
             self.say(f"could not remove the rehearsal request {where}: {exc!r}")
+
+
+# Node Events that end a node's drain: the agent's, and the controller's when it drained for a silent agent
+DRAIN_FACTS = {
+    "DrainComplete": Fact.DRAINED,
+    "DrainIncomplete": Fact.DRAIN_INCOMPLETE,
+    "SpotdTakeoverComplete": Fact.DRAINED,
+    "SpotdTakeoverIncomplete": Fact.DRAIN_INCOMPLETE,
+}
 
 
 def _version(listing: Any) -> str | None:

@@ -14,7 +14,16 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from spotd.capacity import metrics
 from spotd.capacity.signals import AsgInfo, CapacitySignal, parse_scaling_activity
-from spotd.capacity.sources.aws import AwsApi, InstanceLookup, SignalHandler, enrich_signals, log_signals
+from spotd.capacity.sources.aws import (
+    AwsApi,
+    AwsStartupError,
+    InstanceLookup,
+    SignalHandler,
+    access_denied,
+    enrich_signals,
+    log_signals,
+    one_line,
+)
 from spotd.common import log as logging
 from spotd.common.metrics import LOOP_ERRORS
 from spotd.common.parsing import parse_iso_time
@@ -81,6 +90,12 @@ def tag_filters(tags: Iterable[tuple[str, str | None]]) -> list[dict[str, Any]]:
         {"Name": "tag-key", "Values": [key]} if value is None else {"Name": f"tag:{key}", "Values": [value]}
         for key, value in tags
     ]
+
+
+class DiscoveryDenied(Exception):
+    """A read the discovery needs was refused (AccessDenied): which groups are Spot is unknown, so the
+    whole discovery fails (the previous one stands) rather than read a Spot group as on-demand, whose ICE
+    would then never be read. The message names the action and the group."""
 
 
 def _start_time(activity: Mapping[str, Any]) -> datetime | None:
@@ -198,6 +213,8 @@ class AsgSource:
                 types = (lc["InstanceType"],) if lc.get("InstanceType") else ()
                 return AsgInfo(name, types, zones, spot=spot, on_demand=not spot)
         except (ClientError, BotoCoreError) as exc:
+            if access_denied(exc):
+                raise DiscoveryDenied(one_line(f"ASG {name}: {_denied_action(group)} refused: {exc}")) from exc
             self._log.warning("asg_describe_failed", asg=name, error=str(exc))
         return AsgInfo(name, (), zones, spot=bool(mip), on_demand=True)
 
@@ -254,6 +271,23 @@ class AsgSource:
                 break
         return signals
 
+    async def check_discovery(self) -> None:
+        """At start: the discovery as the leader will make it (the groups, and the launch templates or
+        configurations saying which are Spot). AccessDenied on any of them raises AwsStartupError (one
+        line); other errors are left to the loop, which tries again."""
+        try:
+            await self.discover()
+            await self.discover_fallback()
+        except DiscoveryDenied as exc:
+            raise AwsStartupError(f"ASG discovery failed: {exc}") from None
+        except ClientError as exc:
+            if access_denied(exc):
+                action = "autoscaling:DescribeAutoScalingGroups"
+                raise AwsStartupError(one_line(f"ASG discovery failed: {action} refused: {exc}")) from None
+            self._log.warning("asg_discovery_failed", error=str(exc))
+        except BotoCoreError as exc:
+            self._log.warning("asg_discovery_failed", error=str(exc))
+
     async def poll_once(self, now: datetime | None = None) -> list[CapacitySignal]:
         """discover (and the fallback ASGs), then read_activities; initial_read_done once all have
         completed for every group."""
@@ -281,6 +315,9 @@ class AsgSource:
             except (ClientError, BotoCoreError) as exc:
                 LOOP_ERRORS.labels("asg").inc()
                 self._log.warning("asg_read_failed", error=str(exc))
+            except DiscoveryDenied as exc:  # granted at start, since taken away: the last discovery stands
+                LOOP_ERRORS.labels("asg").inc()
+                self._log.error("asg_discovery_denied", error=str(exc))
             await asyncio.sleep(interval)
 
     async def terminate_instance(self, instance_id: str, decrement_desired: bool = True) -> str:
@@ -292,3 +329,10 @@ class AsgSource:
             ShouldDecrementDesiredCapacity=decrement_desired,
         )
         return str(response.get("Activity", {}).get("ActivityId", ""))
+
+
+def _denied_action(group: Mapping[str, Any]) -> str:
+    """The read _describe_group made for the group: its launch template's, or its launch configuration's."""
+    if group.get("MixedInstancesPolicy") or group.get("LaunchTemplate"):
+        return "ec2:DescribeLaunchTemplateVersions"
+    return "autoscaling:DescribeLaunchConfigurations"

@@ -54,6 +54,15 @@ def _outcome(exc: BaseException | None) -> str:
     return "error"
 
 
+# What AWS answers a call the credentials' policy does not allow (EC2 says UnauthorizedOperation).
+ACCESS_DENIED_CODES = frozenset({"AccessDenied", "AccessDeniedException", "UnauthorizedOperation"})
+
+
+def access_denied(exc: BaseException) -> bool:
+    """Whether AWS refused the call for want of permission."""
+    return isinstance(exc, ClientError) and exc.response.get("Error", {}).get("Code", "") in ACCESS_DENIED_CODES
+
+
 def _retryable(exc: BaseException) -> bool:
     return _outcome(exc) in ("throttled", "server_error", "connection_error")
 
