@@ -125,6 +125,7 @@ class RealCluster:
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     port: int = 0
     tokens: dict[str, str] = field(default_factory=dict)
+    apiserver_args: tuple[str, ...] = ()  # more kube-apiserver flags (bench/bench_real_burst.py: an audit log)
 
     @property
     def url(self) -> str:
@@ -172,6 +173,7 @@ class RealCluster:
             "--service-cluster-ip-range=10.96.0.0/24",
             "--allow-privileged=true",
             "--profiling=false",
+            *self.apiserver_args,
         )
         self._wait_ready()
         self._write_kubeconfig(self.work / "admin.kubeconfig", self.tokens["admin"])
