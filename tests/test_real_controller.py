@@ -46,6 +46,18 @@ def real(real_cluster: RealCluster) -> Iterator[RealCluster]:
         add_kwok_node(real_cluster, "rc-base", builders.ON_DEMAND, allocatable=_resources(cpu="32"))
     real_cluster.wait_for(lambda: not _unschedulable_pods(real_cluster))
     yield real_cluster
+    # The hourly drain budget is the cluster's, read from the Nodes' marks and spotd's SpotdDrainStarted
+    # Events: ours must not count against the controller tests of files that run after this one. Our
+    # workloads go first, so that no replacement waits Pending for our nodes.
+    for namespace in (NS, "rc-restricted"):
+        real_cluster.request("DELETE", f"/api/v1/namespaces/{namespace}")
+    for obj in get(real_cluster, "/api/v1/nodes")["items"]:
+        if obj["metadata"]["name"].startswith("rc-"):
+            real_cluster.request("DELETE", f"/api/v1/nodes/{obj['metadata']['name']}")
+    for event in get(real_cluster, "/api/v1/events")["items"]:
+        meta = event["metadata"]
+        if event.get("involvedObject", {}).get("name", "").startswith("rc-"):
+            real_cluster.request("DELETE", f"/api/v1/namespaces/{meta['namespace']}/events/{meta['name']}")
 
 
 def add_kwok_node(real: RealCluster, name: str, capacity: str, **kw: Any) -> None:
@@ -661,3 +673,29 @@ async def test_a_spot_warning_the_agent_never_records_is_drained_by_the_controll
     assert any(t["key"] == "spotd.io/interruption" for t in taken["spec"].get("taints") or []), taken["spec"]
     await eventually(lambda: {"SpotdAgentSilent", "SpotdTakeoverComplete"} <= set(events_for(real, node_name)), 30)
     assert running_on(real, app, node_name) == []
+
+
+async def test_a_budget_of_one_at_a_time_is_drained_one_at_a_time(real: RealCluster, controllers: Any) -> None:
+    """maxUnavailable 1 over 3 replicas: the real disruption controller allows the next eviction only once a
+    replacement runs and it has updated the budget's status; the drain retries the refusals and completes."""
+    od, app = "rc-pdb-od", "rc-pdb-app"
+    add_node(real, od, builders.ON_DEMAND, "pdb", pool="rc-pdb")
+    deployment(real, app, "pdb", 3, {"requests": {"cpu": "100m"}})
+    real.apply(
+        {
+            "apiVersion": "policy/v1",
+            "kind": "PodDisruptionBudget",
+            "metadata": {"name": app, "namespace": NS},
+            "spec": {"maxUnavailable": 1, "selector": {"matchLabels": {"app": app}}},
+        }
+    )
+    await eventually(lambda: len(running_on(real, app, od)) == 3, timeout=60)
+    path = f"/apis/policy/v1/namespaces/{NS}/poddisruptionbudgets/{app}"
+    await eventually(lambda: get(real, path).get("status", {}).get("disruptionsAllowed") == 1, timeout=30)
+    add_node(real, "rc-pdb-spot", builders.SPOT, "pdb")
+    ctl = controllers("rc-pdb-ctl", "--fallback-selector", "node-pool=rc-pdb", "--surge-timeout", "0")
+    await eventually(lambda: ctl.drains("complete") == 1, timeout=90)
+    await eventually(lambda: len(running_on(real, app, "rc-pdb-spot")) == 3, timeout=30)
+    evicted = ctl.events("pod_evicted")
+    assert len(evicted) == 3, held(ctl)
+    assert ctl.events("eviction_refused"), "the budget refused no eviction: nothing was serialised"
