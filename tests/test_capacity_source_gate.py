@@ -64,6 +64,24 @@ def spot_template_asg(aws: MotoAws, name: str = "gate-spot") -> None:
     )
 
 
+def spot_configuration_asg(aws: MotoAws, name: str = "gate-legacy") -> None:
+    """A Spot ASG of the older kind: its launch configuration's SpotPrice says so."""
+    image = aws.client("ec2").describe_images()["Images"][0]["ImageId"]
+    autoscaling = aws.client("autoscaling")
+    autoscaling.create_launch_configuration(
+        LaunchConfigurationName=f"{name}-lc", ImageId=image, InstanceType="m5.large", SpotPrice="0.05"
+    )
+    autoscaling.create_auto_scaling_group(
+        AutoScalingGroupName=name,
+        MinSize=0,
+        MaxSize=3,
+        DesiredCapacity=0,
+        AvailabilityZones=[ZONE],
+        LaunchConfigurationName=f"{name}-lc",
+        Tags=ASG_TAGS,
+    )
+
+
 def status(proc: ControllerProcess) -> dict[str, Any]:
     with urllib.request.urlopen(f"http://127.0.0.1:{proc.port}/status", timeout=5) as resp:
         return dict(json.loads(resp.read()))
@@ -126,16 +144,17 @@ def limited_user(aws: MotoAws, name: str, without: str) -> Any:
 
 
 @pytest.mark.parametrize(
-    ("without", "named"),
+    ("without", "group"),
     [
-        ("ec2:DescribeLaunchTemplateVersions", "ec2:DescribeLaunchTemplateVersions"),
-        ("autoscaling:DescribeAutoScalingGroups", "autoscaling:DescribeAutoScalingGroups"),
+        ("ec2:DescribeLaunchTemplateVersions", spot_template_asg),
+        ("autoscaling:DescribeLaunchConfigurations", spot_configuration_asg),
+        ("autoscaling:DescribeAutoScalingGroups", spot_template_asg),
     ],
 )
 def test_an_asg_discovery_refused_is_an_error_at_start(
-    aws: MotoAws, api: FakeApiServer, tmp_path: Path, without: str, named: str
+    aws: MotoAws, api: FakeApiServer, tmp_path: Path, without: str, group: Any
 ) -> None:
-    spot_template_asg(aws)
+    group(aws)
     limited_user(aws, "spotd-limited", without)
     proc = ControllerProcess(tmp_path, str(tmp_path / "kubeconfig"), "limited")
     with aws.expect_denied(without):
@@ -143,4 +162,4 @@ def test_an_asg_discovery_refused_is_an_error_at_start(
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
-    assert lines[0].startswith("spotd controller: error: ") and named in lines[0] and "AccessDenied" in lines[0]
+    assert lines[0].startswith("spotd controller: error: ") and without in lines[0] and "AccessDenied" in lines[0]
