@@ -718,8 +718,7 @@ SCENARIOS = [
     Scenario("priority from the class", priority_from_class),
     Scenario("unknown priority class", priority_unknown_class),
     Scenario("create in a terminating namespace", create_in_terminating_namespace),
-    # the fake has no node lifecycle controller (docs/testing.md)
-    Scenario("cordon and the unschedulable taint", cordon_taint, fake_divergence={"taints": "no taint"}),
+    Scenario("cordon and the unschedulable taint", cordon_taint),
     Scenario("resourceVersion-conditional patch", conditional_patch_conflict),
     Scenario("merge patch null removal", merge_patch_null_removes),
     Scenario("rbac denials", rbac_denials),

@@ -181,7 +181,12 @@ async def test_kubectl_node_actions(api: FakeApiServer, kubeconfig: Path) -> Non
     got = api.get("Node", "n1")
     assert got is not None
     assert got["spec"]["unschedulable"] is True
-    assert {t["key"] for t in got["spec"]["taints"]} == {"spotd.io/reclaim", "other"}
+    # the cordon's own taint comes from the node lifecycle controller, as on a real cluster
+    assert {t["key"] for t in got["spec"]["taints"]} == {
+        "node.kubernetes.io/unschedulable",
+        "spotd.io/reclaim",
+        "other",
+    }
     assert got["metadata"]["labels"]["spotd.io/state"] == "draining"
     assert got["metadata"]["annotations"]["spotd.io/notice"] == "abc"
     assert got["status"]["conditions"][0]["type"] == "Ready"  # spec patches leave status alone

@@ -39,8 +39,9 @@ What it does not do (know this before trusting a green test):
   DELETE marks it, the update removing the last one deletes it);
 - pods: a graceful deletion ends only on a node that exists and is Ready (its kubelet: policy.py), else the
   pod stays Terminating; the taint manager and pod GC (terminating pods of an out-of-service NotReady node,
-  pods of a deleted Node) as podgc.py says; no node lifecycle controller (nothing turns a node NotReady) and
-  no other kubelet: pods change phase/readiness only when someone writes them;
+  pods of a deleted Node) and the cordon's node.kubernetes.io/unschedulable taint as podgc.py says; no other
+  node lifecycle controller (nothing turns a node NotReady) and no other kubelet: pods change phase/readiness
+  only when someone writes them;
 - lists always answer from the current state (resourceVersion/resourceVersionMatch ignored), and a
   `continue` token resumes by key on the current state rather than on a snapshot;
 - watches replay from a global history of `history_size` changes (then 410 Expired); bookmarks every

@@ -11,10 +11,13 @@ it: the taint-eviction controller (pkg/controller/tainteviction) and pod GC's gc
   starts with that taint. Finalizers still hold it.
 - The pods of a deleted Node are marked Failed, given DisruptionTarget (reason DeletionByPodGC) and
   force-deleted once it has stayed gone for the quarantine (40 s), scaled as pod termination is.
+- The node lifecycle controller's doNoScheduleTaintingPass for a cordon: node.kubernetes.io/unschedulable
+  (NoSchedule) is added to a Node whose spec.unschedulable is true and removed when it is not, in a write of
+  its own, so a client's resourceVersion-conditional patch after a cordon conflicts as on a real cluster.
 
-Both controllers act as soon as a node or one of its pods changes (the real pod GC looks every 20 s);
+The controllers act as soon as a node or one of its pods changes (the real pod GC looks every 20 s);
 tolerationSeconds and the quarantine are scaled by the server's termination_scale. Not modelled: the node
-lifecycle controller's own not-ready/unreachable taints (nor the 300 s tolerations admission adds for them),
+lifecycle controller's not-ready/unreachable taints (nor the 300 s tolerations admission adds for them),
 pod GC of pods bound to a node name that never had a Node (tests bind pods to such names), of terminated pods
 past the threshold, of unscheduled terminating pods, and the Events of both controllers.
 """
@@ -76,6 +79,9 @@ def eviction_delay(tolerations: Iterable[Obj], taints: list[Obj]) -> float | Non
     return float(max(0, min(seconds)))
 
 
+UNSCHEDULABLE_TAINT = {"key": "node.kubernetes.io/unschedulable", "effect": "NoSchedule"}
+
+
 class NodeLifecycle:
     """Watches the store (a hook) and acts on the nodes whose state or pods changed, on the next loop turn."""
 
@@ -116,6 +122,7 @@ class NodeLifecycle:
         for name in sorted(dirty):
             node = self.store.get("Node", "", name)
             if node is not None:
+                node = self._taint_unschedulable(node)
                 self._evict_for_taints(node)
                 self._collect_terminating(node)
 
@@ -130,6 +137,32 @@ class NodeLifecycle:
     def _pods_on(self, node: str) -> list[Obj]:
         found = (self.store.get("Pod", *key) for key in self.store.pod_keys_on_node(node))
         return [p for p in found if p is not None]
+
+    # ---- the node lifecycle controller's NoSchedule taint for a cordon ----------------------------------
+
+    def _taint_unschedulable(self, node: Obj) -> Obj:
+        """doNoScheduleTaintingPass for spec.unschedulable: node.kubernetes.io/unschedulable:NoSchedule follows
+        a cordon and goes with an uncordon, in a write of its own (a new resourceVersion after the client's)."""
+        spec = node.get("spec") or {}
+        taints = spec.get("taints") or []
+        tainted = any(t.get("key") == UNSCHEDULABLE_TAINT["key"] and t.get("effect") == "NoSchedule" for t in taints)
+        if tainted == bool(spec.get("unschedulable")):
+            return node
+        if tainted:
+            kept = [
+                t
+                for t in taints
+                if not (t.get("key") == UNSCHEDULABLE_TAINT["key"] and t.get("effect") == "NoSchedule")
+            ]
+        else:
+            kept = [*taints, dict(UNSCHEDULABLE_TAINT)]
+        new_spec = {k: v for k, v in spec.items() if k != "taints"}
+        if kept:
+            new_spec["taints"] = kept
+        try:
+            return dict(self.store.update({**node, "spec": new_spec}, check_version=False))
+        except errors.ApiError:  # gone meanwhile
+            return node
 
     # ---- taint eviction -------------------------------------------------------------------------------
 
