@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import faulthandler
 import signal
 import sys
@@ -66,8 +67,10 @@ def missing_dependency(command: str | None, exc: ModuleNotFoundError) -> str | N
 
 
 def _run(argv: list[str], command: str | None) -> int:
-    # `kill -USR1 <pid>`: every thread's Python stack to stderr (the pod log), for a process that looks hung
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    # `kill -USR1 <pid>`: every thread's Python stack to stderr (the pod log), for a process that looks hung;
+    # not when stderr is no file (run in-process, under a capture)
+    with contextlib.suppress(AttributeError, OSError, ValueError, RuntimeError):
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     parser = build_parser(only=command)
     args = parser.parse_args(argv)
     if args.command is None:

@@ -35,6 +35,7 @@ class ControllerConfig:
     max_concurrent_drains: int = 1
     max_drains_per_hour: int = 6
     drain_timeout: float = 600.0
+    watch_timeout: float = 300.0  # the API server ends each watch after this; silent a tenth longer: dead
     evict_unreplicated: bool = False
     evict_local_storage: bool = False
     terminate_drained: bool = False
@@ -131,6 +132,7 @@ _DURATIONS = {
     "--landing-timeout": "5m",
     "--agent-ack-timeout": "5s",
     "--asg-termination-window": "2m",
+    "--watch-timeout": "5m",
 }
 _BOOLS = {
     "--evict-unreplicated": "evict pods that no controller would recreate",
@@ -245,6 +247,8 @@ def config_from_args(args: argparse.Namespace) -> ControllerConfig:
         fallback_tag = tags[0]
     if durations["--retry-backoff"] <= 0:
         raise ValueError("--retry-backoff: must be above 0")
+    if durations["--watch-timeout"] <= 0:
+        raise ValueError("--watch-timeout: must be above 0")
     config = ControllerConfig(
         kubeconfig=args.kubeconfig or None,
         listen=listen,
@@ -262,6 +266,7 @@ def config_from_args(args: argparse.Namespace) -> ControllerConfig:
         max_concurrent_drains=_int(args, "--max-concurrent-drains", 1),
         max_drains_per_hour=_int(args, "--max-drains-per-hour", 1),
         drain_timeout=durations["--drain-timeout"],
+        watch_timeout=durations["--watch-timeout"],
         evict_unreplicated=bool(args.evict_unreplicated),
         evict_local_storage=bool(args.evict_local_storage),
         terminate_drained=bool(args.terminate_drained),

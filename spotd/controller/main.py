@@ -964,7 +964,8 @@ async def run(config: ControllerConfig | argparse.Namespace) -> int:
     except AwsStartupError as exc:
         print(f"spotd controller: error: {exc}", file=sys.stderr)
         return 2
-    client = make_client(config.kubeconfig)
+    # a silent (half-open) watch in a drain fails after --watch-timeout and a tenth, then lists again
+    client = make_client(config.kubeconfig, watch_timeout=config.watch_timeout)
     lookup = InstanceLookup()
     sqs = SqsSource(config.sqs_queue_url, lookup=lookup, wait_seconds=config.sqs_wait) if config.sqs_queue_url else None
     asgs = AsgSource(

@@ -25,8 +25,8 @@ from typing import Any
 from spotd.common.parsing import parse_duration
 from spotd.rehearsal.targets import RehearsalRefused
 
-# duration flags left at their value: leases, the SQS long poll, the Alertmanager timeout are plumbing
-UNSCALED_FLAGS = re.compile(r"^--(lease-.*|sqs-wait|alertmanager-timeout)$")
+# duration flags left at their value: leases, the SQS long poll, the Alertmanager and watch timeouts are plumbing
+UNSCALED_FLAGS = re.compile(r"^--(lease-.*|sqs-wait|alertmanager-timeout|watch-timeout)$")
 _DURATION_DEFAULT = re.compile(r"^\s*\d+(\.\d+)?\s*(ms|s|m|h|d)(\d+(\.\d+)?\s*(ms|s|m|h))*\s*$")
 
 
