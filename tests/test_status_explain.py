@@ -353,3 +353,16 @@ def test_this_machines_clock_does_not_make_a_renewing_leader_look_lapsed() -> No
     report = build_report([k8s_node("od-1")], [], lease(), leader_doc(), "", later)
     assert report.controller.available, report.controller.note
     assert render(report, "table").splitlines()[1].startswith("lease: not renewed since ")
+
+
+def test_a_controller_without_capacity_source_is_said_in_the_header() -> None:
+    """Issue 19: with no queue and no Spot ASG the controller reads no pool as available and drains nothing;
+    `spotd status` says so above the rows, and says nothing when a source is ready."""
+    from spotd.status.explain import header_lines
+
+    reason = "no queue (--sqs-queue-url) and no Spot ASG matches --asg-tag"
+    document = leader_doc(capacity_source={"ready": False, "reason": reason})
+    lines = header_lines(build_report([], [], lease(), document, "", NOW))
+    assert f"capacity source: none ({reason}): no node is drained" in lines
+    ready = header_lines(build_report([], [], lease(), leader_doc(), "", NOW))
+    assert not [line for line in ready if line.startswith("capacity source")]

@@ -417,6 +417,9 @@ def header_lines(report: StatusReport) -> list[str]:
     else:
         lines.append(lease.describe(report.at))
     if report.controller.document is not None:
+        source = report.controller.document.get("capacity_source") or {}
+        if source and not source.get("ready", True):  # no pool reads as available: nothing is drained
+            lines.append(f"capacity source: none ({source.get('reason') or 'not ready'}): no node is drained")
         for pool in report.controller.document.get("pools") or ():
             lines.append(f"pool {pool.get('pool')}: {pool.get('state')}: {pool.get('reason')}")
     lines.extend(report.notes)
