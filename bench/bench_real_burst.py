@@ -354,6 +354,7 @@ async def bench(args: argparse.Namespace) -> int:
         burst_end = time.time()
         await asyncio.sleep(args.hold)  # the nodes stay tainted and cordoned while the replacements settle
         after = await asyncio.to_thread(scrape, real)
+        budget = budget_status(real)
         final_lost = []
         for name in spot:
             status, node = real.request("GET", f"/api/v1/nodes/{name}")
@@ -400,6 +401,7 @@ async def bench(args: argparse.Namespace) -> int:
         )
         left = sum(1 for node in watcher.pods.values() if node in watcher.spot)
         print(f"  pods still on the Spot nodes at the end: {left} of {on_spot}")
+        print(f"  web's budget at the end: {budget}")
         evictions = {code: v for (verb, res, sub, code), v in totals.items() if res == "pods" and sub == "eviction"}
         throttled = {k: v for k, v in totals.items() if k[3] == "429" and not (k[1] == "pods" and k[2] == "eviction")}
         print(
@@ -462,6 +464,20 @@ async def bench(args: argparse.Namespace) -> int:
             imds.kill()
             await imds.wait()
         real.stop()
+
+
+def budget_status(real: RealCluster) -> str:
+    """web's PodDisruptionBudget status: allowed, healthy of expected, and the pods it counts as disrupted
+    (an eviction's decrement; the disruption controller forgets one after 2 minutes if the pod is not deleted)."""
+    status, body = real.request("GET", f"/apis/policy/v1/namespaces/{NS}/poddisruptionbudgets/web")
+    if status != 200:
+        return f"unreadable ({status})"
+    st = body.get("status") or {}
+    disrupted = st.get("disruptedPods") or {}
+    return (
+        f"disruptionsAllowed {st.get('disruptionsAllowed')}, currentHealthy {st.get('currentHealthy')} of "
+        f"{st.get('expectedPods')} (desired {st.get('desiredHealthy')}), disruptedPods {len(disrupted)}"
+    )
 
 
 def noticed_at(agent: AgentProcess) -> float | None:
