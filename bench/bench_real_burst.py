@@ -32,6 +32,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -464,6 +465,7 @@ async def bench(args: argparse.Namespace) -> int:
             imds.kill()
             await imds.wait()
         real.stop()
+        shutil.rmtree(real.work / "etcd", ignore_errors=True)  # about 100 MB; the logs and audit log stay
 
 
 def budget_status(real: RealCluster) -> str:
