@@ -175,3 +175,11 @@ async def test_the_optional_delete_role_is_held_to_the_agents_own_node(real: Rea
     finally:
         real.kubectl("delete", "--ignore-not-found", "-f", optional)
         real.request("DELETE", f"/api/v1/namespaces/{namespace}")
+
+
+def test_a_node_added_by_the_harness_runs_its_agent_pod(real: RealCluster) -> None:
+    """RealCluster.add_node gives the node a kubelet's own labels: without kubernetes.io/os, deploy/'s
+    DaemonSet never placed its agent pod there (kwok sets no labels), as a session found the hard way."""
+    real.add_node("real-harness-1")
+    real.wait_for(lambda: _ready(real, "real-harness-1"))
+    assert agent_pod(real, "real-harness-1")["spec"]["nodeName"] == "real-harness-1"

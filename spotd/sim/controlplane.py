@@ -342,12 +342,18 @@ class RealCluster:
             {"apiVersion": "v1", "kind": "List", "items": list(objects)}))  # fmt: skip
 
     def add_node(self, name: str, labels: dict[str, str] | None = None, **spec: Any) -> None:
-        """A kwok node: kwok reports it Ready and keeps its lease while it carries kwok's annotation."""
+        """A kwok node: kwok reports it Ready and keeps its lease while it carries kwok's annotation. It gets
+        the labels a kubelet sets on itself (kwok sets none): deploy/'s DaemonSet selects kubernetes.io/os."""
+        kubelet = {"kubernetes.io/os": "linux", "kubernetes.io/arch": "amd64", "kubernetes.io/hostname": name}
         self.apply(
             {
                 "apiVersion": "v1",
                 "kind": "Node",
-                "metadata": {"name": name, "labels": labels or {}, "annotations": {KWOK_ANNOTATION: "fake"}},
+                "metadata": {
+                    "name": name,
+                    "labels": kubelet | (labels or {}),
+                    "annotations": {KWOK_ANNOTATION: "fake"},
+                },
                 "spec": spec,
             }
         )
