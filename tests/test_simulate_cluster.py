@@ -48,17 +48,26 @@ class Cluster:
                 self.api.update(obj)
 
     async def rehearse(self, *args: str) -> asyncio.subprocess.Process:
-        return await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "spotd",
-            "simulate-reclaim",
-            "--kubeconfig",
-            self.kubeconfig,
-            *args,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
+        # Started as from a terminal: a pytest run in the background (`cmd &`) ignores SIGINT, a child inherits
+        # SIG_IGN and Ctrl-C never reaches it (the SIGINT test then timed out in the issue 21 load runs).
+        ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+        if ignored:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            return await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "spotd",
+                "simulate-reclaim",
+                "--kubeconfig",
+                self.kubeconfig,
+                *args,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+        finally:
+            if ignored:
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 @pytest.fixture
