@@ -297,7 +297,16 @@ class Controller:
         if self._group is None:
             coro.close()
             return None
-        return self._group.create_task(coro)
+        return self._group.create_task(self._guarded(coro))
+
+    async def _guarded(self, coro: Coroutine[Any, Any, None]) -> None:
+        """One follow's error (an API timeout at a release) is its own: in the term's TaskGroup it would
+        cancel every other takeover, heartbeat and drain and start the term again."""
+        try:
+            await coro
+        except Exception as exc:
+            LOOP_ERRORS.labels("leader_task").inc()
+            self.log.exception("leader_task_failed", error=repr(exc))
 
     # --- signals --------------------------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -33,7 +34,7 @@ from spotd.controller.metrics import TAKEOVERS
 from spotd.drain.executor import DrainOptions, DrainResult, drain_node
 from spotd.drain.plan import PodPolicy
 from spotd.kube.events import EventRecorder
-from spotd.kube.keys import INTERRUPTION_TAINT_KEY
+from spotd.kube.keys import INTERRUPTION_TAINT_KEY, STATE_ANNOTATION
 from spotd.kube.nodes import add_node_taint, merge_patch_node, merge_patch_node_retrying, patched, read_node
 from spotd.kube.ratelimit import RateLimiter
 from spotd.notices.episodes import queue_episodes
@@ -61,6 +62,19 @@ def takeover_deadline(event: InstanceEvent, received: datetime, asg_window: time
 
 
 RESUMED_KINDS = (SPOT_ITN, STATE_CHANGE)  # an ASG termination is resumed with its lifecycle action
+
+
+def agent_cordons(annotations: Mapping[str, str]) -> bool:
+    """Whether the node's agent, acting on a notice, has cordon among its steps (its spotd.io/state); an
+    unreadable state counts as yes: the controller then leaves the cordon alone."""
+    text = annotations.get(STATE_ANNOTATION)
+    if not text:
+        return False
+    try:
+        steps = json.loads(text).get("steps")
+    except (ValueError, AttributeError):
+        return True
+    return not isinstance(steps, list) or "cordon" in steps
 
 
 def resumable_takeovers(annotations: Mapping[str, str], now: datetime) -> list[InstanceEvent]:
@@ -111,18 +125,34 @@ class Takeovers:
         self.settings = settings
         self.limiter = limiter or RateLimiter(50, 100)
         self.running: dict[str, asyncio.Task[None]] = {}
+        self.rehearsing: set[str] = set()  # nodes whose running follow is a queue rehearsal
         self._changed = asyncio.Event()
         for kind in TAKEOVER_KINDS:  # at 0 from the start: a series born at 1 is no rate() to Prometheus
             NOTICE_TO_CORDON.labels(kind, "controller")
 
     def consider(self, spawn: Spawn, node: str, event: InstanceEvent) -> None:
-        """A queue notice for a node of ours: follow it unless one is followed for that node already."""
-        if event.kind not in TAKEOVER_KINDS or node in self.running:
+        """A queue notice for a node of ours: follow it unless one is followed for that node already. A real
+        notice replaces a rehearsal's follow (cancelled: it never releases the node the real one needs)."""
+        if event.kind not in TAKEOVER_KINDS:
             return
+        if node in self.running:
+            if event.rehearsal or node not in self.rehearsing:
+                return
+            self.log.warning("rehearsal_superseded", node=node, kind=event.kind)
+            self.rehearsing.discard(node)
+            self.running.pop(node).cancel()
         task = spawn(self.follow(node, event))
         if task is not None:
             self.running[node] = task
-            task.add_done_callback(lambda _t: self.running.pop(node, None))
+            if event.rehearsal:
+                self.rehearsing.add(node)
+
+            def done(finished: asyncio.Task[None]) -> None:
+                if self.running.get(node) is finished:  # not the real follow that replaced it
+                    self.running.pop(node, None)
+                    self.rehearsing.discard(node)
+
+            task.add_done_callback(done)
 
     def notify(self) -> None:
         """A node changed (the inventory's hook): waiters look at their node's record again."""
@@ -168,7 +198,11 @@ class Takeovers:
             TAKEOVERS.labels("dry_run").inc()
             log.info("would_drain_node", reason="agent silent")
             return
+        prior_cordon = False
         try:
+            if event.rehearsal:  # the release puts back only what the rehearsal changed
+                status, body = await read_node(self.client, node)
+                prior_cordon = status != 200 or bool((body.get("spec") or {}).get("unschedulable"))
             await self._taint_and_cordon(node, event.kind, log, started)
             stop = asyncio.Event()
             options = DrainOptions(
@@ -197,28 +231,36 @@ class Takeovers:
         TAKEOVERS.labels(outcome if outcome in TAKEOVERS_KNOWN else "failed").inc()
         self._report(node, outcome, result, log)
         if event.rehearsal and outcome != "acknowledged":
-            await self._release_rehearsal(node, event, deadline, log)
+            await self._release_rehearsal(node, event, deadline, log, prior_cordon)
 
-    async def _release_rehearsal(self, node: str, event: InstanceEvent, deadline: datetime, log: Any) -> None:
-        """At the deadline of a rehearsal: the interruption taint we added off, the node uncordoned, unless
-        its agent now acts on a real notice (then the node is its)."""
+    async def _release_rehearsal(
+        self, node: str, event: InstanceEvent, deadline: datetime, log: Any, prior_cordon: bool
+    ) -> None:
+        """At the deadline of a rehearsal: the interruption taint we added off, and our cordon (not one that
+        was there before) lifted; nothing when a real notice now holds the node (a real queue notice recorded
+        on it, or its agent acting on one with a cordon: the node is theirs)."""
         wait = (deadline - self.clock()).total_seconds()
         if wait > 0:
             await asyncio.sleep(wait)
-        if self.agent_kind(node):
-            log.info("rehearsal_not_released", reason="the agent acts on a real notice")
-            return
         status = 0
         for _ in range(5):  # the taints are replaced whole: conditional on the resourceVersion read
             status, body = await read_node(self.client, node)
             if status != 200:
                 break
+            annotations = (body.get("metadata") or {}).get("annotations") or {}
+            if resumable_takeovers(annotations, self.clock()):
+                log.warning("rehearsal_not_released", reason="a real queue notice is pending for the node")
+                return
+            agent_cordon = agent_cordons(annotations) if self.agent_kind(node) else False
+            if agent_cordon:
+                log.info("rehearsal_not_released", reason="the agent acts on a real notice and cordons")
+                return
             taints = list((body.get("spec") or {}).get("taints") or [])
             kept = [t for t in taints if not (t.get("key") == INTERRUPTION_TAINT_KEY and t.get("value") == event.kind)]
-            patch = {
-                "metadata": {"resourceVersion": (body.get("metadata") or {}).get("resourceVersion")},
-                "spec": {"taints": kept or None, "unschedulable": None},
-            }
+            spec: dict[str, Any] = {"taints": kept or None}
+            if not prior_cordon:
+                spec["unschedulable"] = None
+            patch = {"metadata": {"resourceVersion": (body.get("metadata") or {}).get("resourceVersion")}, "spec": spec}
             status = await merge_patch_node(self.client, node, patch)
             if status != 409:
                 break
