@@ -14,6 +14,7 @@ Under CI=true nothing here skips: a machine that cannot build helm fails the tes
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
 import subprocess
@@ -464,6 +465,7 @@ def test_rbac_grants_what_deploy_grants(helm: list[str], values_file: Path) -> N
 # agent port 9111 (a host port with hostNetwork: deploy/'s agent holds 9101 on every node).
 RELEASE, RELEASE_NAMESPACE = "helm-spotd", "spotd-helm"
 REAL_NODES = ("helm-spot-1", "helm-spot-2")
+HELM_NODE_LABEL = "spotd-test/helm-release"
 
 
 def pods_running(real: Any, selector: str, want: int) -> list[Doc]:
@@ -562,9 +564,16 @@ def test_install_then_upgrade_on_the_real_control_plane(helm: list[str], real_cl
         if real.request("GET", f"/api/v1/nodes/{name}")[0] == 404:
             node = builders.node(name, builders.SPOT)
             node["metadata"].setdefault("annotations", {})[KWOK_ANNOTATION] = "fake"
+            node["metadata"].setdefault("labels", {})[HELM_NODE_LABEL] = "true"
             assert real.request("POST", "/api/v1/nodes", node)[0] == 201
     kubeconfig = str(real.work / "admin.kubeconfig")
-    common = ["--namespace", RELEASE_NAMESPACE, "--kubeconfig", kubeconfig, "--set", "agent.port=9111"]
+    # The release's agents on this test's nodes only: the session's cluster holds other files' nodes, some too
+    # small for one more pod, and a DaemonSet pod that never runs there would keep the rollout from settling
+    selector = json.dumps({"kubernetes.io/os": "linux", HELM_NODE_LABEL: "true"})
+    common = [
+        *("--namespace", RELEASE_NAMESPACE, "--kubeconfig", kubeconfig, "--set", "agent.port=9111"),
+        *("--set-json", f"agent.nodeSelector={selector}"),
+    ]
     run_helm(helm, "install", RELEASE, str(CHART), "--create-namespace", *common)
     try:
         ds, dep = workloads_settled(real, {})
