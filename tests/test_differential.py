@@ -571,6 +571,9 @@ def create_in_terminating_namespace(side: Side) -> Json:
     late = {**pod("late", None), "metadata": {"name": "late", "namespace": ns}}
     refused = answer(*side.request("POST", f"/api/v1/namespaces/{ns}/pods", late))
     terminating = normalise(side.get(f"/api/v1/namespaces/{ns}"))
+    # the real namespace controller's progress conditions come when its pass has run (a race with this read;
+    # seen in CI): the fake writes none, and spotd reads none; the phase is what is compared
+    terminating.get("status", {}).pop("conditions", None)
     side.request("PATCH", held, {"metadata": {"finalizers": None}}, content_type=MERGE)
     wait_for(lambda: gone(side, f"/api/v1/namespaces/{ns}"), "the namespace to go")
     return {"delete": deleted, "content marked": bool(marked), "create": refused, "namespace": terminating}
