@@ -215,8 +215,11 @@ class AsgSource:
         except (ClientError, BotoCoreError) as exc:
             if access_denied(exc):
                 raise DiscoveryDenied(one_line(f"ASG {name}: {_denied_action(group)} refused: {exc}")) from exc
+            # Throttled, 5xx (after the retries), cut off, a template gone: which market the group launches
+            # in is unknown, so the whole pass fails and the previous discovery stands (never guess on-demand).
             self._log.warning("asg_describe_failed", asg=name, error=str(exc))
-        return AsgInfo(name, (), zones, spot=bool(mip), on_demand=True)
+            raise
+        return AsgInfo(name, (), zones, spot=False, on_demand=True)  # no template nor configuration named
 
     async def _template_data(self, spec: Mapping[str, Any]) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"Versions": [str(spec.get("Version") or "$Default")]}
@@ -273,8 +276,9 @@ class AsgSource:
 
     async def check_discovery(self) -> None:
         """At start: the discovery as the leader will make it (the groups, and the launch templates or
-        configurations saying which are Spot). AccessDenied on any of them raises AwsStartupError (one
-        line); other errors are left to the loop, which tries again."""
+        configurations saying which are Spot), then one read of a Spot group's scaling activities, which the
+        loop reads for every Spot group. AccessDenied on any of them raises AwsStartupError (one line);
+        other errors are left to the loop, which tries again."""
         try:
             await self.discover()
             await self.discover_fallback()
@@ -285,8 +289,26 @@ class AsgSource:
                 action = "autoscaling:DescribeAutoScalingGroups"
                 raise AwsStartupError(one_line(f"ASG discovery failed: {action} refused: {exc}")) from None
             self._log.warning("asg_discovery_failed", error=str(exc))
+            return
         except BotoCoreError as exc:
             self._log.warning("asg_discovery_failed", error=str(exc))
+            return
+        await self._check_activities()
+
+    async def _check_activities(self) -> None:
+        """One DescribeScalingActivities (one record) of the first Spot group discovered, if any."""
+        spot = sorted(name for name, info in self.asgs.items() if info.spot)
+        if not spot:
+            return
+        try:
+            await self._autoscaling.call("describe_scaling_activities", AutoScalingGroupName=spot[0], MaxRecords=1)
+        except (ClientError, BotoCoreError) as exc:
+            if access_denied(exc):
+                action = "autoscaling:DescribeScalingActivities"
+                raise AwsStartupError(
+                    one_line(f"ASG activities read failed: ASG {spot[0]}: {action} refused: {exc}")
+                ) from None
+            self._log.warning("asg_activities_failed", asg=spot[0], error=str(exc))
 
     async def poll_once(self, now: datetime | None = None) -> list[CapacitySignal]:
         """discover (and the fallback ASGs), then read_activities; initial_read_done once all have
