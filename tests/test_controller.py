@@ -58,12 +58,16 @@ def add_pods(api: FakeApiServer, node: str, count: int, app: str = "web", **kw: 
         api.create(pod)
 
 
-async def replicaset(api: FakeApiServer, spot_node: str) -> None:
-    """Stand-in for the ReplicaSet controller and the scheduler: a deleted pod comes back on the Spot node."""
+async def replicaset(api: FakeApiServer, spot_node: str, hold: asyncio.Event | None = None) -> None:
+    """Stand-in for the ReplicaSet controller and the scheduler: a deleted pod comes back on the Spot node
+    (once `hold` is set, when given: a test that asserts a PDB refusal keeps the replacements from running
+    until one has been refused, or the race between a replacement and the next eviction decides it)."""
     count = 0
     async for kind, obj in api.subscribe():
         if kind != "DELETED" or obj.get("kind") != "Pod" or obj["spec"].get("nodeName") == spot_node:
             continue
+        if hold is not None:
+            await hold.wait()
         count += 1
         app = obj["metadata"].get("labels", {}).get("app", "web")
         pod = pod_obj(f"{app}-r{count}", spot_node, labels={"app": app}, grace=1)
@@ -311,13 +315,17 @@ async def test_ice_keeps_its_pool_and_a_spot_launch_plus_cooldown_drains_the_old
     assert reasons["od-c5"].startswith(ice) and reasons["od-old"].startswith(ice)
     assert reasons["od-young"].startswith("younger than")
 
-    async with running(replicaset(api, "spot-new")):
+    replacements = asyncio.Event()
+    async with running(replicaset(api, "spot-new", hold=replacements)):
         add_node(api, "spot-new", "spot")  # a Spot node of m5.large/us-east-1a joins: LAUNCHED (source node)
+        # no replacement runs yet: the PDB must refuse an eviction before the drain can go on
+        await eventually(lambda: c.events("eviction_refused"), timeout=40)
+        assert c.drains("complete") == 0
+        replacements.set()
         await eventually(lambda: c.drains("complete") == 1, timeout=40)
     assert [e["node"] for e in c.events("drain_starting")] == ["od-old"]
     assert pods_on(api, "od-old") == [] and len(pods_on(api, "od-c5")) == 2 and len(pods_on(api, "od-young")) == 1
     assert node(api, "od-c5")["spec"].get("unschedulable") in (None, False)
-    assert c.events("eviction_refused"), "the PDB should have refused some evictions"
     assert not [r for r in api.requests if r.method == "DELETE" and "/pods/" in r.path]  # evictions only
     await eventually(lambda: set(events_for(api, "od-old")) >= {"SpotdDrainStarted", "SpotdDrainComplete"})
     assert c.metric("spotd_nodes", capacity_type="on-demand") == 3.0
