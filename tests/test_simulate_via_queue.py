@@ -21,7 +21,8 @@ from typing import Any
 
 import pytest
 
-from spotd.kube.keys import INTERRUPTION_TAINT_KEY, QUEUE_NOTICE_ANNOTATION
+from spotd.controller.takeover import RehearsalRecord
+from spotd.kube.keys import INTERRUPTION_TAINT_KEY, QUEUE_NOTICE_ANNOTATION, QUEUE_REHEARSAL_ANNOTATION
 from spotd.notices.queue_events import (
     REHEARSAL_MARKER,
     SPOT_ITN,
@@ -157,6 +158,9 @@ async def test_via_queue_the_controller_drains_the_node_and_releases_it_at_the_d
         assert node[key], (key, output)
     assert node["pods_left"] == 0 and node["pods_evicted"] >= 1
     assert any("through the controller's queue" in n for n in report.get("notes", [])), report
+    # the report waits for the controller's word on the node's release and says nothing is left
+    assert "SpotdRehearsalReleased" in events_for(cluster.api, NODE), output
+    assert not any("release" in n for n in report.get("notes", [])), report
     # the controller's view: a rehearsal, not a real episode; drained as for a silent agent
     [seen] = controller.events("queue_rehearsal")
     assert seen["node"] == NODE and seen["rehearsal"].startswith("spotd-rehearsal-")
@@ -172,6 +176,25 @@ async def test_via_queue_the_controller_drains_the_node_and_releases_it_at_the_d
     spec = cluster.node()["spec"]
     assert not spec.get("unschedulable")
     assert not any(t.get("key") == INTERRUPTION_TAINT_KEY for t in spec.get("taints") or [])
+
+
+async def test_a_node_the_controller_does_not_release_is_said_in_the_report(
+    rig: tuple[Rig, ControllerProcess],
+) -> None:
+    cluster, _controller = rig
+    now = datetime.now(UTC)
+    other = RehearsalRecord("r-earlier", "spot-itn", now + timedelta(minutes=10), now, prior_cordon=False)
+    node = cluster.node()
+    node["metadata"].setdefault("annotations", {})[QUEUE_REHEARSAL_ANNOTATION] = other.to_json()
+    cluster.api.update(node)
+    _code, report, output = await cluster.rehearse(
+        "--node", NODE, "--via-queue", cluster.queue_url, "--notice", "10s", "--output", "json",
+        "--recovery-timeout", "5s",
+    )  # fmt: skip
+    assert report, output
+    assert any(n.startswith(f"{NODE}: not released: SpotdRehearsalRefused") for n in report["notes"]), report
+    assert "r-earlier still holds the node" in " ".join(report["notes"])
+    assert not cluster.node()["spec"].get("unschedulable")  # refused: nothing was done to it
 
 
 def test_via_queue_flag_is_refused_where_it_cannot_work(tmp_path: Path) -> None:
@@ -191,3 +214,6 @@ def test_via_queue_flag_is_refused_where_it_cannot_work(tmp_path: Path) -> None:
         "--kubeconfig", kubeconfig, "--count", "1", "--via-queue", queue, "--kind", "rebalance"
     )
     assert "not with --via fis" in run("--kubeconfig", kubeconfig, "--count", "1", "--via-queue", queue, "--via", "fis")
+    assert "not with --terminate" in run(
+        "--kubeconfig", kubeconfig, "--count", "1", "--via-queue", queue, "--terminate", "--yes"
+    )

@@ -79,10 +79,12 @@ def test_the_takeover_deadline() -> None:
 class Rig:
     """The controller's second-witness parts, wired as spotd.controller.main wires them."""
 
-    def __init__(self, api: FakeApiServer, client: Any, ack_timeout: float) -> None:
+    def __init__(self, api: FakeApiServer, client: Any, ack_timeout: float, dry_run: bool = False) -> None:
         self.api = api
         self.tasks: set[asyncio.Task[None]] = set()
         log = spotd_log.get("test.controller")
+        # dry_run: the takeovers and the witness only; the Events are written (in the controller they are
+        # logged as would_record_event) so that a test reads what they would say
         events = self.events = EventRecorder(client, "spotd-controller", "test", log)
         self.takeovers: Takeovers
         self.inventory = Inventory.from_client(client, on_node=lambda _o, _n: self.takeovers.notify())
@@ -92,7 +94,12 @@ class Rig:
             return extra.notice_kind if extra else ""
 
         self.takeovers = Takeovers(
-            client, events, log, lambda: datetime.now(UTC), agent_kind, TakeoverSettings(ack_timeout=ack_timeout)
+            client,
+            events,
+            log,
+            lambda: datetime.now(UTC),
+            agent_kind,
+            TakeoverSettings(ack_timeout=ack_timeout, dry_run=dry_run),
         )
         self.witness = Witness(
             self.inventory.node_of_instance,
@@ -101,6 +108,7 @@ class Rig:
             client=client,
             events=events,
             clock=lambda: datetime.now(UTC),
+            dry_run=dry_run,
             on_matched=lambda node, event: self.takeovers.consider(self.spawn, node.name, event),
         )
 
@@ -133,9 +141,11 @@ async def api(tmp_path: Path) -> AsyncIterator[FakeApiServer]:
 
 
 @contextlib.asynccontextmanager
-async def controller_parts(api: FakeApiServer, tmp_path: Path, ack_timeout: float) -> AsyncIterator[Rig]:
+async def controller_parts(
+    api: FakeApiServer, tmp_path: Path, ack_timeout: float, dry_run: bool = False
+) -> AsyncIterator[Rig]:
     client = make_client(str(tmp_path / "kubeconfig"))
-    rig = Rig(api, client, ack_timeout)
+    rig = Rig(api, client, ack_timeout, dry_run)
     inventory = asyncio.create_task(rig.inventory.run())
     try:
         await rig.inventory.wait_synced()

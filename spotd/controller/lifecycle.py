@@ -220,7 +220,7 @@ class LifecycleHooks:
         clock: Callable[[], datetime],
         view: InventoryReads,
         settings: HookSettings,
-        resumed: Callable[[str, HookAction], None] | None = None,
+        resumed: Callable[[str, HookAction], object] | None = None,
     ) -> None:
         self.actions, self.client, self.events, self.log, self.clock = actions, client, events, log, clock
         self.view = view

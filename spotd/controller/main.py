@@ -60,7 +60,13 @@ from spotd.controller.policy import (
 )
 from spotd.controller.publish import NO_POOL_ALERTS, Firing, export_metrics, resolve_gone_nodes, update_pool_alerts
 from spotd.controller.status import DrainInFlight, StatusSettings, drain_phase, standby_document, status_document
-from spotd.controller.takeover import Takeovers, TakeoverSettings, resumable_takeovers
+from spotd.controller.takeover import (
+    Takeovers,
+    TakeoverSettings,
+    UnreadableRehearsal,
+    rehearsal_record,
+    resumable_takeovers,
+)
 from spotd.controller.witness import Witness
 from spotd.inventory.cache import Inventory, LazyNodePods
 from spotd.inventory.records import NodeInfo, RawNode, node_info
@@ -262,6 +268,17 @@ class Controller:
         for item in resp.json().get("items") or []:
             meta = item.get("metadata") or {}
             name = str(meta.get("name", ""))
+            try:
+                record = rehearsal_record(meta.get("annotations") or {})
+            except UnreadableRehearsal as exc:  # its cordon from before is unknown: left as it is
+                self.log.warning("rehearsal_unreadable", node=name, error=str(exc))
+                record = None
+            if record is not None and not resumable_takeovers(meta.get("annotations") or {}, now):
+                # a real notice pending wins: its follow is resumed below, the release would keep off anyway
+                self.log.info("rehearsal_release_resumed", node=name, rehearsal=record.rehearsal)
+                self.takeovers.resume_release(self._spawn, name, record)
+                found += 1
+                continue
             if name not in self.inventory.nodes or not pods_to_drain(self.inventory.pods_of(name)):
                 continue
             for event in resumable_takeovers(meta.get("annotations") or {}, now):

@@ -16,6 +16,9 @@ acknowledgement first, then the drain). ASG terminations are resumed with their 
 
 A rehearsal's notice (`spotd simulate-reclaim --via-queue`) is followed the same way; its instance lives on,
 so at the deadline the node is released (the taint removed, uncordoned) unless a real notice came meanwhile.
+The rehearsal is written on the Node (spotd.io/queue-rehearsal, with the cordon found there) before the
+node is touched, so a new leader releases it at the deadline (resumable_release); a rehearsal that cannot be
+written there is not acted on.
 """
 
 from __future__ import annotations
@@ -28,13 +31,13 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from spotd.common.parsing import parse_iso_time
+from spotd.common.parsing import format_time, parse_iso_time
 from spotd.common.waits import wait_set
 from spotd.controller.metrics import TAKEOVERS
 from spotd.drain.executor import DrainOptions, DrainResult, drain_node
 from spotd.drain.plan import PodPolicy
 from spotd.kube.events import EventRecorder
-from spotd.kube.keys import INTERRUPTION_TAINT_KEY, STATE_ANNOTATION
+from spotd.kube.keys import INTERRUPTION_TAINT_KEY, QUEUE_REHEARSAL_ANNOTATION, STATE_ANNOTATION
 from spotd.kube.nodes import add_node_taint, merge_patch_node, merge_patch_node_retrying, patched, read_node
 from spotd.kube.ratelimit import RateLimiter
 from spotd.notices.episodes import queue_episodes
@@ -99,6 +102,73 @@ def resumable_takeovers(annotations: Mapping[str, str], now: datetime) -> list[I
 
 
 @dataclass(frozen=True)
+class RehearsalRecord:
+    """A queue rehearsal the controller acts on, as written on its Node (spotd.io/queue-rehearsal)."""
+
+    rehearsal: str
+    kind: str
+    deadline: datetime
+    started: datetime
+    prior_cordon: bool  # the node was cordoned before the rehearsal: the release leaves that cordon
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "id": self.rehearsal,
+                "kind": self.kind,
+                "deadline": format_time(self.deadline),
+                "started": format_time(self.started),
+                "prior_cordon": self.prior_cordon,
+            },
+            sort_keys=True,
+            separators=(",", ":"),
+        )
+
+
+class UnreadableRehearsal(ValueError):
+    """A spotd.io/queue-rehearsal whose cordon from before cannot be known: the node is left as it is."""
+
+
+def rehearsal_record(annotations: Mapping[str, str]) -> RehearsalRecord | None:
+    """The queue rehearsal recorded on a Node (None: none); UnreadableRehearsal when one is there but
+    cannot be read (pure)."""
+    text = annotations.get(QUEUE_REHEARSAL_ANNOTATION)
+    if not text:
+        return None
+    try:
+        data = json.loads(text)
+        prior = data["prior_cordon"]
+        if not isinstance(prior, bool) or not data["id"] or not data["kind"]:
+            raise ValueError("id, kind and a boolean prior_cordon are needed")
+        return RehearsalRecord(
+            str(data["id"]),
+            str(data["kind"]),
+            parse_iso_time(str(data["deadline"])),
+            parse_iso_time(str(data["started"])),
+            prior,
+        )
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UnreadableRehearsal(f"{QUEUE_REHEARSAL_ANNOTATION}: {exc}") from None
+
+
+def real_notice_since(annotations: Mapping[str, str], record: RehearsalRecord, now: datetime) -> str | None:
+    """Why a rehearsal's node must not be released (None: it may be): a real queue notice pending for it, or
+    one the queue saw since the rehearsal began (its deadline past: the instance is going) (pure)."""
+    if resumable_takeovers(annotations, now):
+        return "a real queue notice is pending for the node"
+    for kind, entry in queue_episodes(annotations).items():
+        if kind not in TAKEOVER_KINDS:
+            continue
+        try:
+            seen = parse_iso_time(str(entry.get("seen_at") or ""))
+        except ValueError:
+            return f"a real {kind} notice is recorded with no readable time"
+        if seen >= record.started:
+            return f"a real {kind} notice came during the rehearsal"
+    return None
+
+
+@dataclass(frozen=True)
 class TakeoverSettings:
     ack_timeout: float = 5.0
     asg_termination_window: float = 120.0
@@ -130,29 +200,34 @@ class Takeovers:
         for kind in TAKEOVER_KINDS:  # at 0 from the start: a series born at 1 is no rate() to Prometheus
             NOTICE_TO_CORDON.labels(kind, "controller")
 
-    def consider(self, spawn: Spawn, node: str, event: InstanceEvent) -> None:
-        """A queue notice for a node of ours: follow it unless one is followed for that node already. A real
-        notice replaces a rehearsal's follow (cancelled: it never releases the node the real one needs)."""
+    def consider(self, spawn: Spawn, node: str, event: InstanceEvent) -> bool:
+        """A queue notice for a node of ours: follow it unless one is followed for that node already (False:
+        not followed). A real notice replaces a rehearsal's follow (cancelled: it never releases the node the
+        real one needs)."""
         if event.kind not in TAKEOVER_KINDS:
-            return
+            return False
         if node in self.running:
             if event.rehearsal or node not in self.rehearsing:
-                return
+                return False
             self.log.warning("rehearsal_superseded", node=node, kind=event.kind)
             self.rehearsing.discard(node)
             self.running.pop(node).cancel()
-        task = spawn(self.follow(node, event))
-        if task is not None:
-            self.running[node] = task
-            if event.rehearsal:
-                self.rehearsing.add(node)
+        return self._track(node, spawn(self.follow(node, event)), bool(event.rehearsal))
 
-            def done(finished: asyncio.Task[None]) -> None:
-                if self.running.get(node) is finished:  # not the real follow that replaced it
-                    self.running.pop(node, None)
-                    self.rehearsing.discard(node)
+    def _track(self, node: str, task: asyncio.Task[None] | None, rehearsal: bool) -> bool:
+        if task is None:
+            return False
+        self.running[node] = task
+        if rehearsal:
+            self.rehearsing.add(node)
 
-            task.add_done_callback(done)
+        def done(finished: asyncio.Task[None]) -> None:
+            if self.running.get(node) is finished:  # not the real follow that replaced it
+                self.running.pop(node, None)
+                self.rehearsing.discard(node)
+
+        task.add_done_callback(done)
+        return True
 
     def notify(self) -> None:
         """A node changed (the inventory's hook): waiters look at their node's record again."""
@@ -187,88 +262,158 @@ class Takeovers:
             log.info("agent_acknowledged")
             return
         log.warning("agent_silent_draining", waited=self.settings.ack_timeout)
+        acts = "dry run: the controller would drain" if self.settings.dry_run else "the controller drains"
         self.events.record(
             node,
             "SpotdAgentSilent",
             f"{event.kind} {event.action} from the queue not acknowledged by the node's agent within "
-            f"{self.settings.ack_timeout:g}s: the controller drains the node (deadline {deadline:%H:%M:%S}Z)",
+            f"{self.settings.ack_timeout:g}s: {acts} the node (deadline {deadline:%H:%M:%S}Z)",
             "Warning",
         )
         if self.settings.dry_run:
             TAKEOVERS.labels("dry_run").inc()
             log.info("would_drain_node", reason="agent silent")
             return
-        prior_cordon = False
+        record = None
+        if event.rehearsal:  # on the Node first: whoever leads at the deadline releases it
+            record = await self._record_rehearsal(node, event, deadline, received, log)
+            if record is None:
+                return
         try:
-            if event.rehearsal:  # the release puts back only what the rehearsal changed
-                status, body = await read_node(self.client, node)
-                prior_cordon = status != 200 or bool((body.get("spec") or {}).get("unschedulable"))
-            await self._taint_and_cordon(node, event.kind, log, started)
-            stop = asyncio.Event()
-            options = DrainOptions(
-                policy=PodPolicy(), deadline_action="leave", safety_margin=self.settings.safety_margin
-            )
-            watcher = asyncio.create_task(self._stop_when_acknowledged(node, event.kind, stop))
-            try:
-                result = await drain_node(
-                    self.client,
-                    node,
-                    options,
-                    deadline,
-                    log=log,
-                    limiter=self.limiter,
-                    stop=stop,
-                )
-            finally:
-                watcher.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await watcher
+            await self._take_over(node, event.kind, deadline, log, started)
         except Exception as exc:  # the loop goes on; the next notice for this node tries again
             TAKEOVERS.labels("failed").inc()
             log.exception("takeover_failed", error=repr(exc))
-            return
+            if record is None:
+                return
+        if record is not None:
+            await self.release_rehearsal(node, record, log)
+
+    async def _take_over(self, node: str, kind: str, deadline: datetime, log: Any, started: float) -> None:
+        await self._taint_and_cordon(node, kind, log, started)
+        stop = asyncio.Event()
+        options = DrainOptions(policy=PodPolicy(), deadline_action="leave", safety_margin=self.settings.safety_margin)
+        watcher = asyncio.create_task(self._stop_when_acknowledged(node, kind, stop))
+        try:
+            result = await drain_node(self.client, node, options, deadline, log=log, limiter=self.limiter, stop=stop)
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
         outcome = "acknowledged" if stop.is_set() else result.outcome
         TAKEOVERS.labels(outcome if outcome in TAKEOVERS_KNOWN else "failed").inc()
         self._report(node, outcome, result, log)
-        if event.rehearsal and outcome != "acknowledged":
-            await self._release_rehearsal(node, event, deadline, log, prior_cordon)
 
-    async def _release_rehearsal(
-        self, node: str, event: InstanceEvent, deadline: datetime, log: Any, prior_cordon: bool
-    ) -> None:
-        """At the deadline of a rehearsal: the interruption taint we added off, and our cordon (not one that
-        was there before) lifted; nothing when a real notice now holds the node (a real queue notice recorded
-        on it, or its agent acting on one with a cordon: the node is theirs)."""
-        wait = (deadline - self.clock()).total_seconds()
+    async def _record_rehearsal(
+        self, node: str, event: InstanceEvent, deadline: datetime, received: datetime, log: Any
+    ) -> RehearsalRecord | None:
+        """Write the rehearsal on the Node with the cordon it has now, conditional on what was read (None:
+        not written; the rehearsal is refused, nothing touched)."""
+        reason = ""
+        for _ in range(5):
+            status, body = await read_node(self.client, node)
+            if status != 200:
+                reason = f"the node could not be read ({status})"
+                break
+            meta = body.get("metadata") or {}
+            try:
+                held = rehearsal_record(meta.get("annotations") or {})
+            except UnreadableRehearsal as exc:
+                reason = str(exc)
+                break
+            if held is not None and held.rehearsal != event.rehearsal:
+                reason = f"rehearsal {held.rehearsal} still holds the node until {held.deadline:%H:%M:%S}Z"
+                break
+            prior = held.prior_cordon if held else bool((body.get("spec") or {}).get("unschedulable"))
+            record = RehearsalRecord(event.rehearsal, event.kind, deadline, received, prior)
+            patch = {
+                "metadata": {
+                    "resourceVersion": meta.get("resourceVersion"),
+                    "annotations": {QUEUE_REHEARSAL_ANNOTATION: record.to_json()},
+                }
+            }
+            status = await merge_patch_node(self.client, node, patch)
+            if status != 409:
+                if patched(status):
+                    return record
+                reason = f"the rehearsal could not be recorded on the node ({status})"
+                break
+        else:
+            reason = "the node changed under every write"
+        TAKEOVERS.labels("failed").inc()
+        log.warning("queue_rehearsal_not_started", reason=reason)
+        self.events.record(
+            node, "SpotdRehearsalRefused", f"rehearsal {event.rehearsal}: {reason}: nothing done", "Warning"
+        )
+        return None
+
+    def resume_release(self, spawn: Spawn, node: str, record: RehearsalRecord) -> None:
+        """A new leader: a rehearsal its predecessor acted on is released at its deadline (at once when past),
+        as a follow of the node (a real notice for it takes over, a second rehearsal is refused)."""
+        if node not in self.running:
+            log = self.log.bind(node=node, kind=record.kind)
+            self._track(node, spawn(self.release_rehearsal(node, record, log)), rehearsal=True)
+
+    async def release_rehearsal(self, node: str, record: RehearsalRecord, log: Any) -> None:
+        """At the deadline of a rehearsal: the interruption taint we added off, our cordon (not one that was
+        there before) lifted and the record removed; only the record when a real notice now holds the node
+        (a real queue notice, or its agent acting on one with a cordon: the node is theirs)."""
+        wait = (record.deadline - self.clock()).total_seconds()
         if wait > 0:
             await asyncio.sleep(wait)
-        status = 0
+        log = log.bind(rehearsal=record.rehearsal)
+        status, held = 0, None
         for _ in range(5):  # the taints are replaced whole: conditional on the resourceVersion read
             status, body = await read_node(self.client, node)
             if status != 200:
                 break
-            annotations = (body.get("metadata") or {}).get("annotations") or {}
-            if resumable_takeovers(annotations, self.clock()):
-                log.warning("rehearsal_not_released", reason="a real queue notice is pending for the node")
+            meta = body.get("metadata") or {}
+            annotations = meta.get("annotations") or {}
+            try:
+                current = rehearsal_record(annotations)
+            except UnreadableRehearsal:
+                current = None
+            if current is None or current.rehearsal != record.rehearsal:
+                log.warning("rehearsal_not_released", reason="its record is no longer on the node")
                 return
-            agent_cordon = agent_cordons(annotations) if self.agent_kind(node) else False
-            if agent_cordon:
-                log.info("rehearsal_not_released", reason="the agent acts on a real notice and cordons")
-                return
-            taints = list((body.get("spec") or {}).get("taints") or [])
-            kept = [t for t in taints if not (t.get("key") == INTERRUPTION_TAINT_KEY and t.get("value") == event.kind)]
-            spec: dict[str, Any] = {"taints": kept or None}
-            if not prior_cordon:
-                spec["unschedulable"] = None
-            patch = {"metadata": {"resourceVersion": (body.get("metadata") or {}).get("resourceVersion")}, "spec": spec}
+            held = real_notice_since(annotations, record, self.clock())
+            if held is None and self.agent_kind(node) and agent_cordons(annotations):
+                held = "the agent acts on a real notice and cordons"
+            patch: dict[str, Any] = {
+                "metadata": {
+                    "resourceVersion": meta.get("resourceVersion"),
+                    "annotations": {QUEUE_REHEARSAL_ANNOTATION: None},
+                }
+            }
+            if held is None:
+                taints = list((body.get("spec") or {}).get("taints") or [])
+                kept = [
+                    t for t in taints if not (t.get("key") == INTERRUPTION_TAINT_KEY and t.get("value") == record.kind)
+                ]
+                patch["spec"] = {"taints": kept or None}
+                if not record.prior_cordon:
+                    patch["spec"]["unschedulable"] = None
             status = await merge_patch_node(self.client, node, patch)
             if status != 409:
                 break
-        if not patched(status):
+        if status == 404:
+            log.info("rehearsal_not_released", reason="the node is gone")
+            return
+        if not patched(status):  # the record stays: the next leader releases the node
             log.warning("rehearsal_release_failed", status=status)
+            self.events.record(
+                node,
+                "SpotdRehearsalNotReleased",
+                f"rehearsal {record.rehearsal}: the release answered {status}; the node stays tainted and cordoned "
+                "until a new leader releases it (or kubectl uncordon)",
+                "Warning",
+            )
+            return
+        if held is not None:
+            log.warning("rehearsal_not_released", reason=held)
             return
         log.info("rehearsal_released")
-        self.events.record(node, "SpotdRehearsalReleased", f"rehearsal {event.rehearsal} over: node released")
+        self.events.record(node, "SpotdRehearsalReleased", f"rehearsal {record.rehearsal} over: node released")
 
     async def _taint_and_cordon(self, node: str, kind: str, log: Any, started: float) -> None:
         taint = {"key": INTERRUPTION_TAINT_KEY, "value": kind, "effect": "NoSchedule"}

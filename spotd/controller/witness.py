@@ -55,7 +55,7 @@ class Witness:
         alerter: Alerter | None = None,
         clock: Callable[[], datetime] | None = None,
         dry_run: bool = False,
-        on_matched: Callable[[NodeInfo, InstanceEvent], None] | None = None,
+        on_matched: Callable[[NodeInfo, InstanceEvent], bool] | None = None,
         on_terminate_hook: Callable[[NodeInfo, InstanceEvent], Awaitable[None]] | None = None,
         on_launch_hook: Callable[[InstanceEvent], Awaitable[str]] | None = None,
     ) -> None:
@@ -135,16 +135,19 @@ class Witness:
                 )
             return
         assert event.deadline is not None
-        log.warning("queue_rehearsal", deadline=event.deadline.isoformat())
-        if self.events is not None:
-            self.events.record(
-                node.name,
-                "SpotdQueueRehearsal",
-                f"rehearsal {event.rehearsal}: {event.kind} from the queue, deadline {event.deadline:%H:%M:%S}Z; "
-                "the node is drained as for a silent agent and released at the deadline",
-            )
-        if self.on_matched is not None:
-            self.on_matched(node, event)
+        followed = self.on_matched is not None and self.on_matched(node, event)
+        log.warning("queue_rehearsal", deadline=event.deadline.isoformat(), followed=followed)
+        if self.events is None:
+            return
+        what = f"rehearsal {event.rehearsal}: {event.kind} from the queue, deadline {event.deadline:%H:%M:%S}Z"
+        if not followed:  # a notice for the node is followed already (a real one, or another rehearsal)
+            message = f"{what}; not acted on: the controller already follows a notice for this node"
+            self.events.record(node.name, "SpotdQueueRehearsal", message, "Warning")
+        elif self.dry_run:
+            self.events.record(node.name, "SpotdQueueRehearsal", f"{what}; dry run: nothing is done to the node")
+        else:
+            message = f"{what}; the node is drained as for a silent agent and released at the deadline"
+            self.events.record(node.name, "SpotdQueueRehearsal", message)
 
     async def record_episode(self, node: NodeInfo, event: InstanceEvent) -> str:
         """Record the episode on the Node unless a witness did; returns the first witness ("queue": this

@@ -14,6 +14,9 @@ NOTICE_ANNOTATION = "spotd.io/notice"  # the agent: the notice it acts on (resta
 STATE_ANNOTATION = "spotd.io/state"  # the agent: what it changed, so a release undoes only that
 # the controller: the episodes the queue saw first, JSON {kind: {"seen_at", "deadline", ...}} (issue 19)
 QUEUE_NOTICE_ANNOTATION = "spotd.io/queue-notice"
+# the controller: a queue rehearsal it drains the node for, JSON {"id", "kind", "deadline", "started",
+# "prior_cordon"}, written before the node is touched so that a new leader releases it at the deadline
+QUEUE_REHEARSAL_ANNOTATION = "spotd.io/queue-rehearsal"
 SIMULATION_ANNOTATION = "spotd.io/simulate-reclaim"  # no longer acted on: the agent warns when it sees one
 REHEARSAL_LABEL = "spotd.io/rehearsal"  # on a ConfigMap in spotd's own namespace: a rehearsal request
 DRAIN_ANNOTATION = "spotd.io/drain"  # "false": the controller never drains this node

@@ -157,6 +157,8 @@ def config_from_args(args: argparse.Namespace) -> SimulateConfig:
             raise ValueError("--via-queue: needs a cluster (--kubeconfig) whose spotd controller reads the queue")
         if args.kind != NoticeKind.SPOT_ITN:
             raise ValueError("--via-queue: only --kind spot-itn (an EC2 Spot Instance Interruption Warning)")
+        if args.terminate:  # the controller gives the nodes back at the deadline: nothing is to end there
+            raise ValueError("--via-queue: not with --terminate (the controller releases the nodes at the deadline)")
         via = "queue"
     if via in ("request", "queue") and args.notice > 900:
         raise ValueError("--notice: the agents refuse a rehearsal whose deadline is more than 15 minutes ahead")

@@ -101,6 +101,7 @@ class Rehearsal:
         self.fis_experiment: str | None = None
         self.ready_at_notice: dict[WorkloadRef, int] = {}
         self.notes: list[str] = []  # what the report should mention beyond its tables
+        self.released: dict[str, str] = {}  # via queue: node -> the controller's word on its release
         self.on_targets: set[WorkloadRef | None] = set()
 
     def say(self, message: str) -> None:
@@ -197,6 +198,9 @@ class Rehearsal:
                     self.observe(fact, name, detail=obj.message or "")
                 elif obj.reason in ("PodsForceDeleted", "PodsDeletedAtDeadline"):
                     self.notes.append(f"{name}: {obj.message}")
+                elif obj.reason in RELEASE_REASONS and self.config.via == "queue":
+                    self.released[name] = f"{obj.reason}: {obj.message}"
+                    self.changed.set()
         elif kind == "ReplicaSet":
             parent = next((r.name for r in meta.ownerReferences or [] if r.controller and r.kind == "Deployment"), None)
             if parent:
@@ -334,12 +338,38 @@ class Rehearsal:
                     self.say(f"no agent has acted yet on {', '.join(idle)}: is the spotd agent running there?")
                 warned = True
             ends = [self.settled(p, now) for p in self.plans.values()]
-            if all(e is not None for e in ends):
+            if all(e is not None for e in ends) and self.released_all(now):
                 last = max(e for e in ends if e is not None)
                 if self.whole() or now >= last + timedelta(seconds=self.config.recovery_timeout):
                     return
             self.changed.clear()
             await wait_set(self.changed, 0.5)
+
+    def released_all(self, now: datetime) -> bool:
+        """Via queue: the controller gives each node back at the deadline; the report waits for its word (a
+        minute past the deadline at most: a node not released by then is said in the report)."""
+        if self.config.via != "queue":
+            return True
+        for plan in self.plans.values():
+            end = plan.deadline or plan.notice_at + timedelta(seconds=self.config.notice)
+            if plan.name not in self.released and now < end + RELEASE_WAIT:
+                return False
+        return True
+
+    def release_notes(self) -> list[str]:
+        if self.config.via != "queue":
+            return []
+        notes = []
+        for name in self.plans:
+            said = self.released.get(name)
+            if said is None:
+                notes.append(
+                    f"{name}: the controller said nothing of its release a minute past the deadline: check the "
+                    "node (kubectl uncordon it, and remove the spotd.io/interruption taint, if it is left)"
+                )
+            elif not said.startswith("SpotdRehearsalReleased"):
+                notes.append(f"{name}: not released: {said}")
+        return notes
 
     def workload_plans(self) -> list[WorkloadPlan]:
         """Workloads with pods on the nodes at the notice, or whose ready count moved during the rehearsal."""
@@ -352,7 +382,7 @@ class Rehearsal:
         return plans
 
     def report(self) -> Report:
-        notes = list(self.notes)
+        notes = list(self.notes) + self.release_notes()
         if self.fis_experiment:
             notes.append(f"notice delivered through AWS FIS experiment {self.fis_experiment}")
         return build_report(
@@ -395,6 +425,10 @@ class Rehearsal:
         except OSError as exc:
             self.say(f"could not remove the rehearsal request {where}: {exc!r}")
 
+
+# The controller's word on a queue rehearsal's node at its deadline (or on its refusal)
+RELEASE_REASONS = ("SpotdRehearsalReleased", "SpotdRehearsalNotReleased", "SpotdRehearsalRefused")
+RELEASE_WAIT = timedelta(minutes=1)
 
 # Node Events that end a node's drain: the agent's, and the controller's when it drained for a silent agent
 DRAIN_FACTS = {
