@@ -9,17 +9,16 @@ from a plain HTTP proxy in front of moto's EC2 endpoint (AWS_ENDPOINT_URL_EC2), 
 its own clients through boto3's standard chain and every request it makes is a real one.
 
 F7: the loop reads the scaling activities of every Spot group; at start, the controller reads one Spot
-group's, and AccessDenied is one line and exit status 2, like the discovery's own reads.
+group's, and AccessDenied is one line and exit status 2, like the discovery's own reads (the refusal is a row
+of tests/test_capacity_source_gate.py; here: no Spot group, no read).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 from urllib.parse import parse_qs
 
 import aiohttp
@@ -31,11 +30,9 @@ from spotd.capacity.signals import AsgInfo
 from spotd.capacity.sources import aws as capacity_aws
 from spotd.capacity.sources.asg import AsgSource
 from spotd.common.metrics import REGISTRY
-from spotd.sim.kubeapi.server import FakeApiServer
 from tests.agent_harness import eventually
 from tests.moto_server import MotoAws, aws, moto_endpoint  # noqa: F401  (pytest fixtures)
 from tests.test_capacity_source_gate import ASG_TAGS, ZONE, limited_user, spot_template_asg
-from tests.test_controller import ControllerProcess, api  # noqa: F401  (pytest fixture)
 
 SPOT = AsgInfo("gate-spot", ("m5.large",), (ZONE,), spot=True, on_demand=False)
 
@@ -163,20 +160,6 @@ async def test_at_start_a_failed_template_read_is_left_to_the_loop(aws: MotoAws,
     await source.check_discovery()
     assert ec2_faults.fault.applied == capacity_aws.RETRY_ATTEMPTS
     assert source.asgs == {}
-
-
-def test_scaling_activities_refused_is_an_error_at_start(aws: MotoAws, api: FakeApiServer, tmp_path: Path) -> None:
-    action = "autoscaling:DescribeScalingActivities"
-    spot_template_asg(aws)
-    limited_user(aws, "spotd-no-activities", action)
-    proc = ControllerProcess(tmp_path, str(tmp_path / "kubeconfig"), "no-activities")
-    with aws.expect_denied(action):
-        done = subprocess.run(proc.args, env=proc.env, capture_output=True, text=True, timeout=60)
-    assert done.returncode == 2, done.stderr
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1, done.stderr
-    assert lines[0].startswith("spotd controller: error: ") and action in lines[0] and "gate-spot" in lines[0]
-    assert "AccessDenied" in lines[0]
 
 
 async def test_without_a_spot_group_no_scaling_activities_are_read_at_start(aws: MotoAws) -> None:

@@ -149,6 +149,7 @@ def limited_user(aws: MotoAws, name: str, without: str) -> Any:
         ("ec2:DescribeLaunchTemplateVersions", spot_template_asg),
         ("autoscaling:DescribeLaunchConfigurations", spot_configuration_asg),
         ("autoscaling:DescribeAutoScalingGroups", spot_template_asg),
+        ("autoscaling:DescribeScalingActivities", spot_template_asg),  # the loop reads every Spot group's
     ],
 )
 def test_an_asg_discovery_refused_is_an_error_at_start(
