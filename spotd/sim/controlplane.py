@@ -138,6 +138,23 @@ class RealCluster:
     # ---- start and stop --------------------------------------------------------------------------------
 
     def start(self, apply_deploy: bool = True) -> RealCluster:
+        """etcd, the API server and kwok need ports known before they bind: one taken meanwhile by another
+        process (two suites on one machine) fails that component at once, and the whole start is tried
+        again on new ports (the controller-manager and the scheduler serve no port at all)."""
+        for attempt in range(3):
+            try:
+                return self._start(apply_deploy)
+            except RuntimeError as exc:
+                if "address already in use" not in str(exc) or attempt == 2:
+                    raise
+            self.stop()
+            self.procs.clear()
+            shutil.rmtree(self.work / "etcd", ignore_errors=True)
+            for log in self.work.glob("*.log"):
+                log.rename(log.with_suffix(f".log.{attempt}"))
+        raise AssertionError("unreachable")
+
+    def _start(self, apply_deploy: bool) -> RealCluster:
         self.work.mkdir(parents=True, exist_ok=True)
         self._certificates()
         self._token_file()
@@ -182,8 +199,7 @@ class RealCluster:
         self._run(
             "kube-controller-manager",
             f"--kubeconfig={self.work / 'controller-manager.kubeconfig'}",
-            "--bind-address=127.0.0.1",
-            f"--secure-port={_free_port()}",
+            "--secure-port=0",  # no health endpoint is read: nothing to bind, nothing to collide
             "--leader-elect=false",
             "--controllers=*",
             f"--service-account-private-key-file={self.work / 'sa.key'}",
@@ -196,8 +212,7 @@ class RealCluster:
         self._run(
             "kube-scheduler",
             f"--kubeconfig={self.work / 'scheduler.kubeconfig'}",
-            "--bind-address=127.0.0.1",
-            f"--secure-port={_free_port()}",
+            "--secure-port=0",
             "--leader-elect=false",
             "--profiling=false",
         )
