@@ -15,7 +15,7 @@ import signal
 import sys
 import tempfile
 from dataclasses import dataclass, replace
-from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -319,7 +319,7 @@ def agent_config_factory(kubeconfig: str, poll_interval: float, log_level: str, 
 
 async def run_embedded(config: SimulateConfig) -> Report:
     from spotd.common import log as spotd_log
-    from spotd.sim.cluster import EmbeddedCluster
+    from spotd.sim.cluster import EmbeddedCluster, notify_imds
     from spotd.sim.kubeapi.server import FakeApiServer
 
     workdir = Path(tempfile.mkdtemp(prefix="spotd-simulate-"))
@@ -349,15 +349,11 @@ async def run_embedded(config: SimulateConfig) -> Report:
             for t in targets:
                 cluster.remove_node(t.name)
 
-        async def notify(targets: Any, kind: NoticeKind, notice_at: datetime, deadline: datetime | None) -> None:
-            for t in targets:
-                imds = cluster.imds[t.name]
-                if kind == NoticeKind.REBALANCE:
-                    imds.set_rebalance(notice_at)
-                else:
-                    imds.set_instance_action("terminate", deadline)
-
-        rehearsal = Rehearsal(replace(config.rehearsal, kubeconfig=kubeconfig), terminator=terminate, notifier=notify)
+        rehearsal = Rehearsal(
+            replace(config.rehearsal, kubeconfig=kubeconfig),
+            terminator=terminate,
+            notifier=partial(notify_imds, cluster.imds),
+        )
         return await rehearsal.run()
     finally:
         for task in tasks:

@@ -13,15 +13,14 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from spotd.notices.record import NoticeKind
 from spotd.rehearsal.report import Report
 from spotd.rehearsal.runner import Rehearsal, RehearsalConfig
 from spotd.rehearsal.targets import Target
-from spotd.sim.cluster import ClusterSpec
+from spotd.sim.cluster import ClusterSpec, notify_imds
 from spotd.sim.controlplane import RealCluster
 from spotd.sim.kwok_cluster import KwokCluster
 
@@ -63,16 +62,12 @@ async def run_on_control_plane(
             for t in targets:
                 await asyncio.to_thread(cluster.remove_node, t.name)
 
-        async def notify(targets: Any, kind: NoticeKind, notice_at: datetime, deadline: datetime | None) -> None:
-            for t in targets:
-                imds = cluster.imds[t.name]
-                if kind == NoticeKind.REBALANCE:
-                    imds.set_rebalance(notice_at)
-                else:
-                    imds.set_instance_action("terminate", deadline)
-
         admin = str(real.work / "admin.kubeconfig")
-        rehearsal = Rehearsal(replace(rehearsal_config, kubeconfig=admin), terminator=terminate, notifier=notify)
+        rehearsal = Rehearsal(
+            replace(rehearsal_config, kubeconfig=admin),
+            terminator=terminate,
+            notifier=partial(notify_imds, cluster.imds),
+        )
         return await rehearsal.run()
     finally:
         for task in tasks:

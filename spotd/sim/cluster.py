@@ -6,11 +6,13 @@ import argparse
 import asyncio
 import contextlib
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
+from datetime import datetime
 from typing import Any
 
 from spotd.controller.placeholders import PLACEHOLDER_PRIORITY_CLASS
+from spotd.notices.record import NoticeKind
 from spotd.sim import builders
 from spotd.sim.controllers import Controllers, owner_ref
 from spotd.sim.imds import FakeImds
@@ -62,6 +64,32 @@ class Workload:
     stop_seconds: float = 2.0
     grace: int = 30
     min_replicas: int = 1
+
+
+def imds_for(node: Obj) -> FakeImds:
+    """A fake IMDS answering as the Node's instance: its providerID's id, type, zone and lifecycle."""
+    labels = node["metadata"]["labels"]
+    return FakeImds(
+        instance_id=node["spec"]["providerID"].rsplit("/", 1)[-1],
+        instance_type=labels.get("node.kubernetes.io/instance-type", "m5.xlarge"),
+        zone=labels.get("topology.kubernetes.io/zone", "us-east-1a"),
+        lifecycle="spot" if labels.get(CAPACITY_LABEL) == "SPOT" else "on-demand",
+    )
+
+
+async def notify_imds(
+    imds: Mapping[str, FakeImds],
+    targets: Iterable[Any],
+    kind: NoticeKind,
+    notice_at: datetime,
+    deadline: datetime | None,
+) -> None:
+    """`--via imds` on an embedded cluster: the notice set in each target node's fake IMDS."""
+    for target in targets:
+        if kind == NoticeKind.REBALANCE:
+            imds[target.name].set_rebalance(notice_at)
+        else:
+            imds[target.name].set_instance_action("terminate", deadline)
 
 
 MIX = (
@@ -268,13 +296,7 @@ class EmbeddedCluster:
     # ---- nodes: IMDS and agents ----
     async def start_imds(self) -> dict[str, FakeImds]:
         for node in self.store.iter_objects("Node"):
-            labels = node["metadata"]["labels"]
-            imds = FakeImds(
-                instance_id=node["spec"]["providerID"].rsplit("/", 1)[-1],
-                instance_type=labels.get("node.kubernetes.io/instance-type", "m5.xlarge"),
-                zone=labels.get("topology.kubernetes.io/zone", "us-east-1a"),
-                lifecycle="spot" if labels.get(CAPACITY_LABEL) == "SPOT" else "on-demand",
-            )
+            imds = imds_for(node)
             await imds.start()
             self.imds[node["metadata"]["name"]] = imds
         return self.imds

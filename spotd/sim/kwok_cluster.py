@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from spotd.sim.cluster import (
-    CAPACITY_LABEL,
     MIX,
     PRIORITY_CLASSES,
     ClusterSpec,
+    imds_for,
     node_objects,
     replicas_of,
     workload_objects,
@@ -141,13 +141,7 @@ class KwokCluster:
     # ---- nodes: IMDS and agents ----
     async def start_imds(self) -> dict[str, FakeImds]:
         for node in self.nodes:
-            labels = node["metadata"]["labels"]
-            imds = FakeImds(
-                instance_id=node["spec"]["providerID"].rsplit("/", 1)[-1],
-                instance_type=labels.get("node.kubernetes.io/instance-type", "m5.xlarge"),
-                zone=labels.get("topology.kubernetes.io/zone", "us-east-1a"),
-                lifecycle="spot" if labels.get(CAPACITY_LABEL) == "SPOT" else "on-demand",
-            )
+            imds = imds_for(node)
             await imds.start()
             self.imds[node["metadata"]["name"]] = imds
         return self.imds
