@@ -2,11 +2,16 @@
 """Issue 19, review findings 6 and 7: a failed read of an ASG's launch template never makes a Spot group
 on-demand, and a refused DescribeScalingActivities is an error at start.
 
-F6: a throttled, 5xx or cut-off DescribeLaunchTemplateVersions fails the whole discovery pass (the previous
-discovery stands, the loop counts the error and tries again). Before, the group was read as on-demand for that
-pass: a group that is Spot only by its template's market type then had its ICE left unread. The faults come
-from a plain HTTP proxy in front of moto's EC2 endpoint (AWS_ENDPOINT_URL_EC2), so the code under test makes
-its own clients through boto3's standard chain and every request it makes is a real one.
+F6: a throttled, 5xx or cut-off DescribeLaunchTemplateVersions, a template deleted while a group names it
+(InvalidLaunchTemplateId.NotFound), or an answer with no version (or no launch configuration) leaves that
+group's market unknown. The group keeps the AsgInfo of the previous discovery (its activities are still read)
+or, never described, is left out of the discovery (neither Spot nor on-demand); either way the pass is
+unhealthy, the group is logged (asg_describe_failed) and counted (spotd_loop_errors_total{loop="asg"}) each
+pass, and the other groups are discovered and read as usual, so one broken group neither hides the ICE of the
+others nor holds up the controller's first decision (initial_read_done). Review finding 6 (MED, the second
+review): the whole pass failed before, so a deleted template stopped every group's reads for ever. The faults
+come from a plain HTTP proxy in front of moto's EC2 endpoint (AWS_ENDPOINT_URL_EC2), so the code under test
+makes its own clients through boto3's standard chain and every request it makes is a real one.
 
 F7: the loop reads the scaling activities of every Spot group; at start, the controller reads one Spot
 group's, and AccessDenied is one line and exit status 2, like the discovery's own reads (the refusal is a row
@@ -24,7 +29,7 @@ from urllib.parse import parse_qs
 import aiohttp
 import pytest
 from aiohttp import web
-from botocore.exceptions import BotoCoreError, ClientError
+from structlog.testing import capture_logs
 
 from spotd.capacity.signals import AsgInfo
 from spotd.capacity.sources import aws as capacity_aws
@@ -32,7 +37,13 @@ from spotd.capacity.sources.asg import AsgSource
 from spotd.common.metrics import REGISTRY
 from tests.agent_harness import eventually
 from tests.moto_server import MotoAws, aws, moto_endpoint  # noqa: F401  (pytest fixtures)
-from tests.test_capacity_source_gate import ASG_TAGS, ZONE, limited_user, spot_template_asg
+from tests.test_capacity_source_gate import (
+    ASG_TAGS,
+    ZONE,
+    limited_user,
+    spot_configuration_asg,
+    spot_template_asg,
+)
 
 SPOT = AsgInfo("gate-spot", ("m5.large",), (ZONE,), spot=True, on_demand=False)
 
@@ -45,12 +56,18 @@ _ERROR_BODY = (
     '<?xml version="1.0" encoding="UTF-8"?>\n<Response><Errors><Error><Code>{code}</Code>'
     "<Message>injected by the test's proxy</Message></Error></Errors><RequestID>fault</RequestID></Response>"
 )
+# A DescribeLaunchTemplateVersions answer with no version in it.
+_EMPTY_VERSIONS = (
+    '<?xml version="1.0" encoding="UTF-8"?>\n<DescribeLaunchTemplateVersionsResponse '
+    'xmlns="http://ec2.amazonaws.com/doc/2016-11-15/"><requestId>fault</requestId>'
+    "<launchTemplateVersionSet/></DescribeLaunchTemplateVersionsResponse>"
+)
 
 
 @dataclass
 class Fault:
     action: str  # the EC2 action (the form body's Action)
-    kind: str  # "throttled", "unavailable" (500), or "dropped" (the connection closed, no answer)
+    kind: str  # "throttled", "unavailable" (500), "dropped" (the connection closed, no answer), "empty" (no version)
     applied: int = 0
 
 
@@ -91,6 +108,8 @@ class Ec2FaultProxy:
                 assert request.transport is not None
                 request.transport.abort()
                 return web.Response()  # never sent
+            if fault.kind == "empty":
+                return web.Response(text=_EMPTY_VERSIONS, content_type="text/xml")
             code, status = _ERRORS[fault.kind]
             return web.Response(status=status, text=_ERROR_BODY.format(code=code), content_type="text/xml")
         assert self._session is not None
@@ -120,32 +139,65 @@ def asg_loop_errors() -> float:
     return REGISTRY.get_sample_value("spotd_loop_errors_total", {"loop": "asg"}) or 0.0
 
 
+def activity_reads() -> float:
+    """DescribeScalingActivities calls answered (every group's, every page)."""
+    labels = {"service": "autoscaling", "operation": "DescribeScalingActivities", "outcome": "ok"}
+    return REGISTRY.get_sample_value("spotd_aws_requests_total", labels) or 0.0
+
+
+def broken_asg(aws: MotoAws, name: str = "gate-broken") -> None:
+    """A tagged group (scaled to 0, forgotten) whose launch template was deleted: AWS lets you delete a
+    template an ASG names, and every read of it is then InvalidLaunchTemplateId.NotFound."""
+    ec2 = aws.client("ec2")
+    image = ec2.describe_images()["Images"][0]["ImageId"]
+    template = ec2.create_launch_template(
+        LaunchTemplateName=f"{name}-lt", LaunchTemplateData={"ImageId": image, "InstanceType": "m5.large"}
+    )["LaunchTemplate"]["LaunchTemplateId"]
+    aws.client("autoscaling").create_auto_scaling_group(
+        AutoScalingGroupName=name,
+        MinSize=0,
+        MaxSize=3,
+        DesiredCapacity=0,
+        AvailabilityZones=[ZONE],
+        LaunchTemplate={"LaunchTemplateId": template, "Version": "$Default"},
+        Tags=ASG_TAGS,
+    )
+    ec2.delete_launch_template(LaunchTemplateId=template)
+
+
+def described_failed(logs: list[dict[str, object]]) -> list[object]:
+    return [entry["asg"] for entry in logs if entry["event"] == "asg_describe_failed"]
+
+
 @pytest.mark.parametrize("kind", ["throttled", "unavailable", "dropped"])
-async def test_a_failed_template_read_fails_the_discovery_and_the_last_one_stands(
+async def test_a_failed_template_read_keeps_the_groups_last_discovery_and_its_activities_are_read(
     aws: MotoAws, ec2_faults: Ec2FaultProxy, kind: str
 ) -> None:
-    """A group Spot by its launch template only: its template read failing (after spotd's retries) fails
-    the pass, which leaves the previous discovery as it was; the loop counts it and recovers."""
+    """A group Spot by its launch template only: its template read failing (after spotd's retries) keeps the
+    group as the previous discovery had it (never on-demand), and its activities are still read; the pass is
+    unhealthy and counted, each time, until the read works again."""
     spot_template_asg(aws)
     source = AsgSource()
     await source.poll_once()
-    assert source.asgs == {"gate-spot": SPOT} and source.healthy
+    assert source.asgs == {"gate-spot": SPOT} and source.healthy and source.initial_read_done
 
     ec2_faults.fault = Fault("DescribeLaunchTemplateVersions", kind)
-    with pytest.raises((ClientError, BotoCoreError)):
-        await source.poll_once()
+    errors, reads = asg_loop_errors(), activity_reads()
+    await source.poll_once()
     assert ec2_faults.fault.applied == capacity_aws.RETRY_ATTEMPTS
     assert source.asgs == {"gate-spot": SPOT}  # never read as on-demand
-    assert not source.healthy
+    assert list(source.undescribed) == ["gate-spot"]
+    assert activity_reads() == reads + 1  # its ICE is still read
+    assert not source.healthy and source.initial_read_done
+    assert asg_loop_errors() == errors + 1
 
-    errors = asg_loop_errors()
     task = asyncio.create_task(source.run(lambda signals: None, interval=0.05))
     try:
-        await eventually(lambda: asg_loop_errors() >= errors + 2, timeout=20)
+        await eventually(lambda: asg_loop_errors() >= errors + 3, timeout=20)
         assert source.asgs == {"gate-spot": SPOT} and not source.healthy
         ec2_faults.fault = None
         await eventually(lambda: source.healthy, timeout=20)
-        assert source.asgs == {"gate-spot": SPOT}
+        assert source.asgs == {"gate-spot": SPOT} and source.undescribed == {}
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -153,13 +205,104 @@ async def test_a_failed_template_read_fails_the_discovery_and_the_last_one_stand
 
 
 async def test_at_start_a_failed_template_read_is_left_to_the_loop(aws: MotoAws, ec2_faults: Ec2FaultProxy) -> None:
-    """Not a start-up error (the loop tries again), and no group is taken as discovered meanwhile."""
+    """Not a start-up error (the loop tries again), and the group is not taken as discovered meanwhile."""
     spot_template_asg(aws)
     ec2_faults.fault = Fault("DescribeLaunchTemplateVersions", "unavailable")
     source = AsgSource()
     await source.check_discovery()
     assert ec2_faults.fault.applied == capacity_aws.RETRY_ATTEMPTS
-    assert source.asgs == {}
+    assert source.asgs == {} and list(source.undescribed) == ["gate-spot"]
+
+
+async def test_a_deleted_template_at_start_leaves_its_group_out_and_the_others_are_read(aws: MotoAws) -> None:
+    """Review finding 6 (probe A1): a forgotten group whose template was deleted is left out of every pass
+    (logged and counted each time), while the other groups are discovered, their activities read, and the
+    first read completes (the controller's decisions wait for it)."""
+    spot_template_asg(aws)
+    broken_asg(aws)
+    source = AsgSource()
+    errors = asg_loop_errors()
+    with capture_logs() as logs:
+        await source.check_discovery()  # not a start error: only AccessDenied is
+        assert source.asgs == {"gate-spot": SPOT}
+        for n in (1, 2):
+            reads = activity_reads()
+            await source.poll_once()
+            assert source.asgs == {"gate-spot": SPOT}  # gate-broken: neither Spot nor on-demand
+            assert "InvalidLaunchTemplateId.NotFound" in source.undescribed["gate-broken"]
+            assert activity_reads() == reads + 1
+            assert source.initial_read_done and not source.healthy
+            assert asg_loop_errors() == errors + 1 + n  # the start's discovery, then each pass
+    assert described_failed(logs) == ["gate-broken"] * 3
+
+
+async def test_a_broken_group_tagged_later_does_not_stop_the_others_reads(aws: MotoAws) -> None:
+    """Review finding 6 (probe A3): discovery worked, then a group with a deleted template is tagged; the
+    Spot group's activities are still read in every pass, the broken group stays out."""
+    spot_template_asg(aws)
+    source = AsgSource()
+    await source.poll_once()
+    assert source.asgs == {"gate-spot": SPOT} and source.healthy
+    broken_asg(aws)
+    for _ in range(2):
+        reads = activity_reads()
+        await source.poll_once()
+        assert source.asgs == {"gate-spot": SPOT} and list(source.undescribed) == ["gate-broken"]
+        assert activity_reads() == reads + 1
+        assert not source.healthy
+
+
+async def test_a_spot_groups_template_deleted_later_keeps_its_discovery(aws: MotoAws) -> None:
+    """The Spot group's own template is deleted after it was discovered: it stays Spot (the previous AsgInfo)
+    and its activities are still read; the pass is unhealthy."""
+    spot_template_asg(aws)
+    source = AsgSource()
+    await source.poll_once()
+    ec2 = aws.client("ec2")
+    ec2.delete_launch_template(LaunchTemplateName="gate-spot-lt")
+    reads = activity_reads()
+    with capture_logs() as logs:
+        await source.poll_once()
+    assert source.asgs == {"gate-spot": SPOT} and not source.healthy and source.initial_read_done
+    assert activity_reads() == reads + 1
+    assert [(e["asg"], e["kept_previous"]) for e in logs if e["event"] == "asg_describe_failed"] == [
+        ("gate-spot", True)
+    ]
+
+
+async def test_an_empty_template_versions_answer_is_unknown_not_on_demand(
+    aws: MotoAws, ec2_faults: Ec2FaultProxy
+) -> None:
+    """DescribeLaunchTemplateVersions answering no version: like a failed read, the group keeps its previous
+    discovery, and at start it is left out; never read as on-demand."""
+    spot_template_asg(aws)
+    source = AsgSource()
+    await source.poll_once()
+    ec2_faults.fault = Fault("DescribeLaunchTemplateVersions", "empty")
+    await source.poll_once()
+    assert ec2_faults.fault.applied == 1
+    assert source.asgs == {"gate-spot": SPOT} and not source.healthy
+
+    starting = AsgSource()
+    await starting.check_discovery()
+    assert starting.asgs == {} and list(starting.undescribed) == ["gate-spot"]
+
+
+async def test_an_empty_launch_configurations_answer_is_unknown_not_on_demand(aws: MotoAws) -> None:
+    """DescribeLaunchConfigurations answering none (here: moto lets the configuration be deleted): the group
+    keeps its previous discovery, and at start it is left out; never read as on-demand."""
+    legacy = AsgInfo("gate-legacy", ("m5.large",), (ZONE,), spot=True, on_demand=False)
+    spot_configuration_asg(aws)
+    source = AsgSource()
+    await source.poll_once()
+    assert source.asgs == {"gate-legacy": legacy}
+    aws.client("autoscaling").delete_launch_configuration(LaunchConfigurationName="gate-legacy-lc")
+    await source.poll_once()
+    assert source.asgs == {"gate-legacy": legacy} and not source.healthy
+
+    starting = AsgSource()
+    await starting.check_discovery()
+    assert starting.asgs == {} and list(starting.undescribed) == ["gate-legacy"]
 
 
 async def test_without_a_spot_group_no_scaling_activities_are_read_at_start(aws: MotoAws) -> None:

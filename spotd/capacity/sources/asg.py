@@ -98,6 +98,11 @@ class DiscoveryDenied(Exception):
     would then never be read. The message names the action and the group."""
 
 
+class EmptyAnswer(Exception):
+    """A launch template or configuration read answered with none: the group's market is unknown, like a
+    failed read (never taken as on-demand)."""
+
+
 def _start_time(activity: Mapping[str, Any]) -> datetime | None:
     value = activity.get("StartTime")
     try:
@@ -133,6 +138,7 @@ class AsgSource:
         self.history = history
         self.lookup = lookup
         self.asgs: dict[str, AsgInfo] = {}
+        self.undescribed: dict[str, str] = {}  # the groups whose description failed in the last discovery: error
         self.initial_read_done = False
         self.last_read_complete = False
         self._autoscaling = AwsApi("autoscaling", autoscaling_client, session)
@@ -165,9 +171,15 @@ class AsgSource:
         self._cursors = {}
 
     async def discover(self) -> dict[str, AsgInfo]:
-        """Every ASG carrying the tags (value None: any value), with its types, zones and markets."""
+        """Every ASG carrying the tags (value None: any value), with its types, zones and markets.
+
+        A group whose description fails (not AccessDenied, which raises DiscoveryDenied) keeps the AsgInfo of
+        the previous discovery, or, never described, is left out (unknown: neither Spot nor on-demand); each
+        is logged (asg_describe_failed), counted (spotd_loop_errors_total{loop="asg"}) and listed in
+        `undescribed`. The other groups are discovered as usual."""
         filters = tag_filters(self.tag_filters)
         found: dict[str, AsgInfo] = {}
+        undescribed: dict[str, str] = {}
         token: str | None = None
         while True:
             kwargs: dict[str, Any] = {"Filters": filters}
@@ -175,15 +187,30 @@ class AsgSource:
                 kwargs["NextToken"] = token
             response = await self._autoscaling.call("describe_auto_scaling_groups", **kwargs)
             for group in response.get("AutoScalingGroups", []):
-                info = await self._describe_group(group)
-                found[info.name] = info
+                name = str(group["AutoScalingGroupName"])
+                try:
+                    found[name] = await self._describe_group(group)
+                except (ClientError, BotoCoreError, EmptyAnswer) as exc:
+                    # Throttled, 5xx (after the retries), cut off, a template deleted: which market the group
+                    # launches in is unknown; one such group must not stop the reads of the others.
+                    undescribed[name] = one_line(str(exc))
+                    previous = self.asgs.get(name)
+                    if previous is not None:
+                        found[name] = previous
+                    LOOP_ERRORS.labels("asg").inc()
+                    self._log.warning(
+                        "asg_describe_failed", asg=name, error=undescribed[name], kept_previous=previous is not None
+                    )
             token = response.get("NextToken")
             if not token:
                 break
         self.asgs = found
+        self.undescribed = undescribed
         return found
 
     async def _describe_group(self, group: Mapping[str, Any]) -> AsgInfo:
+        """The group's AsgInfo. AccessDenied raises DiscoveryDenied; any other failed read raises as it came,
+        and an empty answer raises EmptyAnswer."""
         name = str(group["AutoScalingGroupName"])
         zones = tuple(sorted(group.get("AvailabilityZones", [])))
         mip = group.get("MixedInstancesPolicy")
@@ -208,16 +235,15 @@ class AsgSource:
                     "describe_launch_configurations", LaunchConfigurationNames=[group["LaunchConfigurationName"]]
                 )
                 configs = response.get("LaunchConfigurations", [])
-                lc = configs[0] if configs else {}
+                if not configs:
+                    raise EmptyAnswer(f"no launch configuration {group['LaunchConfigurationName']} in the answer")
+                lc = configs[0]
                 spot = bool(lc.get("SpotPrice"))
                 types = (lc["InstanceType"],) if lc.get("InstanceType") else ()
                 return AsgInfo(name, types, zones, spot=spot, on_demand=not spot)
         except (ClientError, BotoCoreError) as exc:
             if access_denied(exc):
                 raise DiscoveryDenied(one_line(f"ASG {name}: {_denied_action(group)} refused: {exc}")) from exc
-            # Throttled, 5xx (after the retries), cut off, a template gone: which market the group launches
-            # in is unknown, so the whole pass fails and the previous discovery stands (never guess on-demand).
-            self._log.warning("asg_describe_failed", asg=name, error=str(exc))
             raise
         return AsgInfo(name, (), zones, spot=False, on_demand=True)  # no template nor configuration named
 
@@ -231,7 +257,10 @@ class AsgSource:
             return {}
         response = await self._ec2.call("describe_launch_template_versions", **kwargs)
         versions = response.get("LaunchTemplateVersions", [])
-        return dict(versions[0].get("LaunchTemplateData", {})) if versions else {}
+        if not versions:
+            template = kwargs.get("LaunchTemplateId") or kwargs.get("LaunchTemplateName")
+            raise EmptyAnswer(f"no version {kwargs['Versions'][0]} of launch template {template} in the answer")
+        return dict(versions[0].get("LaunchTemplateData", {}))
 
     async def read_activities(self, now: datetime | None = None) -> list[CapacitySignal]:
         """Signals from the activities finished since the last read, of every Spot ASG discovered. The
@@ -278,7 +307,8 @@ class AsgSource:
         """At start: the discovery as the leader will make it (the groups, and the launch templates or
         configurations saying which are Spot), then one read of a Spot group's scaling activities, which the
         loop reads for every Spot group. AccessDenied on any of them raises AwsStartupError (one line);
-        other errors are left to the loop, which tries again."""
+        other errors are left to the loop, which tries again (a group whose description failed is left out
+        of the discovery meanwhile, see discover)."""
         try:
             await self.discover()
             await self.discover_fallback()
@@ -311,8 +341,9 @@ class AsgSource:
             self._log.warning("asg_activities_failed", asg=spot[0], error=str(exc))
 
     async def poll_once(self, now: datetime | None = None) -> list[CapacitySignal]:
-        """discover (and the fallback ASGs), then read_activities; initial_read_done once all have
-        completed for every group."""
+        """discover (and the fallback ASGs), then read_activities of every group known. healthy only when
+        every group was described and read; initial_read_done once every known group has been read (a group
+        whose description keeps failing is left out, logged and counted each pass, and holds nothing up)."""
         try:
             await self.discover()
             await self.discover_fallback()
@@ -320,8 +351,8 @@ class AsgSource:
         except Exception:
             self.healthy = False
             raise
-        self.healthy = self.last_read_complete
-        if self.last_read_complete:
+        self.healthy = self.last_read_complete and not self.undescribed
+        if self.healthy:
             self.last_success = time.time()
         self.initial_read_done = self.initial_read_done or self.last_read_complete
         return signals
