@@ -5,25 +5,40 @@ says about a rehearsal is what it does (issue 19, review findings 3 and 11)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import signal
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+from lightkube.models.core_v1 import ObjectReference
+from lightkube.models.meta_v1 import ObjectMeta
+from lightkube.resources.core_v1 import Event
 
 from spotd.common.parsing import format_time
-from spotd.controller.takeover import RehearsalRecord, UnreadableRehearsal, real_notice_since, rehearsal_record
+from spotd.controller.takeover import (
+    RehearsalRecord,
+    UnreadableRehearsal,
+    real_notice_since,
+    rehearsal_record,
+    release_hold,
+)
 from spotd.kube.keys import QUEUE_NOTICE_ANNOTATION, QUEUE_REHEARSAL_ANNOTATION
 from spotd.notices.queue_events import rehearsal_spot_warning
+from spotd.rehearsal.report import NodePlan
+from spotd.rehearsal.runner import Rehearsal, RehearsalConfig
+from spotd.sim.imds import FakeImds
 from spotd.sim.kubeapi.server import FakeApiServer
 from tests.agent_harness import eventually, node_obj, pod_obj
 from tests.moto_server import MotoAws, aws, moto_endpoint  # noqa: F401
 from tests.test_capacity_aws import send
-from tests.test_controller import api, run_in_process, stop_in_process  # noqa: F401
+from tests.test_controller import api, run_in_process, running, stop_in_process  # noqa: F401
 from tests.test_lifecycle_hooks import SETTINGS, queue, sources  # noqa: F401
+from tests.test_queue_events import spot_itn
 from tests.test_queue_rehearsal_safety import cordoned, past, rehearse, tainted
-from tests.test_takeover import IID, NODE, controller_parts, node_events
+from tests.test_takeover import IID, NODE, TAINT, controller_parts, node_events, start_agent
 
 T0 = datetime(2026, 12, 6, 8, 0, tzinfo=UTC)
 
@@ -128,3 +143,164 @@ async def test_what_the_rehearsal_events_say_is_what_is_done(api: FakeApiServer,
         await eventually(lambda: len(messages(api, "SpotdQueueRehearsal")) == 3, timeout=20)
         said: Any = messages(api, "SpotdQueueRehearsal")
         assert any("r-second" in m and "not acted on" in m for m in said), said
+
+
+# --- the second review (findings 1-5, 7-10 of a04e0e2's review; each seen failing on a04e0e2) ----------
+
+
+def annotations(api: FakeApiServer) -> dict[str, str]:
+    return api.get("Node", NODE)["metadata"].get("annotations") or {}
+
+
+def node_with_record(api: FakeApiServer, *, cordon: bool, taint: bool, age: timedelta) -> None:
+    """A node carrying a rehearsal record a previous leader left (its deadline `age` ago)."""
+    node = node_obj(NODE, "spot", instance_id=IID)
+    started = datetime.now(UTC) - age - timedelta(minutes=2)
+    record = RehearsalRecord("r-old", "spot-itn", started + timedelta(minutes=2), started, prior_cordon=False)
+    node["metadata"].setdefault("annotations", {})[QUEUE_REHEARSAL_ANNOTATION] = record.to_json()
+    node["spec"]["unschedulable"] = cordon
+    if taint:
+        node["spec"]["taints"] = [{"key": TAINT, "value": "spot-itn", "effect": "NoSchedule"}]
+    api.create(node)
+
+
+def test_what_holds_a_rehearsals_node_at_the_release() -> None:
+    record = RehearsalRecord("r-1", "spot-itn", T0 + timedelta(minutes=2), T0, prior_cordon=False)
+    ours = {"taints": [{"key": TAINT, "value": "spot-itn", "effect": "NoSchedule"}], "unschedulable": True}
+    at = record.deadline + timedelta(seconds=1)
+    assert release_hold({}, ours, record, at) is None
+    assert "by hand" in (release_hold({}, {"unschedulable": True}, record, at) or "")  # our taint gone
+    rebalance = {"taints": [{"key": TAINT, "value": "rebalance", "effect": "PreferNoSchedule"}], "unschedulable": True}
+    assert release_hold({}, rebalance, record, at) is None  # the agent's taint took the key: not by hand
+    assert "stale" in (release_hold({}, ours, record, record.deadline + timedelta(hours=2)) or "")
+    agent = {"spotd.io/notice": json.dumps({"kind": "spot-itn", "source": "imds", "seen_at": format_time(T0)})}
+    agent["spotd.io/state"] = json.dumps({"steps": ["taint", "cordon", "drain"]})
+    assert release_hold(agent, ours, record, at) == "the agent acts on a real notice and cordons"
+
+
+async def test_a_stale_record_never_lifts_a_cordon_made_since(
+    api: FakeApiServer, tmp_path: Path, aws: MotoAws, queue: str
+) -> None:
+    """A release refused long ago; the node was given back by hand, the record stayed. Today someone cordons
+    the node and the controller is rolled: the new leader removes the record and leaves the cordon."""
+    node_with_record(api, cordon=True, taint=False, age=timedelta(days=2))
+    ctl, task = await run_in_process(api, tmp_path, sources(queue), identity="ctl-a", **SETTINGS)
+    try:
+        await eventually(lambda: "SpotdRehearsalHeld" in node_events(api), timeout=60)
+        assert cordoned(api), "the new leader lifted a cordon the rehearsal never made"
+        assert QUEUE_REHEARSAL_ANNOTATION not in annotations(api)
+    finally:
+        await stop_in_process(ctl, task)
+
+
+async def test_a_dry_run_leader_releases_nothing(api: FakeApiServer, tmp_path: Path, aws: MotoAws, queue: str) -> None:
+    node_with_record(api, cordon=True, taint=True, age=timedelta(seconds=0))
+    ctl, task = await run_in_process(api, tmp_path, sources(queue), identity="ctl-a", dry_run=True, **SETTINGS)
+    try:
+        await eventually(lambda: ctl.ready, timeout=60)
+        await asyncio.sleep(3.0)  # the term's start resumes the release at once (its deadline is past)
+        assert not [r.path for r in api.requests if r.method == "PATCH" and "/nodes/" in r.path]
+        assert cordoned(api) and QUEUE_REHEARSAL_ANNOTATION in annotations(api)
+    finally:
+        await stop_in_process(ctl, task)
+
+
+async def test_a_refused_release_is_tried_again_in_the_same_term(api: FakeApiServer, tmp_path: Path) -> None:
+    api.create(node_obj(NODE, "spot", instance_id=IID))
+    api.create(pod_obj("web-0", NODE, labels={"app": "web"}, grace=1))
+    async with controller_parts(api, tmp_path, ack_timeout=0.3) as rig:
+        await rehearse(rig, 6, "r-once")
+        await eventually(lambda: "SpotdTakeoverComplete" in node_events(api), timeout=30)
+        api.inject_fault("PATCH", f"^/api/v1/nodes/{NODE}$", 500, times=1)  # the release's patch only
+        await eventually(lambda: "SpotdRehearsalReleased" in node_events(api), timeout=60)
+        assert "SpotdRehearsalNotReleased" in node_events(api)
+        assert not cordoned(api) and not tainted(api)
+        assert QUEUE_REHEARSAL_ANNOTATION not in annotations(api)
+
+
+async def test_a_real_notice_takes_the_node_and_the_rehearsals_record_goes(api: FakeApiServer, tmp_path: Path) -> None:
+    api.create(node_obj(NODE, "spot", instance_id=IID))
+    api.create(pod_obj("web-0", NODE, labels={"app": "web"}, grace=1))
+    async with controller_parts(api, tmp_path, ack_timeout=0.3) as rig:
+        await rehearse(rig, 6, "r-super")
+        await eventually(lambda: QUEUE_REHEARSAL_ANNOTATION in annotations(api), timeout=20)
+        await rig.deliver(spot_itn())
+        await eventually(lambda: QUEUE_REHEARSAL_ANNOTATION not in annotations(api), timeout=20)
+        assert cordoned(api) and tainted(api)  # the real notice's now
+
+
+async def test_the_record_and_the_cordon_come_in_one_write(api: FakeApiServer, tmp_path: Path) -> None:
+    """No moment where the node carries the record uncordoned: a cordon someone makes then would be read as
+    the rehearsal's and lifted at the release (a cordon on a node we cordoned already cannot be told apart)."""
+    api.create(node_obj(NODE, "spot", instance_id=IID))
+    api.create(pod_obj("web-0", NODE, labels={"app": "web"}, grace=1))
+    seen: list[tuple[bool, bool]] = []
+
+    async def watch() -> None:
+        async for kind, obj in api.subscribe():
+            if obj.get("kind") == "Node" and obj["metadata"]["name"] == NODE and kind == "MODIFIED":
+                recorded = QUEUE_REHEARSAL_ANNOTATION in (obj["metadata"].get("annotations") or {})
+                seen.append((recorded, bool(obj["spec"].get("unschedulable"))))
+
+    async with running(watch()), controller_parts(api, tmp_path, ack_timeout=0.3) as rig:
+        await rehearse(rig, 6, "r-one-write")
+        await eventually(lambda: "SpotdRehearsalReleased" in node_events(api), timeout=60)
+    assert (True, True) in seen
+    assert (True, False) not in seen, seen
+
+
+async def test_a_release_held_by_the_agents_real_notice_is_said(api: FakeApiServer, tmp_path: Path) -> None:
+    api.create(node_obj(NODE, "spot", instance_id=IID))
+    api.create(pod_obj("web-0", NODE, labels={"app": "web"}, grace=1))
+    imds = FakeImds()
+    await imds.start()
+    agent = start_agent(tmp_path, api, imds)
+    try:
+        await agent.ready()
+        async with controller_parts(api, tmp_path, ack_timeout=0.3) as rig:
+            await rehearse(rig, 10, "r-held")
+            await eventually(lambda: cordoned(api) and "SpotdTakeoverComplete" in node_events(api), timeout=30)
+            imds.set_instance_action("terminate", datetime.now(UTC) + timedelta(minutes=2))  # the real thing
+            await eventually(lambda: "SpotdRehearsalHeld" in node_events(api), timeout=60)
+            [said] = messages(api, "SpotdRehearsalHeld")
+            assert said.startswith("rehearsal r-held over") and "agent acts on a real notice" in said
+            assert cordoned(api) and QUEUE_REHEARSAL_ANNOTATION not in annotations(api)
+    finally:
+        agent.stop(signal.SIGKILL)
+        await imds.stop()
+
+
+def queue_run(deadline_in: float) -> Rehearsal:
+    run = Rehearsal(RehearsalConfig(kubeconfig="unused", via="queue", notice=60))
+    run.queue_rehearsal = "r-1"
+    now = datetime.now(UTC)
+    deadline = now + timedelta(seconds=deadline_in)
+    run.plans[NODE] = NodePlan(NODE, "spot-itn", deadline - timedelta(seconds=60), deadline, frozenset(), True)
+    return run
+
+
+def node_event(reason: str, message: str) -> Event:
+    return Event(
+        metadata=ObjectMeta(name=f"{NODE}.1", namespace="default"),
+        involvedObject=ObjectReference(kind="Node", name=NODE),
+        reason=reason,
+        message=message,
+    )
+
+
+def test_the_reports_word_on_each_release() -> None:
+    run = queue_run(-61)  # a minute past the deadline
+    assert run.released_all(datetime.now(UTC))
+    [silent] = run.release_notes()
+    assert "no word from the controller" in silent and "uncordon" not in silent
+    run.apply(
+        "Event", "ADDED", node_event("SpotdQueueRehearsal", "rehearsal r-1: spot-itn from the queue; not acted on")
+    )
+    [not_acted] = run.release_notes()
+    assert "not acted on" in not_acted and "uncordon" not in not_acted
+    waiting = queue_run(30)
+    waiting.apply("Event", "ADDED", node_event("SpotdRehearsalReleased", "rehearsal r-other over: node released"))
+    waiting.apply("Event", "ADDED", node_event("SpotdRehearsalNotReleased", "rehearsal r-1: the release failed"))
+    assert not waiting.released_all(datetime.now(UTC)), "another run's release, or a retried one, ended the wait"
+    waiting.apply("Event", "ADDED", node_event("SpotdRehearsalReleased", "rehearsal r-1 over: node released"))
+    assert waiting.released_all(datetime.now(UTC)) and waiting.release_notes() == []

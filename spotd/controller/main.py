@@ -272,6 +272,13 @@ class Controller:
                 record = rehearsal_record(meta.get("annotations") or {})
             except UnreadableRehearsal as exc:  # its cordon from before is unknown: left as it is
                 self.log.warning("rehearsal_unreadable", node=name, error=str(exc))
+                self.events.record(
+                    name,
+                    "SpotdRehearsalHeld",
+                    f"{exc}: unreadable, so the node is left as it is (remove the annotation once the node is as "
+                    "it should be)",
+                    "Warning",
+                )
                 record = None
             if record is not None and not resumable_takeovers(meta.get("annotations") or {}, now):
                 # a real notice pending wins: its follow is resumed below, the release would keep off anyway
@@ -890,7 +897,8 @@ class Controller:
                         )
                     )
                     group.create_task(self.resume_hooks())
-                    group.create_task(self.resume_takeovers())
+                # the Nodes' records, whether or not a queue is read now (one read before may have left them)
+                group.create_task(self.resume_takeovers())
                 if self.asgs is not None:
                     group.create_task(self.asgs.run(self.on_signals, self.config.activities_interval))
                 group.create_task(self.decision_loop())

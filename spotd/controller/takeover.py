@@ -40,7 +40,7 @@ from spotd.kube.events import EventRecorder
 from spotd.kube.keys import INTERRUPTION_TAINT_KEY, QUEUE_REHEARSAL_ANNOTATION, STATE_ANNOTATION
 from spotd.kube.nodes import add_node_taint, merge_patch_node, merge_patch_node_retrying, patched, read_node
 from spotd.kube.ratelimit import RateLimiter
-from spotd.notices.episodes import queue_episodes
+from spotd.notices.episodes import agent_notice, queue_episodes
 from spotd.notices.metrics import NOTICE_TO_CORDON
 from spotd.notices.queue_events import ASG_TERMINATION, SPOT_ITN, STATE_CHANGE, InstanceEvent
 
@@ -168,6 +168,35 @@ def real_notice_since(annotations: Mapping[str, str], record: RehearsalRecord, n
     return None
 
 
+STALE_RECORD = timedelta(hours=1)  # a rehearsal's record this long past its deadline is never acted on
+
+
+def without_our_taint(spec: Mapping[str, Any], kind: str) -> list[dict[str, Any]]:
+    """The node's taints but the interruption taint the takeover adds for kind."""
+    taints = list(spec.get("taints") or [])
+    return [t for t in taints if not (t.get("key") == INTERRUPTION_TAINT_KEY and t.get("value") == kind)]
+
+
+def release_hold(
+    annotations: Mapping[str, str], spec: Mapping[str, Any], record: RehearsalRecord, now: datetime
+) -> str | None:
+    """Why a rehearsal's node is left as it is at the release, only its record removed (None: released)
+    (pure): a real notice holds it (the queue's, or the agent's with a cordon), no interruption taint is left
+    (someone gave the node back by hand: a cordon now is someone else's), or the record is stale
+    (a release that never happened long ago: what the node carries now is not the rehearsal's)."""
+    held = real_notice_since(annotations, record, now)
+    if held is not None:
+        return held
+    if agent_notice(annotations) is not None and agent_cordons(annotations):
+        return "the agent acts on a real notice and cordons"
+    if now - record.deadline > STALE_RECORD:
+        return f"the record is stale (deadline {format_time(record.deadline)})"
+    if not any(t.get("key") == INTERRUPTION_TAINT_KEY for t in spec.get("taints") or []):
+        # (any value: the agent acting on a real notice since puts its own kind under the same key)
+        return f"the {INTERRUPTION_TAINT_KEY} taint is gone: the node was given back by hand"
+    return None
+
+
 @dataclass(frozen=True)
 class TakeoverSettings:
     ack_timeout: float = 5.0
@@ -212,6 +241,7 @@ class Takeovers:
             self.log.warning("rehearsal_superseded", node=node, kind=event.kind)
             self.rehearsing.discard(node)
             self.running.pop(node).cancel()
+            return self._track(node, spawn(self.follow(node, event, superseded=True)), False)
         return self._track(node, spawn(self.follow(node, event)), bool(event.rehearsal))
 
     def _track(self, node: str, task: asyncio.Task[None] | None, rehearsal: bool) -> bool:
@@ -251,12 +281,15 @@ class Takeovers:
         await self._acknowledged_within(node, kind, None)
         stop.set()
 
-    async def follow(self, node: str, event: InstanceEvent) -> None:
-        """Wait for the agent's acknowledgement; without it, taint, cordon and drain the node."""
+    async def follow(self, node: str, event: InstanceEvent, superseded: bool = False) -> None:
+        """Wait for the agent's acknowledgement; without it, taint, cordon and drain the node. superseded: a
+        rehearsal was followed for the node; its record goes (the taint and cordon are this notice's now)."""
         received = self.clock()
         started = asyncio.get_running_loop().time()  # the monotonic twin of received, for the cordon's timing
         deadline = takeover_deadline(event, received, timedelta(seconds=self.settings.asg_termination_window))
         log = self.log.bind(node=node, kind=event.kind, deadline=deadline.isoformat())
+        if superseded and not self.settings.dry_run:
+            await self._drop_rehearsal_record(node, log)
         if await self._acknowledged_within(node, event.kind, self.settings.ack_timeout):
             TAKEOVERS.labels("acknowledged").inc()
             log.info("agent_acknowledged")
@@ -326,11 +359,12 @@ class Takeovers:
                 break
             prior = held.prior_cordon if held else bool((body.get("spec") or {}).get("unschedulable"))
             record = RehearsalRecord(event.rehearsal, event.kind, deadline, received, prior)
-            patch = {
+            patch = {  # the cordon with it: what prior_cordon says is what this patch found
                 "metadata": {
                     "resourceVersion": meta.get("resourceVersion"),
                     "annotations": {QUEUE_REHEARSAL_ANNOTATION: record.to_json()},
-                }
+                },
+                "spec": {"unschedulable": True},
             }
             status = await merge_patch_node(self.client, node, patch)
             if status != 409:
@@ -356,17 +390,47 @@ class Takeovers:
 
     async def release_rehearsal(self, node: str, record: RehearsalRecord, log: Any) -> None:
         """At the deadline of a rehearsal: the interruption taint we added off, our cordon (not one that was
-        there before) lifted and the record removed; only the record when a real notice now holds the node
-        (a real queue notice, or its agent acting on one with a cordon: the node is theirs)."""
+        there before) lifted and the record removed; only the record when the node is not ours to give back
+        (release_hold). Tried again, backing off to a minute, until done (the term's end cancels it: the next
+        leader finds the record)."""
+        log = log.bind(rehearsal=record.rehearsal)
+        if self.settings.dry_run:
+            log.info("would_release_rehearsal", deadline=record.deadline.isoformat())
+            return
         wait = (record.deadline - self.clock()).total_seconds()
         if wait > 0:
             await asyncio.sleep(wait)
-        log = log.bind(rehearsal=record.rehearsal)
-        status, held = 0, None
+        delay, said = 1.0, False
+        while True:
+            try:
+                refused = await self._release_once(node, record, log)
+            except Exception as exc:  # a timeout, the API server away: as a refusal
+                refused = repr(exc)
+            if refused is None:
+                return
+            log.warning("rehearsal_release_failed", error=refused, retry_in=delay)
+            if not said:
+                said = True
+                self.events.record(
+                    node,
+                    "SpotdRehearsalNotReleased",
+                    f"rehearsal {record.rehearsal}: the release failed ({refused}); the controller tries again",
+                    "Warning",
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 60.0)
+
+    async def _release_once(self, node: str, record: RehearsalRecord, log: Any) -> str | None:
+        """One try of the release: None when it is done (released, held, or nothing left to do), else why
+        the API server refused it."""
+        status = 0
         for _ in range(5):  # the taints are replaced whole: conditional on the resourceVersion read
             status, body = await read_node(self.client, node)
+            if status == 404:
+                log.info("rehearsal_not_released", reason="the node is gone")
+                return None
             if status != 200:
-                break
+                return f"read answered {status}"
             meta = body.get("metadata") or {}
             annotations = meta.get("annotations") or {}
             try:
@@ -375,10 +439,9 @@ class Takeovers:
                 current = None
             if current is None or current.rehearsal != record.rehearsal:
                 log.warning("rehearsal_not_released", reason="its record is no longer on the node")
-                return
-            held = real_notice_since(annotations, record, self.clock())
-            if held is None and self.agent_kind(node) and agent_cordons(annotations):
-                held = "the agent acts on a real notice and cordons"
+                return None
+            spec = body.get("spec") or {}
+            held = release_hold(annotations, spec, record, self.clock())
             patch: dict[str, Any] = {
                 "metadata": {
                     "resourceVersion": meta.get("resourceVersion"),
@@ -386,34 +449,47 @@ class Takeovers:
                 }
             }
             if held is None:
-                taints = list((body.get("spec") or {}).get("taints") or [])
-                kept = [
-                    t for t in taints if not (t.get("key") == INTERRUPTION_TAINT_KEY and t.get("value") == record.kind)
-                ]
-                patch["spec"] = {"taints": kept or None}
+                patch["spec"] = {"taints": without_our_taint(spec, record.kind) or None}
                 if not record.prior_cordon:
                     patch["spec"]["unschedulable"] = None
             status = await merge_patch_node(self.client, node, patch)
-            if status != 409:
-                break
-        if status == 404:
-            log.info("rehearsal_not_released", reason="the node is gone")
-            return
-        if not patched(status):  # the record stays: the next leader releases the node
-            log.warning("rehearsal_release_failed", status=status)
-            self.events.record(
-                node,
-                "SpotdRehearsalNotReleased",
-                f"rehearsal {record.rehearsal}: the release answered {status}; the node stays tainted and cordoned "
-                "until a new leader releases it (or kubectl uncordon)",
-                "Warning",
-            )
-            return
-        if held is not None:
-            log.warning("rehearsal_not_released", reason=held)
-            return
-        log.info("rehearsal_released")
-        self.events.record(node, "SpotdRehearsalReleased", f"rehearsal {record.rehearsal} over: node released")
+            if status == 409:
+                continue
+            if not patched(status):
+                return f"patch answered {status}"
+            if held is not None:
+                log.warning("rehearsal_not_released", reason=held)
+                self.events.record(
+                    node, "SpotdRehearsalHeld", f"rehearsal {record.rehearsal} over; the node is left as it is: {held}"
+                )
+                return None
+            log.info("rehearsal_released")
+            message = f"rehearsal {record.rehearsal} over: node released"
+            self.events.record(node, "SpotdRehearsalReleased", message)
+            return None
+        return f"the node changed under every patch ({status})"
+
+    async def _drop_rehearsal_record(self, node: str, log: Any) -> None:
+        """A real notice took the node from a rehearsal: its record goes, so no leader releases the node for
+        it (best effort: a record left is held at the release by the real notice on the node)."""
+        try:
+            for _ in range(5):
+                status, body = await read_node(self.client, node)
+                meta = body.get("metadata") or {}
+                if status != 200 or QUEUE_REHEARSAL_ANNOTATION not in (meta.get("annotations") or {}):
+                    return
+                patch = {
+                    "metadata": {
+                        "resourceVersion": meta.get("resourceVersion"),
+                        "annotations": {QUEUE_REHEARSAL_ANNOTATION: None},
+                    }
+                }
+                status = await merge_patch_node(self.client, node, patch)
+                if status != 409:
+                    log.info("rehearsal_record_dropped", status=status)
+                    return
+        except Exception as exc:  # the real takeover matters more
+            log.warning("rehearsal_record_not_dropped", error=repr(exc))
 
     async def _taint_and_cordon(self, node: str, kind: str, log: Any, started: float) -> None:
         taint = {"key": INTERRUPTION_TAINT_KEY, "value": kind, "effect": "NoSchedule"}

@@ -101,7 +101,8 @@ class Rehearsal:
         self.fis_experiment: str | None = None
         self.ready_at_notice: dict[WorkloadRef, int] = {}
         self.notes: list[str] = []  # what the report should mention beyond its tables
-        self.released: dict[str, str] = {}  # via queue: node -> the controller's word on its release
+        self.released: dict[str, str] = {}  # via queue: node -> the controller's last word on its release
+        self.queue_rehearsal = ""  # via queue: this run's id, which the controller's Events name
         self.on_targets: set[WorkloadRef | None] = set()
 
     def say(self, message: str) -> None:
@@ -198,9 +199,12 @@ class Rehearsal:
                     self.observe(fact, name, detail=obj.message or "")
                 elif obj.reason in ("PodsForceDeleted", "PodsDeletedAtDeadline"):
                     self.notes.append(f"{name}: {obj.message}")
-                elif obj.reason in RELEASE_REASONS and self.config.via == "queue":
-                    self.released[name] = f"{obj.reason}: {obj.message}"
-                    self.changed.set()
+                elif self.config.via == "queue" and obj.reason in RELEASE_REASONS and self.queue_rehearsal:
+                    said = f"{obj.reason}: {obj.message or ''}"
+                    ours = (obj.message or "").split(":")[0].split(" ")[:2] == ["rehearsal", self.queue_rehearsal]
+                    if ours and (obj.reason != "SpotdQueueRehearsal" or "not acted on" in said):
+                        self.released[name] = said
+                        self.changed.set()
         elif kind == "ReplicaSet":
             parent = next((r.name for r in meta.ownerReferences or [] if r.controller and r.kind == "Deployment"), None)
             if parent:
@@ -276,6 +280,7 @@ class Rehearsal:
             return
         if self.config.via == "queue":
             rehearsal = f"spotd-rehearsal-{now:%Y%m%d-%H%M%S}-{random.randrange(16**4):04x}"
+            self.queue_rehearsal = rehearsal
             until = deadline or now + timedelta(seconds=self.config.notice)
             await asyncio.to_thread(send_queue_notices, self.config.queue_url, self.targets, now, until, rehearsal)
             self.say(
@@ -346,27 +351,31 @@ class Rehearsal:
             await wait_set(self.changed, 0.5)
 
     def released_all(self, now: datetime) -> bool:
-        """Via queue: the controller gives each node back at the deadline; the report waits for its word (a
-        minute past the deadline at most: a node not released by then is said in the report)."""
+        """Via queue: the controller gives each node back at the deadline; the report waits for its final
+        word on each (a minute past the deadline at most: a node without one is said in the report)."""
         if self.config.via != "queue":
             return True
         for plan in self.plans.values():
             end = plan.deadline or plan.notice_at + timedelta(seconds=self.config.notice)
-            if plan.name not in self.released and now < end + RELEASE_WAIT:
+            if not release_final(self.released.get(plan.name, "")) and now < end + RELEASE_WAIT:
                 return False
         return True
 
     def release_notes(self) -> list[str]:
+        """What the report says of the nodes the controller did not give back (none: all released)."""
         if self.config.via != "queue":
             return []
         notes = []
         for name in self.plans:
-            said = self.released.get(name)
-            if said is None:
+            said = self.released.get(name, "")
+            if not said:
                 notes.append(
-                    f"{name}: the controller said nothing of its release a minute past the deadline: check the "
-                    "node (kubectl uncordon it, and remove the spotd.io/interruption taint, if it is left)"
+                    f"{name}: no word from the controller on its release a minute past the deadline (is it "
+                    f"leading?); check the node: a spotd.io/queue-rehearsal annotation naming "
+                    f"{self.queue_rehearsal or 'this run'} means the controller has not given it back yet"
                 )
+            elif said.startswith("SpotdRehearsalNotReleased"):
+                notes.append(f"{name}: not released yet, the controller tries again: {said}")
             elif not said.startswith("SpotdRehearsalReleased"):
                 notes.append(f"{name}: not released: {said}")
         return notes
@@ -426,9 +435,23 @@ class Rehearsal:
             self.say(f"could not remove the rehearsal request {where}: {exc!r}")
 
 
-# The controller's word on a queue rehearsal's node at its deadline (or on its refusal)
-RELEASE_REASONS = ("SpotdRehearsalReleased", "SpotdRehearsalNotReleased", "SpotdRehearsalRefused")
+# The controller's word on a queue rehearsal's node: given back, left as it is (a real notice holds it),
+# refused or "not acted on" (SpotdQueueRehearsal) at the start, or a release that failed and is tried again
+# (not final)
+RELEASE_REASONS = (
+    "SpotdRehearsalReleased",
+    "SpotdRehearsalHeld",
+    "SpotdRehearsalRefused",
+    "SpotdQueueRehearsal",
+    "SpotdRehearsalNotReleased",
+)
 RELEASE_WAIT = timedelta(minutes=1)
+
+
+def release_final(said: str) -> bool:
+    """Whether the controller's word (reason: message) on a node ends the wait for its release."""
+    return bool(said) and not said.startswith("SpotdRehearsalNotReleased")
+
 
 # Node Events that end a node's drain: the agent's, and the controller's when it drained for a silent agent
 DRAIN_FACTS = {
