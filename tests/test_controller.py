@@ -30,7 +30,9 @@ from tests.agent_harness import DEPLOY, LOG_RUNS, AgentProcess, eventually, pdb_
 from tests.moto_server import EVENTS_QUEUE, MotoAws, aws, moto_endpoint  # noqa: F401  (pytest fixtures)
 
 OLD = timedelta(hours=5)
-LEASE = {"duration": 3.0, "retry": 0.3}
+# Short enough that a failover test waits seconds, long enough that a loaded machine's stall of a few seconds
+# (two suites and stress-ng on two cores: a 2 s renew deadline was missed once, mid-drain) is not a lost lease
+LEASE = {"duration": 6.0, "renew_deadline": 4.0, "retry": 0.3}
 
 
 def node_obj(
@@ -121,7 +123,7 @@ class ControllerProcess(AgentProcess):
             "--min-on-demand-age", "1h",
             "--ice-cooldown", "8s",
             "--lease-duration", f"{LEASE['duration']}s",
-            "--lease-renew-deadline", "2s",
+            "--lease-renew-deadline", f"{LEASE['renew_deadline']}s",
             "--lease-renew-period", "0.5s",
             "--lease-retry-period", f"{LEASE['retry']}s",
             "--interval", "0.3s",
@@ -472,8 +474,8 @@ async def run_in_process(
         "min_on_demand_age": 3600.0,
         "ice_cooldown": 60.0,
         "interval": 0.2,
-        "lease_duration": 3.0,
-        "lease_renew_deadline": 2.0,
+        "lease_duration": LEASE["duration"],
+        "lease_renew_deadline": LEASE["renew_deadline"],
         "lease_renew_period": 0.5,
         "lease_retry_period": 0.3,
         "probe_quiet_period": 1.0,
