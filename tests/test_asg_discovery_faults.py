@@ -13,6 +13,13 @@ review): the whole pass failed before, so a deleted template stopped every group
 come from a plain HTTP proxy in front of moto's EC2 endpoint (AWS_ENDPOINT_URL_EC2), so the code under test
 makes its own clients through boto3's standard chain and every request it makes is a real one.
 
+Third review, finding 1 (HIGH): a Spot group never described was simply left out, so a pool it alone covers
+read as Spot available ("no ICE seen", a Spot node Ready there) while nobody read its ICE; now every pool it may
+cover (its zones; its override types when it lists them, else any type) is unknown until it is described.
+Finding 2 (MED): an AccessDenied on one group's template or configuration read in an established term raised
+out of the discovery, so no group's activities were read; now that group is handled as another failed read
+(logged at error level as asg_discovery_denied, counted), and only at start is it an error.
+
 F7: the loop reads the scaling activities of every Spot group; at start, the controller reads one Spot
 group's, and AccessDenied is one line and exit status 2, like the discovery's own reads (the refusal is a row
 of tests/test_capacity_source_gate.py; here: no Spot group, no read).
@@ -24,6 +31,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from urllib.parse import parse_qs
 
 import aiohttp
@@ -31,7 +39,8 @@ import pytest
 from aiohttp import web
 from structlog.testing import capture_logs
 
-from spotd.capacity.signals import AsgInfo
+from spotd.capacity.pools import UNAVAILABLE, UNKNOWN, PoolBook, spot_where_known
+from spotd.capacity.signals import AsgInfo, CapacitySignal, CapacityType, Pool, SignalKind
 from spotd.capacity.sources import aws as capacity_aws
 from spotd.capacity.sources.asg import AsgSource
 from spotd.common.metrics import REGISTRY
@@ -51,7 +60,11 @@ SPOT = AsgInfo("gate-spot", ("m5.large",), (ZONE,), spot=True, on_demand=False)
 _HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length", "date", "server"})
 
 # EC2's answers (query protocol): a throttled call, and a server error.
-_ERRORS = {"throttled": ("RequestLimitExceeded", 503), "unavailable": ("InternalError", 500)}
+_ERRORS = {
+    "throttled": ("RequestLimitExceeded", 503),
+    "unavailable": ("InternalError", 500),
+    "denied": ("UnauthorizedOperation", 403),  # EC2's AccessDenied
+}
 _ERROR_BODY = (
     '<?xml version="1.0" encoding="UTF-8"?>\n<Response><Errors><Error><Code>{code}</Code>'
     "<Message>injected by the test's proxy</Message></Error></Errors><RequestID>fault</RequestID></Response>"
@@ -67,7 +80,8 @@ _EMPTY_VERSIONS = (
 @dataclass
 class Fault:
     action: str  # the EC2 action (the form body's Action)
-    kind: str  # "throttled", "unavailable" (500), "dropped" (the connection closed, no answer), "empty" (no version)
+    # "throttled", "unavailable" (500), "denied" (403), "dropped" (the connection closed), "empty" (no version)
+    kind: str
     applied: int = 0
 
 
@@ -326,3 +340,156 @@ async def test_without_a_spot_group_no_scaling_activities_are_read_at_start(aws:
     source = AsgSource()
     await source.check_discovery()
     assert source.asgs == {"gate-od": AsgInfo("gate-od", ("m5.large",), (ZONE,), spot=False, on_demand=True)}
+
+
+# --- third review, finding 1: a group never described makes the pools it may cover unknown ------------------
+
+NOW = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
+COOLDOWN = timedelta(minutes=10)
+C5A = Pool("c5.large", ZONE)
+
+
+def spot_seen(pool: Pool) -> PoolBook:
+    """A book where a Spot node was Ready in the pool two hours ago (the controller's node signals)."""
+    launched = CapacitySignal(
+        pool, SignalKind.LAUNCHED, "node", NOW - timedelta(hours=2), "Spot node x Ready", CapacityType.SPOT, key="x"
+    )
+    return PoolBook().record(launched)
+
+
+def _unread_cases() -> list[tuple[str, PoolBook, Pool, tuple[str, ...], tuple[str, ...] | None, str | None]]:
+    """(name, book, pool, the unread group's zones, its types, the verdict's state or None: the unread group
+    changes nothing)."""
+    ice = CapacitySignal(C5A, SignalKind.ICE, "asg", NOW - timedelta(minutes=1), "InsufficientInstanceCapacity")
+    return [
+        ("its zone, type unknown", spot_seen(C5A), C5A, (ZONE,), None, UNKNOWN),
+        ("its zone, no launch seen", PoolBook(), C5A, (ZONE,), None, UNKNOWN),
+        ("its zone, a listed type", spot_seen(C5A), C5A, (ZONE, "us-east-1b"), ("c5.large", "m5.large"), UNKNOWN),
+        ("no zones named: any zone", spot_seen(C5A), C5A, (), None, UNKNOWN),
+        ("a '*' pool in its zone", spot_seen(Pool("*", ZONE)), Pool("*", ZONE), (ZONE,), ("m5.large",), UNKNOWN),
+        (
+            "another zone",
+            spot_seen(Pool("c5.large", "us-east-1b")),
+            Pool("c5.large", "us-east-1b"),
+            (ZONE,),
+            None,
+            None,
+        ),
+        ("a type it does not list", spot_seen(C5A), C5A, (ZONE,), ("m5.large",), None),
+        ("an ICE stays the verdict", PoolBook().record(ice), C5A, (ZONE,), None, UNAVAILABLE),
+    ]
+
+
+@pytest.mark.parametrize(("name", "book", "pool", "zones", "types", "state"), _unread_cases())
+def test_an_unread_group_makes_the_pools_it_may_cover_unknown(
+    name: str, book: PoolBook, pool: Pool, zones: tuple[str, ...], types: tuple[str, ...] | None, state: str | None
+) -> None:
+    from spotd.capacity.pools import UnreadGroup  # here: the other tests still run on the commits before it
+
+    groups = [AsgInfo("gate-legacy", ("m5.large",), (ZONE, "us-east-1b"), spot=True, on_demand=False)]
+    unread = UnreadGroup("ice-c5", zones, types, "its launch template could not be read")
+    without = spot_where_known(book, pool, NOW, COOLDOWN, groups)
+    verdict = spot_where_known(book, pool, NOW, COOLDOWN, groups, [unread])
+    if state is None:
+        assert verdict == without and verdict.available, name
+    elif state == UNKNOWN:
+        assert not verdict.available and verdict.state == UNKNOWN, name
+        assert verdict.reason.startswith("ASG ice-c5 unread (its launch template could not be read)"), verdict
+        assert "Spot capacity unknown" in verdict.reason
+    else:
+        assert verdict == without and verdict.state == state, name
+
+
+def spot_c5_template_asg(aws: MotoAws, name: str = "ice-c5") -> None:
+    """A Spot ASG of c5.large in ZONE by its launch template (read through EC2: the proxy can fail it)."""
+    ec2 = aws.client("ec2")
+    image = ec2.describe_images()["Images"][0]["ImageId"]
+    data = {"ImageId": image, "InstanceType": "c5.large", "InstanceMarketOptions": {"MarketType": "spot"}}
+    template = ec2.create_launch_template(LaunchTemplateName=f"{name}-lt", LaunchTemplateData=data)
+    aws.client("autoscaling").create_auto_scaling_group(
+        AutoScalingGroupName=name,
+        MinSize=0,
+        MaxSize=3,
+        DesiredCapacity=0,
+        AvailabilityZones=[ZONE],
+        LaunchTemplate={"LaunchTemplateId": template["LaunchTemplate"]["LaunchTemplateId"], "Version": "$Default"},
+        Tags=ASG_TAGS,
+    )
+
+
+async def test_a_spot_group_never_described_leaves_its_pools_unknown_not_available(
+    aws: MotoAws, ec2_faults: Ec2FaultProxy
+) -> None:
+    """Review finding 1 (HIGH, probe P7): the c5.large Spot group's template read is throttled from the start;
+    a Spot node was Ready in c5.large/ZONE and no ICE was seen, yet nobody reads that group's ICE: the pool is
+    unknown (the other group's reads complete, so the controller decides) until the group is described."""
+    spot_configuration_asg(aws)  # m5.large Spot by its launch configuration (autoscaling: not faulted)
+    spot_c5_template_asg(aws)
+    ec2_faults.fault = Fault("DescribeLaunchTemplateVersions", "throttled")
+    source = AsgSource()
+    await source.check_discovery()
+    await source.poll_once()
+    assert sorted(source.asgs) == ["gate-legacy"] and list(source.undescribed) == ["ice-c5"]
+    assert source.initial_read_done and not source.healthy
+    book = spot_seen(C5A)
+    verdict = spot_where_known(book, C5A, NOW, COOLDOWN, source.asgs.values(), source.unread.values())
+    assert not verdict.available and verdict.state == UNKNOWN
+    assert verdict.reason.startswith("ASG ice-c5 unread (its launch template could not be read)"), verdict
+    other = Pool("c5.large", "us-east-1b")  # outside its zones: as before
+    assert spot_where_known(spot_seen(other), other, NOW, COOLDOWN, source.asgs.values(), source.unread.values())
+
+    ec2_faults.fault = None
+    await source.poll_once()
+    assert sorted(source.asgs) == ["gate-legacy", "ice-c5"] and source.unread == {} and source.healthy
+    assert spot_where_known(book, C5A, NOW, COOLDOWN, source.asgs.values(), source.unread.values()).available
+
+
+# --- third review, finding 2: a group's read refused in the loop is that group's failure, not the pass's ------
+
+
+async def test_a_template_read_refused_mid_term_fails_that_group_only(aws: MotoAws, ec2_faults: Ec2FaultProxy) -> None:
+    """Review finding 2 (MED, probe P8): granted at start, DescribeLaunchTemplateVersions refused later: the
+    group keeps its discovery, every Spot group's activities are still read each pass, and the refusal is
+    logged at error level naming the action and the group, and counted, each pass."""
+    spot_template_asg(aws)
+    spot_configuration_asg(aws)
+    source = AsgSource()
+    await source.poll_once()
+    legacy = AsgInfo("gate-legacy", ("m5.large",), (ZONE,), spot=True, on_demand=False)
+    assert source.asgs == {"gate-spot": SPOT, "gate-legacy": legacy} and source.healthy
+
+    ec2_faults.fault = Fault("DescribeLaunchTemplateVersions", "denied")
+    errors = asg_loop_errors()
+    with capture_logs() as logs:
+        for n in (1, 2, 3):
+            reads = activity_reads()
+            await source.poll_once()
+            assert activity_reads() == reads + 2  # both groups' ICE is read
+            assert source.asgs == {"gate-spot": SPOT, "gate-legacy": legacy} and source.unread == {}
+            assert list(source.undescribed) == ["gate-spot"] and not source.healthy
+            assert asg_loop_errors() == errors + n
+    denied = [e for e in logs if e["event"] == "asg_discovery_denied"]
+    assert [(e["asg"], e["log_level"], e["kept_previous"]) for e in denied] == [("gate-spot", "error", True)] * 3
+    assert all("ec2:DescribeLaunchTemplateVersions" in str(e["error"]) for e in denied)
+
+
+async def test_a_configuration_read_refused_in_the_loop_leaves_the_group_unread(aws: MotoAws) -> None:
+    """DescribeLaunchConfigurations refused, the group never described: the loop does not raise, the group is
+    unread (its pools unknown, naming its launch configuration) and the other group is discovered and read.
+    (At start the same refusal is one line and exit status 2: tests/test_capacity_source_gate.py.)"""
+    spot_template_asg(aws)
+    spot_configuration_asg(aws)
+    limited_user(aws, "spotd-no-configurations", "autoscaling:DescribeLaunchConfigurations")
+    source = AsgSource()
+    reads = activity_reads()
+    with capture_logs() as logs, aws.expect_denied("autoscaling:DescribeLaunchConfigurations"):
+        await source.poll_once()
+    assert source.asgs == {"gate-spot": SPOT} and list(source.unread) == ["gate-legacy"]
+    assert activity_reads() == reads + 1 and source.initial_read_done and not source.healthy
+    assert [(e["asg"], e["log_level"]) for e in logs if e["event"] == "asg_discovery_denied"] == [
+        ("gate-legacy", "error")
+    ]
+    pool = Pool("m5.large", ZONE)
+    verdict = spot_where_known(spot_seen(pool), pool, NOW, COOLDOWN, source.asgs.values(), source.unread.values())
+    assert verdict.state == UNKNOWN
+    assert verdict.reason.startswith("ASG gate-legacy unread (its launch configuration could not be read)")

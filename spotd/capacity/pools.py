@@ -254,15 +254,45 @@ def spot_group_for(pool: Pool, groups: Iterable[AsgInfo]) -> AsgInfo | None:
     return None
 
 
+@dataclass(frozen=True)
+class UnreadGroup:
+    """A tagged ASG never described (its launch template or configuration could not be read): it may be
+    Spot, and its ICE (its scaling activities) is not read. zones: its AvailabilityZones (empty: any);
+    instance_types: those its MixedInstancesPolicy overrides name, None when unknown (any); why: what failed,
+    as the verdict says it ("its launch template could not be read")."""
+
+    name: str
+    zones: tuple[str, ...]
+    instance_types: tuple[str, ...] | None
+    why: str
+
+    def may_cover(self, pool: Pool) -> bool:
+        zone_ok = pool.zone == ANY or not self.zones or pool.zone in self.zones
+        types = self.instance_types
+        type_ok = pool.instance_type == ANY or types is None or not types or pool.instance_type in types
+        return zone_ok and type_ok
+
+
 def spot_where_known(
-    book: PoolBook, pool: Pool, now: datetime, cooldown: timedelta, groups: Iterable[AsgInfo]
+    book: PoolBook,
+    pool: Pool,
+    now: datetime,
+    cooldown: timedelta,
+    groups: Iterable[AsgInfo],
+    unread: Iterable[UnreadGroup] = (),
 ) -> PoolVerdict:
     """`book.spot_available`, except that "no ICE seen" counts as Spot available only where Spot could
     replace the node: a Spot launch was seen in (a pool containing) the pool, or a discovered Spot ASG
-    covers it. Elsewhere nobody would look for Spot, so nothing says it is there: not available."""
+    covers it. Elsewhere nobody would look for Spot, so nothing says it is there: not available.
+
+    unread: the groups never described; in a pool one of them may cover, its ICE would go unseen, so the
+    verdict is unknown (not available) until it is described, whatever else the book or the groups say."""
     verdict = book.spot_available(pool, now, cooldown)
     if not verdict.available:
         return verdict
+    for gap in sorted(unread, key=lambda g: g.name):
+        if gap.may_cover(pool):
+            return PoolVerdict(False, f"ASG {gap.name} unread ({gap.why}): Spot capacity unknown in {pool}", UNKNOWN)
     if book.spot_launch_seen(pool):
         return verdict
     group = spot_group_for(pool, groups)

@@ -461,7 +461,8 @@ class Controller:
                 return SpotAnswer(False, f"{gap}: nothing is drained")
             pool = pool_of(node)
             if pool not in cache:
-                verdict = spot_where_known(self.book, pool, now, cooldown, self.asgs.asgs.values() if self.asgs else ())
+                groups, unread = (self.asgs.asgs.values(), self.asgs.unread.values()) if self.asgs else ((), ())
+                verdict = spot_where_known(self.book, pool, now, cooldown, groups, unread)
                 due = (
                     not verdict.available
                     and quiet.total_seconds() > 0

@@ -13,6 +13,7 @@ import boto3
 from botocore.exceptions import BotoCoreError, ClientError
 
 from spotd.capacity import metrics
+from spotd.capacity.pools import UnreadGroup
 from spotd.capacity.signals import AsgInfo, CapacitySignal, parse_scaling_activity
 from spotd.capacity.sources.aws import (
     AwsApi,
@@ -93,9 +94,9 @@ def tag_filters(tags: Iterable[tuple[str, str | None]]) -> list[dict[str, Any]]:
 
 
 class DiscoveryDenied(Exception):
-    """A read the discovery needs was refused (AccessDenied): which groups are Spot is unknown, so the
-    whole discovery fails (the previous one stands) rather than read a Spot group as on-demand, whose ICE
-    would then never be read. The message names the action and the group."""
+    """A group's launch template or configuration read was refused (AccessDenied). At start (a strict
+    discovery) the whole discovery fails, a start error; in the loop the group is handled as another failed
+    read (previous AsgInfo kept, or unread). The message names the action and the group."""
 
 
 class EmptyAnswer(Exception):
@@ -139,6 +140,7 @@ class AsgSource:
         self.lookup = lookup
         self.asgs: dict[str, AsgInfo] = {}
         self.undescribed: dict[str, str] = {}  # the groups whose description failed in the last discovery: error
+        self.unread: dict[str, UnreadGroup] = {}  # those of them never described (left out of asgs)
         self.initial_read_done = False
         self.last_read_complete = False
         self._autoscaling = AwsApi("autoscaling", autoscaling_client, session)
@@ -170,16 +172,19 @@ class AsgSource:
         self.initial_read_done = False
         self._cursors = {}
 
-    async def discover(self) -> dict[str, AsgInfo]:
+    async def discover(self, strict: bool = False) -> dict[str, AsgInfo]:
         """Every ASG carrying the tags (value None: any value), with its types, zones and markets.
 
-        A group whose description fails (not AccessDenied, which raises DiscoveryDenied) keeps the AsgInfo of
-        the previous discovery, or, never described, is left out (unknown: neither Spot nor on-demand); each
-        is logged (asg_describe_failed), counted (spotd_loop_errors_total{loop="asg"}) and listed in
-        `undescribed`. The other groups are discovered as usual."""
+        A group whose description fails keeps the AsgInfo of the previous discovery, or, never described, is
+        left out (unknown: neither Spot nor on-demand) and listed in `unread` with the zones and types it may
+        cover (the pools there are unknown, see pools.spot_where_known); each is logged (asg_describe_failed,
+        or asg_discovery_denied at error level for AccessDenied), counted (spotd_loop_errors_total{loop="asg"})
+        and listed in `undescribed`. The other groups are discovered as usual. strict (at start): AccessDenied
+        on a group's read raises DiscoveryDenied instead. A failed DescribeAutoScalingGroups raises."""
         filters = tag_filters(self.tag_filters)
         found: dict[str, AsgInfo] = {}
         undescribed: dict[str, str] = {}
+        unread: dict[str, UnreadGroup] = {}
         token: str | None = None
         while True:
             kwargs: dict[str, Any] = {"Filters": filters}
@@ -190,22 +195,28 @@ class AsgSource:
                 name = str(group["AutoScalingGroupName"])
                 try:
                     found[name] = await self._describe_group(group)
-                except (ClientError, BotoCoreError, EmptyAnswer) as exc:
-                    # Throttled, 5xx (after the retries), cut off, a template deleted: which market the group
-                    # launches in is unknown; one such group must not stop the reads of the others.
+                except (ClientError, BotoCoreError, EmptyAnswer, DiscoveryDenied) as exc:
+                    # Throttled, 5xx (after the retries), cut off, a template deleted, refused since the start:
+                    # which market the group launches in is unknown; one such group must not stop the reads
+                    # of the others.
+                    if strict and isinstance(exc, DiscoveryDenied):
+                        raise
                     undescribed[name] = one_line(str(exc))
                     previous = self.asgs.get(name)
                     if previous is not None:
                         found[name] = previous
+                    else:
+                        unread[name] = _unread_group(group)
                     LOOP_ERRORS.labels("asg").inc()
-                    self._log.warning(
-                        "asg_describe_failed", asg=name, error=undescribed[name], kept_previous=previous is not None
-                    )
+                    event = "asg_discovery_denied" if isinstance(exc, DiscoveryDenied) else "asg_describe_failed"
+                    report = self._log.error if isinstance(exc, DiscoveryDenied) else self._log.warning
+                    report(event, asg=name, error=undescribed[name], kept_previous=previous is not None)
             token = response.get("NextToken")
             if not token:
                 break
         self.asgs = found
         self.undescribed = undescribed
+        self.unread = unread
         return found
 
     async def _describe_group(self, group: Mapping[str, Any]) -> AsgInfo:
@@ -310,7 +321,7 @@ class AsgSource:
         other errors are left to the loop, which tries again (a group whose description failed is left out
         of the discovery meanwhile, see discover)."""
         try:
-            await self.discover()
+            await self.discover(strict=True)
             await self.discover_fallback()
         except DiscoveryDenied as exc:
             raise AwsStartupError(f"ASG discovery failed: {exc}") from None
@@ -368,9 +379,6 @@ class AsgSource:
             except (ClientError, BotoCoreError) as exc:
                 LOOP_ERRORS.labels("asg").inc()
                 self._log.warning("asg_read_failed", error=str(exc))
-            except DiscoveryDenied as exc:  # granted at start, since taken away: the last discovery stands
-                LOOP_ERRORS.labels("asg").inc()
-                self._log.error("asg_discovery_denied", error=str(exc))
             await asyncio.sleep(interval)
 
     async def terminate_instance(self, instance_id: str, decrement_desired: bool = True) -> str:
@@ -382,6 +390,21 @@ class AsgSource:
             ShouldDecrementDesiredCapacity=decrement_desired,
         )
         return str(response.get("Activity", {}).get("ActivityId", ""))
+
+
+def _unread_group(group: Mapping[str, Any]) -> UnreadGroup:
+    """What a group never described may cover: its zones, and the instance types its MixedInstancesPolicy
+    overrides name (None when it names none: a template's type, instance requirements, unknown)."""
+    overrides = (group.get("MixedInstancesPolicy") or {}).get("LaunchTemplate", {}).get("Overrides", [])
+    types = tuple(str(o["InstanceType"]) for o in overrides if o.get("InstanceType"))
+    only_types = types if types and not any(o.get("InstanceRequirements") for o in overrides) else None
+    what = "launch template" if _denied_action(group).startswith("ec2:") else "launch configuration"
+    return UnreadGroup(
+        name=str(group["AutoScalingGroupName"]),
+        zones=tuple(sorted(group.get("AvailabilityZones", []))),
+        instance_types=only_types,
+        why=f"its {what} could not be read",
+    )
 
 
 def _denied_action(group: Mapping[str, Any]) -> str:
