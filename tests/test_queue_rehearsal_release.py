@@ -6,6 +6,7 @@ says about a rehearsal is what it does (issue 19, review findings 3 and 11)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import signal
 from datetime import UTC, datetime, timedelta
@@ -24,9 +25,10 @@ from spotd.controller.takeover import (
     real_notice_since,
     rehearsal_record,
     release_hold,
+    release_patch,
 )
 from spotd.kube.keys import QUEUE_NOTICE_ANNOTATION, QUEUE_REHEARSAL_ANNOTATION
-from spotd.notices.queue_events import rehearsal_spot_warning
+from spotd.notices.queue_events import read_instance_event, rehearsal_refusal, rehearsal_spot_warning
 from spotd.rehearsal.report import NodePlan
 from spotd.rehearsal.runner import Rehearsal, RehearsalConfig
 from spotd.sim.imds import FakeImds
@@ -169,13 +171,32 @@ def test_what_holds_a_rehearsals_node_at_the_release() -> None:
     ours = {"taints": [{"key": TAINT, "value": "spot-itn", "effect": "NoSchedule"}], "unschedulable": True}
     at = record.deadline + timedelta(seconds=1)
     assert release_hold({}, ours, record, at) is None
-    assert "by hand" in (release_hold({}, {"unschedulable": True}, record, at) or "")  # our taint gone
+    by_hand = release_hold({}, {"unschedulable": True}, record, at)  # our taint gone: the cordon is someone's
+    assert by_hand is not None and "by hand" in by_hand[0] and by_hand[1] is False
+    untainted = RehearsalRecord("r-1", "spot-itn", record.deadline, T0, prior_cordon=False, tainted=False)
+    assert release_hold({}, {"unschedulable": True}, untainted, at) is None  # it never added one
     rebalance = {"taints": [{"key": TAINT, "value": "rebalance", "effect": "PreferNoSchedule"}], "unschedulable": True}
     assert release_hold({}, rebalance, record, at) is None  # the agent's taint took the key: not by hand
-    assert "stale" in (release_hold({}, ours, record, record.deadline + timedelta(hours=2)) or "")
+    stale = release_hold({}, ours, record, record.deadline + timedelta(hours=2))
+    assert stale is not None and "stale" in stale[0] and stale[1] is False
     agent = {"spotd.io/notice": json.dumps({"kind": "spot-itn", "source": "imds", "seen_at": format_time(T0)})}
-    agent["spotd.io/state"] = json.dumps({"steps": ["taint", "cordon", "drain"]})
-    assert release_hold(agent, ours, record, at) == "the agent acts on a real notice and cordons"
+    cordoning = {**agent, "spotd.io/state": json.dumps({"steps": ["taint", "cordon", "drain"]})}
+    assert release_hold(cordoning, ours, record, at) == ("the agent acts on a real notice and cordons", True)
+    # the agent acting on a real Spot warning with taint and drain only: the taint is its own, the cordon ours
+    tainting = {**agent, "spotd.io/state": json.dumps({"steps": ["taint", "drain"]})}
+    assert release_hold(tainting, ours, record, at) is None
+    assert release_patch(tainting, ours, record) == {"unschedulable": None}
+    assert release_patch({}, ours, record) == {"taints": None, "unschedulable": None}
+    kept = RehearsalRecord("r-1", "spot-itn", record.deadline, T0, prior_cordon=True)
+    assert release_patch({}, ours, kept) == {"taints": None}
+
+
+def test_a_rehearsal_of_a_kind_the_controller_never_takes_over_is_refused() -> None:
+    now = datetime.now(UTC)
+    event = read_instance_event(rehearsal_spot_warning(IID, now, now + timedelta(minutes=2), "r-kind"))
+    assert event is not None and rehearsal_refusal(event, now) is None
+    rebalance = dataclasses.replace(event, kind="rebalance")
+    assert "only Spot warnings and state changes" in (rehearsal_refusal(rebalance, now) or "")
 
 
 async def test_a_stale_record_never_lifts_a_cordon_made_since(
@@ -229,24 +250,27 @@ async def test_a_real_notice_takes_the_node_and_the_rehearsals_record_goes(api: 
         assert cordoned(api) and tainted(api)  # the real notice's now
 
 
-async def test_the_record_and_the_cordon_come_in_one_write(api: FakeApiServer, tmp_path: Path) -> None:
-    """No moment where the node carries the record uncordoned: a cordon someone makes then would be read as
-    the rehearsal's and lifted at the release (a cordon on a node we cordoned already cannot be told apart)."""
+async def test_the_record_the_cordon_and_the_taint_come_in_one_write(api: FakeApiServer, tmp_path: Path) -> None:
+    """No moment where the node carries the record without the cordon or the taint: a cordon someone makes
+    then would be read as the rehearsal's and lifted at the release, and a taint write that failed after it
+    would make the release take the node for given back by hand (and leave the rehearsal's own cordon)."""
     api.create(node_obj(NODE, "spot", instance_id=IID))
     api.create(pod_obj("web-0", NODE, labels={"app": "web"}, grace=1))
-    seen: list[tuple[bool, bool]] = []
+    seen: list[tuple[bool, bool, bool]] = []
 
     async def watch() -> None:
         async for kind, obj in api.subscribe():
             if obj.get("kind") == "Node" and obj["metadata"]["name"] == NODE and kind == "MODIFIED":
                 recorded = QUEUE_REHEARSAL_ANNOTATION in (obj["metadata"].get("annotations") or {})
-                seen.append((recorded, bool(obj["spec"].get("unschedulable"))))
+                taints = obj["spec"].get("taints") or []
+                tainted = any(t.get("key") == TAINT and t.get("value") == "spot-itn" for t in taints)
+                seen.append((recorded, bool(obj["spec"].get("unschedulable")), tainted))
 
     async with running(watch()), controller_parts(api, tmp_path, ack_timeout=0.3) as rig:
         await rehearse(rig, 6, "r-one-write")
         await eventually(lambda: "SpotdRehearsalReleased" in node_events(api), timeout=60)
-    assert (True, True) in seen
-    assert (True, False) not in seen, seen
+    assert (True, True, True) in seen
+    assert all(cordoned and tainted for recorded, cordoned, tainted in seen if recorded), seen
 
 
 async def test_a_release_held_by_the_agents_real_notice_is_said(api: FakeApiServer, tmp_path: Path) -> None:
@@ -298,9 +322,36 @@ def test_the_reports_word_on_each_release() -> None:
     )
     [not_acted] = run.release_notes()
     assert "not acted on" in not_acted and "uncordon" not in not_acted
+    dry = queue_run(30)  # a dry-run controller's word: final, nothing was done
+    dry.apply("Event", "ADDED", node_event("SpotdQueueRehearsal", "rehearsal r-1: spot-itn; dry run: nothing is done"))
+    assert dry.released_all(datetime.now(UTC))
     waiting = queue_run(30)
     waiting.apply("Event", "ADDED", node_event("SpotdRehearsalReleased", "rehearsal r-other over: node released"))
     waiting.apply("Event", "ADDED", node_event("SpotdRehearsalNotReleased", "rehearsal r-1: the release failed"))
     assert not waiting.released_all(datetime.now(UTC)), "another run's release, or a retried one, ended the wait"
     waiting.apply("Event", "ADDED", node_event("SpotdRehearsalReleased", "rehearsal r-1 over: node released"))
     assert waiting.released_all(datetime.now(UTC)) and waiting.release_notes() == []
+
+
+async def test_a_rehearsal_on_a_node_whose_agent_acts_on_a_real_notice_does_nothing_and_says_so(
+    api: FakeApiServer, tmp_path: Path
+) -> None:
+    api.create(node_obj(NODE, "spot", instance_id=IID))
+    api.create(pod_obj("web-0", NODE, labels={"app": "web"}, grace=1))
+    imds = FakeImds()
+    await imds.start()
+    agent = start_agent(tmp_path, api, imds)
+    try:
+        await agent.ready()
+        imds.set_instance_action("terminate", datetime.now(UTC) + timedelta(minutes=2))  # the real thing first
+        await eventually(lambda: "spotd.io/notice" in annotations(api), timeout=30)
+        async with controller_parts(api, tmp_path, ack_timeout=0.3) as rig:
+            await rehearse(rig, 10, "r-late")
+            await eventually(lambda: messages(api, "SpotdRehearsalHeld"), timeout=20)
+            [said] = messages(api, "SpotdRehearsalHeld")
+            assert said.startswith("rehearsal r-late:") and "agent acts on a real spot-itn notice" in said
+            assert QUEUE_REHEARSAL_ANNOTATION not in annotations(api)
+            assert "SpotdAgentSilent" not in node_events(api)
+    finally:
+        agent.stop(signal.SIGKILL)
+        await imds.stop()

@@ -110,6 +110,7 @@ class RehearsalRecord:
     deadline: datetime
     started: datetime
     prior_cordon: bool  # the node was cordoned before the rehearsal: the release leaves that cordon
+    tainted: bool = True  # the record's write added the interruption taint (none with its key was there)
 
     def to_json(self) -> str:
         return json.dumps(
@@ -119,6 +120,7 @@ class RehearsalRecord:
                 "deadline": format_time(self.deadline),
                 "started": format_time(self.started),
                 "prior_cordon": self.prior_cordon,
+                "tainted": self.tainted,
             },
             sort_keys=True,
             separators=(",", ":"),
@@ -137,15 +139,16 @@ def rehearsal_record(annotations: Mapping[str, str]) -> RehearsalRecord | None:
         return None
     try:
         data = json.loads(text)
-        prior = data["prior_cordon"]
-        if not isinstance(prior, bool) or not data["id"] or not data["kind"]:
-            raise ValueError("id, kind and a boolean prior_cordon are needed")
+        prior, tainted = data["prior_cordon"], data.get("tainted", True)
+        if not isinstance(prior, bool) or not isinstance(tainted, bool) or not data["id"] or not data["kind"]:
+            raise ValueError("id, kind and boolean prior_cordon and tainted are needed")
         return RehearsalRecord(
             str(data["id"]),
             str(data["kind"]),
             parse_iso_time(str(data["deadline"])),
             parse_iso_time(str(data["started"])),
             prior,
+            tainted,
         )
     except (ValueError, KeyError, TypeError) as exc:
         raise UnreadableRehearsal(f"{QUEUE_REHEARSAL_ANNOTATION}: {exc}") from None
@@ -168,7 +171,13 @@ def real_notice_since(annotations: Mapping[str, str], record: RehearsalRecord, n
     return None
 
 
-STALE_RECORD = timedelta(hours=1)  # a rehearsal's record this long past its deadline is never acted on
+STALE_RECORD = timedelta(hours=1)
+
+
+def _tainted(spec: Mapping[str, Any]) -> bool:
+    return any(
+        t.get("key") == INTERRUPTION_TAINT_KEY for t in spec.get("taints") or []
+    )  # a rehearsal's record this long past its deadline is never acted on
 
 
 def without_our_taint(spec: Mapping[str, Any], kind: str) -> list[dict[str, Any]]:
@@ -179,22 +188,35 @@ def without_our_taint(spec: Mapping[str, Any], kind: str) -> list[dict[str, Any]
 
 def release_hold(
     annotations: Mapping[str, str], spec: Mapping[str, Any], record: RehearsalRecord, now: datetime
-) -> str | None:
-    """Why a rehearsal's node is left as it is at the release, only its record removed (None: released)
-    (pure): a real notice holds it (the queue's, or the agent's with a cordon), no interruption taint is left
-    (someone gave the node back by hand: a cordon now is someone else's), or the record is stale
-    (a release that never happened long ago: what the node carries now is not the rehearsal's)."""
+) -> tuple[str, bool] | None:
+    """Why a rehearsal's node is left as it is at the release, only its record removed, and whether a real
+    notice holds it (None: released) (pure): a real notice holds it (the queue's, or the agent's with a
+    cordon); the interruption taint the record's write added is gone (someone gave the node back by hand:
+    a cordon now is someone else's); or the record is stale (a release that never happened long ago: what
+    the node carries now is not the rehearsal's)."""
     held = real_notice_since(annotations, record, now)
     if held is not None:
-        return held
+        return held, True
     if agent_notice(annotations) is not None and agent_cordons(annotations):
-        return "the agent acts on a real notice and cordons"
+        return "the agent acts on a real notice and cordons", True
     if now - record.deadline > STALE_RECORD:
-        return f"the record is stale (deadline {format_time(record.deadline)})"
-    if not any(t.get("key") == INTERRUPTION_TAINT_KEY for t in spec.get("taints") or []):
+        return f"the record is stale (deadline {format_time(record.deadline)})", False
+    if record.tainted and not any(t.get("key") == INTERRUPTION_TAINT_KEY for t in spec.get("taints") or []):
         # (any value: the agent acting on a real notice since puts its own kind under the same key)
-        return f"the {INTERRUPTION_TAINT_KEY} taint is gone: the node was given back by hand"
+        return f"the {INTERRUPTION_TAINT_KEY} taint is gone: the node was given back by hand", False
     return None
+
+
+def release_patch(annotations: Mapping[str, str], spec: Mapping[str, Any], record: RehearsalRecord) -> dict[str, Any]:
+    """The spec the release writes (pure): our taint off unless the agent now acts on a notice of the same
+    kind (the taint is its own then), our cordon lifted unless it was there before."""
+    out: dict[str, Any] = {}
+    notice = agent_notice(annotations)
+    if record.tainted and (notice is None or str(notice.kind) != record.kind):
+        out["taints"] = without_our_taint(spec, record.kind) or None
+    if not record.prior_cordon:
+        out["unschedulable"] = None
+    return out
 
 
 @dataclass(frozen=True)
@@ -293,6 +315,13 @@ class Takeovers:
         if await self._acknowledged_within(node, event.kind, self.settings.ack_timeout):
             TAKEOVERS.labels("acknowledged").inc()
             log.info("agent_acknowledged")
+            if event.rehearsal:  # the agent acts on a real notice of this kind: the rehearsal does nothing
+                self.events.record(
+                    node,
+                    "SpotdRehearsalHeld",
+                    f"rehearsal {event.rehearsal}: the node's agent acts on a real {event.kind} notice; nothing "
+                    "is done for the rehearsal",
+                )
             return
         log.warning("agent_silent_draining", waited=self.settings.ack_timeout)
         acts = "dry run: the controller would drain" if self.settings.dry_run else "the controller drains"
@@ -313,7 +342,7 @@ class Takeovers:
             if record is None:
                 return
         try:
-            await self._take_over(node, event.kind, deadline, log, started)
+            await self._take_over(node, event.kind, deadline, log, started, tainted=record is not None)
         except Exception as exc:  # the loop goes on; the next notice for this node tries again
             TAKEOVERS.labels("failed").inc()
             log.exception("takeover_failed", error=repr(exc))
@@ -322,8 +351,13 @@ class Takeovers:
         if record is not None:
             await self.release_rehearsal(node, record, log)
 
-    async def _take_over(self, node: str, kind: str, deadline: datetime, log: Any, started: float) -> None:
-        await self._taint_and_cordon(node, kind, log, started)
+    async def _take_over(
+        self, node: str, kind: str, deadline: datetime, log: Any, started: float, tainted: bool = False
+    ) -> None:
+        """tainted: a rehearsal's record write tainted and cordoned the node (and no real notice's timing
+        is observed for it)."""
+        if not tainted:
+            await self._taint_and_cordon(node, kind, log, started)
         stop = asyncio.Event()
         options = DrainOptions(policy=PodPolicy(), deadline_action="leave", safety_margin=self.settings.safety_margin)
         watcher = asyncio.create_task(self._stop_when_acknowledged(node, kind, stop))
@@ -357,15 +391,26 @@ class Takeovers:
             if held is not None and held.rehearsal != event.rehearsal:
                 reason = f"rehearsal {held.rehearsal} still holds the node until {held.deadline:%H:%M:%S}Z"
                 break
-            prior = held.prior_cordon if held else bool((body.get("spec") or {}).get("unschedulable"))
-            record = RehearsalRecord(event.rehearsal, event.kind, deadline, received, prior)
-            patch = {  # the cordon with it: what prior_cordon says is what this patch found
+            spec = body.get("spec") or {}
+            taints = list(spec.get("taints") or [])
+            if held is not None:
+                prior, tainted = held.prior_cordon, held.tainted
+            else:
+                prior = bool(spec.get("unschedulable"))
+                tainted = not any(t.get("key") == INTERRUPTION_TAINT_KEY for t in taints)
+            record = RehearsalRecord(event.rehearsal, event.kind, deadline, received, prior, tainted)
+            # the rehearsal's whole footprint in one write, conditional on what was read: the record says
+            # exactly what this patch changed (no moment with the record and no cordon or taint)
+            patch: dict[str, Any] = {
                 "metadata": {
                     "resourceVersion": meta.get("resourceVersion"),
                     "annotations": {QUEUE_REHEARSAL_ANNOTATION: record.to_json()},
                 },
                 "spec": {"unschedulable": True},
             }
+            if tainted and not any(t.get("key") == INTERRUPTION_TAINT_KEY for t in taints):
+                taint = {"key": INTERRUPTION_TAINT_KEY, "value": event.kind, "effect": "NoSchedule"}
+                patch["spec"]["taints"] = [*taints, taint]
             status = await merge_patch_node(self.client, node, patch)
             if status != 409:
                 if patched(status):
@@ -449,19 +494,25 @@ class Takeovers:
                 }
             }
             if held is None:
-                patch["spec"] = {"taints": without_our_taint(spec, record.kind) or None}
-                if not record.prior_cordon:
-                    patch["spec"]["unschedulable"] = None
+                patch["spec"] = release_patch(annotations, spec, record)
             status = await merge_patch_node(self.client, node, patch)
             if status == 409:
                 continue
             if not patched(status):
                 return f"patch answered {status}"
             if held is not None:
-                log.warning("rehearsal_not_released", reason=held)
-                self.events.record(
-                    node, "SpotdRehearsalHeld", f"rehearsal {record.rehearsal} over; the node is left as it is: {held}"
-                )
+                reason, real = held
+                log.warning("rehearsal_not_released", reason=reason)
+                message = f"rehearsal {record.rehearsal} over; the node is left as it is: {reason}"
+                left = [w for w, on in (("cordoned", spec.get("unschedulable")), ("tainted", _tainted(spec))) if on]
+                if real or not left:
+                    self.events.record(node, "SpotdRehearsalHeld", message)
+                else:  # what stays may be the rehearsal's own: someone must look
+                    message += (
+                        f"; it stays {' and '.join(left)}: uncordon it and remove the {INTERRUPTION_TAINT_KEY} "
+                        "taint if nothing else should hold it"
+                    )
+                    self.events.record(node, "SpotdRehearsalHeld", message, "Warning")
                 return None
             log.info("rehearsal_released")
             message = f"rehearsal {record.rehearsal} over: node released"

@@ -12,7 +12,8 @@ EventBridge delivers, to the queue the controller already reads for capacity eve
   aws.autoscaling  "EC2 Instance-launch Lifecycle Action"       -> asg-launch
 A Spot warning, rebalance or state change that carries the rehearsal marker (a top-level "spotd-rehearsal"
 object: {"id": ..., "deadline": RFC 3339}, which EventBridge never writes) is `spotd simulate-reclaim
---via-queue`'s: its event has `rehearsal` set and the marker's deadline (docs/simulate-reclaim.md).
+--via-queue`'s: its event has `rehearsal` set and the marker's deadline (docs/simulate-reclaim.md); the
+controller refuses one of a rebalance (rehearsal_refusal).
 Also accepted: any of these wrapped in an SNS notification, and a lifecycle hook whose notification target
 is the queue itself (no EventBridge envelope). Anything else returns None (the capacity parser in
 spotd.capacity.signals may still read it). A body that is one of these but lacks what it must carry raises
@@ -196,6 +197,8 @@ def rehearsal_refusal(event: InstanceEvent, now: datetime) -> str | None:
     """Why a rehearsal's event is not acted on (None: it is), as the agents judge a rehearsal request: a
     deadline past, or more than 15 minutes ahead, could never be a rehearsal's (a rehearsal is never made
     into an immediate deadline)."""
+    if event.kind not in (SPOT_ITN, STATE_CHANGE):  # what the controller takes over for a silent agent
+        return f"a rehearsal of {event.kind}: the controller rehearses only Spot warnings and state changes"
     if event.deadline is None:
         return "no deadline"
     if event.deadline <= now:

@@ -202,7 +202,8 @@ class Rehearsal:
                 elif self.config.via == "queue" and obj.reason in RELEASE_REASONS and self.queue_rehearsal:
                     said = f"{obj.reason}: {obj.message or ''}"
                     ours = (obj.message or "").split(":")[0].split(" ")[:2] == ["rehearsal", self.queue_rehearsal]
-                    if ours and (obj.reason != "SpotdQueueRehearsal" or "not acted on" in said):
+                    final = "not acted on" in said or "dry run" in said  # else the rehearsal's start
+                    if ours and (obj.reason != "SpotdQueueRehearsal" or final):
                         self.released[name] = said
                         self.changed.set()
         elif kind == "ReplicaSet":
