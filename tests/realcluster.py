@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from spotd.sim.controlplane import (
     DEPLOY,
+    KUBELET_GONE_LABEL,
     KWOK_ANNOTATION,
     ROOT,
     RealCluster,
@@ -16,7 +17,15 @@ from spotd.sim.controlplane import (
     start_cluster,
 )
 
-__all__ = ["DEPLOY", "KWOK_ANNOTATION", "ROOT", "RealCluster", "controlplane_binaries", "start_cluster"]
+__all__ = [
+    "DEPLOY",
+    "KUBELET_GONE_LABEL",
+    "KWOK_ANNOTATION",
+    "ROOT",
+    "RealCluster",
+    "controlplane_binaries",
+    "start_cluster",
+]
 
 if __name__ == "__main__":
     main()

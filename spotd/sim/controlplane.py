@@ -32,6 +32,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]  # the source checkout: deploy/, scripts/
 DEPLOY = ROOT / "deploy"
 KWOK_ANNOTATION = "kwok.x-k8s.io/node"  # nodes carrying it (value "fake") are kwok's to run
+# a pod carrying this label is no longer run by kwok: its kubelet is gone (a test's dead node)
+KUBELET_GONE_LABEL = "spotd.io/test-kubelet-gone"
 
 
 _PROMETHEUS_RULE_CRD: dict[str, Any] = {
@@ -223,6 +225,7 @@ class RealCluster:
             "kwok",
             f"--kubeconfig={self.work / 'kwok.kubeconfig'}",
             f"--manage-nodes-with-annotation-selector={KWOK_ANNOTATION}=fake",
+            f"--disregard-status-with-label-selector={KUBELET_GONE_LABEL}=true",
             "--node-ip=127.0.0.1",  # nothing may send traffic off 127.0.0.0/8
             "--cidr=127.1.0.1/16",
             f"--server-address=127.0.0.1:{_free_port()}",
