@@ -52,6 +52,7 @@ from tests.test_capacity_source_gate import (
     limited_user,
     spot_configuration_asg,
     spot_template_asg,
+    template_asg,
 )
 
 SPOT = AsgInfo("gate-spot", ("m5.large",), (ZONE,), spot=True, on_demand=False)
@@ -162,21 +163,8 @@ def activity_reads() -> float:
 def broken_asg(aws: MotoAws, name: str = "gate-broken") -> None:
     """A tagged group (scaled to 0, forgotten) whose launch template was deleted: AWS lets you delete a
     template an ASG names, and every read of it is then InvalidLaunchTemplateId.NotFound."""
-    ec2 = aws.client("ec2")
-    image = ec2.describe_images()["Images"][0]["ImageId"]
-    template = ec2.create_launch_template(
-        LaunchTemplateName=f"{name}-lt", LaunchTemplateData={"ImageId": image, "InstanceType": "m5.large"}
-    )["LaunchTemplate"]["LaunchTemplateId"]
-    aws.client("autoscaling").create_auto_scaling_group(
-        AutoScalingGroupName=name,
-        MinSize=0,
-        MaxSize=3,
-        DesiredCapacity=0,
-        AvailabilityZones=[ZONE],
-        LaunchTemplate={"LaunchTemplateId": template, "Version": "$Default"},
-        Tags=ASG_TAGS,
-    )
-    ec2.delete_launch_template(LaunchTemplateId=template)
+    template = template_asg(aws, name, "m5.large", spot=False)
+    aws.client("ec2").delete_launch_template(LaunchTemplateId=template)
 
 
 def described_failed(logs: list[dict[str, object]]) -> list[object]:
@@ -402,19 +390,7 @@ def test_an_unread_group_makes_the_pools_it_may_cover_unknown(
 
 def spot_c5_template_asg(aws: MotoAws, name: str = "ice-c5") -> None:
     """A Spot ASG of c5.large in ZONE by its launch template (read through EC2: the proxy can fail it)."""
-    ec2 = aws.client("ec2")
-    image = ec2.describe_images()["Images"][0]["ImageId"]
-    data = {"ImageId": image, "InstanceType": "c5.large", "InstanceMarketOptions": {"MarketType": "spot"}}
-    template = ec2.create_launch_template(LaunchTemplateName=f"{name}-lt", LaunchTemplateData=data)
-    aws.client("autoscaling").create_auto_scaling_group(
-        AutoScalingGroupName=name,
-        MinSize=0,
-        MaxSize=3,
-        DesiredCapacity=0,
-        AvailabilityZones=[ZONE],
-        LaunchTemplate={"LaunchTemplateId": template["LaunchTemplate"]["LaunchTemplateId"], "Version": "$Default"},
-        Tags=ASG_TAGS,
-    )
+    template_asg(aws, name, "c5.large", spot=True)
 
 
 async def test_a_spot_group_never_described_leaves_its_pools_unknown_not_available(

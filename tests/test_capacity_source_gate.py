@@ -40,19 +40,18 @@ ZONE = "us-east-1a"
 ASG_TAGS: list[Any] = [{"Key": "k8s.io/cluster-autoscaler/enabled", "Value": "true", "PropagateAtLaunch": False}]
 
 
-def spot_template_asg(aws: MotoAws, name: str = "gate-spot") -> None:
-    """A Spot ASG (its launch template's market type says so) of m5.large in us-east-1a, tagged for
-    discovery, with no instance."""
+def template_asg(aws: MotoAws, name: str, instance_type: str, spot: bool) -> str:
+    """An ASG of one instance type in ZONE by its launch template (Spot by its market type when spot),
+    tagged for discovery, with no instance; returns the template's id."""
     ec2 = aws.client("ec2")
-    image = ec2.describe_images()["Images"][0]["ImageId"]
-    template = ec2.create_launch_template(
-        LaunchTemplateName=f"{name}-lt",
-        LaunchTemplateData={
-            "ImageId": image,
-            "InstanceType": "m5.large",
-            "InstanceMarketOptions": {"MarketType": "spot"},
-        },
-    )["LaunchTemplate"]["LaunchTemplateId"]
+    data: dict[str, Any] = {"ImageId": ec2.describe_images()["Images"][0]["ImageId"], "InstanceType": instance_type}
+    if spot:
+        data["InstanceMarketOptions"] = {"MarketType": "spot"}
+    template = str(
+        ec2.create_launch_template(LaunchTemplateName=f"{name}-lt", LaunchTemplateData=data)["LaunchTemplate"][
+            "LaunchTemplateId"
+        ]
+    )
     aws.client("autoscaling").create_auto_scaling_group(
         AutoScalingGroupName=name,
         MinSize=0,
@@ -62,6 +61,13 @@ def spot_template_asg(aws: MotoAws, name: str = "gate-spot") -> None:
         LaunchTemplate={"LaunchTemplateId": template, "Version": "$Default"},
         Tags=ASG_TAGS,
     )
+    return template
+
+
+def spot_template_asg(aws: MotoAws, name: str = "gate-spot") -> None:
+    """A Spot ASG (its launch template's market type says so) of m5.large in us-east-1a, tagged for
+    discovery, with no instance."""
+    template_asg(aws, name, "m5.large", spot=True)
 
 
 def spot_configuration_asg(aws: MotoAws, name: str = "gate-legacy") -> None:

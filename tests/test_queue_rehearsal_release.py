@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import signal
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,6 @@ from spotd.kube.keys import QUEUE_NOTICE_ANNOTATION, QUEUE_REHEARSAL_ANNOTATION
 from spotd.notices.queue_events import read_instance_event, rehearsal_refusal, rehearsal_spot_warning
 from spotd.rehearsal.report import NodePlan
 from spotd.rehearsal.runner import Rehearsal, RehearsalConfig
-from spotd.sim.imds import FakeImds
 from spotd.sim.kubeapi.server import FakeApiServer
 from tests.agent_harness import eventually, node_obj, pod_obj
 from tests.moto_server import MotoAws, aws, moto_endpoint  # noqa: F401
@@ -39,8 +37,8 @@ from tests.test_capacity_aws import send
 from tests.test_controller import api, run_in_process, running, stop_in_process  # noqa: F401
 from tests.test_lifecycle_hooks import SETTINGS, queue, sources  # noqa: F401
 from tests.test_queue_events import spot_itn
-from tests.test_queue_rehearsal_safety import cordoned, past, rehearse, tainted
-from tests.test_takeover import IID, NODE, TAINT, controller_parts, node_events, start_agent
+from tests.test_queue_rehearsal_safety import cordoned, node_with_agent, past, rehearse, tainted
+from tests.test_takeover import IID, NODE, TAINT, controller_parts, node_events
 
 T0 = datetime(2026, 12, 6, 8, 0, tzinfo=UTC)
 
@@ -274,24 +272,14 @@ async def test_the_record_the_cordon_and_the_taint_come_in_one_write(api: FakeAp
 
 
 async def test_a_release_held_by_the_agents_real_notice_is_said(api: FakeApiServer, tmp_path: Path) -> None:
-    api.create(node_obj(NODE, "spot", instance_id=IID))
-    api.create(pod_obj("web-0", NODE, labels={"app": "web"}, grace=1))
-    imds = FakeImds()
-    await imds.start()
-    agent = start_agent(tmp_path, api, imds)
-    try:
-        await agent.ready()
-        async with controller_parts(api, tmp_path, ack_timeout=0.3) as rig:
-            await rehearse(rig, 10, "r-held")
-            await eventually(lambda: cordoned(api) and "SpotdTakeoverComplete" in node_events(api), timeout=30)
-            imds.set_instance_action("terminate", datetime.now(UTC) + timedelta(minutes=2))  # the real thing
-            await eventually(lambda: "SpotdRehearsalHeld" in node_events(api), timeout=60)
-            [said] = messages(api, "SpotdRehearsalHeld")
-            assert said.startswith("rehearsal r-held over") and "agent acts on a real notice" in said
-            assert cordoned(api) and QUEUE_REHEARSAL_ANNOTATION not in annotations(api)
-    finally:
-        agent.stop(signal.SIGKILL)
-        await imds.stop()
+    async with node_with_agent(api, tmp_path) as imds, controller_parts(api, tmp_path, ack_timeout=0.3) as rig:
+        await rehearse(rig, 10, "r-held")
+        await eventually(lambda: cordoned(api) and "SpotdTakeoverComplete" in node_events(api), timeout=30)
+        imds.set_instance_action("terminate", datetime.now(UTC) + timedelta(minutes=2))  # the real thing
+        await eventually(lambda: "SpotdRehearsalHeld" in node_events(api), timeout=60)
+        [said] = messages(api, "SpotdRehearsalHeld")
+        assert said.startswith("rehearsal r-held over") and "agent acts on a real notice" in said
+        assert cordoned(api) and QUEUE_REHEARSAL_ANNOTATION not in annotations(api)
 
 
 def queue_run(deadline_in: float) -> Rehearsal:
@@ -336,13 +324,7 @@ def test_the_reports_word_on_each_release() -> None:
 async def test_a_rehearsal_on_a_node_whose_agent_acts_on_a_real_notice_does_nothing_and_says_so(
     api: FakeApiServer, tmp_path: Path
 ) -> None:
-    api.create(node_obj(NODE, "spot", instance_id=IID))
-    api.create(pod_obj("web-0", NODE, labels={"app": "web"}, grace=1))
-    imds = FakeImds()
-    await imds.start()
-    agent = start_agent(tmp_path, api, imds)
-    try:
-        await agent.ready()
+    async with node_with_agent(api, tmp_path) as imds:
         imds.set_instance_action("terminate", datetime.now(UTC) + timedelta(minutes=2))  # the real thing first
         await eventually(lambda: "spotd.io/notice" in annotations(api), timeout=30)
         async with controller_parts(api, tmp_path, ack_timeout=0.3) as rig:
@@ -352,6 +334,3 @@ async def test_a_rehearsal_on_a_node_whose_agent_acts_on_a_real_notice_does_noth
             assert said.startswith("rehearsal r-late:") and "agent acts on a real spot-itn notice" in said
             assert QUEUE_REHEARSAL_ANNOTATION not in annotations(api)
             assert "SpotdAgentSilent" not in node_events(api)
-    finally:
-        agent.stop(signal.SIGKILL)
-        await imds.stop()

@@ -9,8 +9,10 @@ the last one held the release's read then, which is now tried again: it holds th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -48,6 +50,22 @@ async def rehearse(rig: Any, seconds: float, rid: str) -> datetime:
 async def past(deadline: datetime, margin: float) -> None:
     """Absence can only be read after the moment it would have happened: the release's deadline."""
     await asyncio.sleep(max(0.0, (deadline - datetime.now(UTC)).total_seconds()) + margin)
+
+
+@contextlib.asynccontextmanager
+async def node_with_agent(api: Any, tmp_path: Path) -> AsyncIterator[FakeImds]:
+    """The rehearsal's node with one pod and its real agent running on a fake IMDS (yielded)."""
+    api.create(node_obj(NODE, "spot", instance_id=IID))
+    api.create(pod_obj("web-0", NODE, labels={"app": "web"}, grace=1))
+    imds = FakeImds()
+    await imds.start()
+    agent = start_agent(tmp_path, api, imds)
+    try:
+        await agent.ready()
+        yield imds
+    finally:
+        agent.stop(signal.SIGKILL)
+        await imds.stop()
 
 
 def test_the_agents_state_says_whether_it_cordons() -> None:
@@ -88,27 +106,17 @@ async def test_a_rebalance_during_a_queue_rehearsal_does_not_leave_the_node_cord
     """The agent runs and hears a real rebalance (its policy: a PreferNoSchedule taint, no cordon) during the
     rehearsal; it takes the controller's cordon for one from before and will never lift it, so the release
     must (the agent's cordon, were its policy to cordon, would be left to it)."""
-    api.create(node_obj(NODE, "spot", instance_id=IID))
-    api.create(pod_obj("web-0", NODE, labels={"app": "web"}, grace=1))
-    imds = FakeImds()
-    await imds.start()
-    agent = start_agent(tmp_path, api, imds)
-    try:
-        await agent.ready()
-        async with controller_parts(api, tmp_path, ack_timeout=0.3) as rig:
-            deadline = await rehearse(rig, 10, "r-rebalance")
-            await eventually(lambda: cordoned(api) and "SpotdTakeoverComplete" in node_events(api), timeout=30)
-            imds.set_rebalance(datetime.now(UTC))
-            await eventually(
-                lambda: any(t.get("value") == "rebalance" for t in api.get("Node", NODE)["spec"].get("taints") or []),
-                timeout=30,
-            )
-            await eventually(lambda: "SpotdRehearsalReleased" in node_events(api), timeout=60)
-            await past(deadline, 0.5)
-            assert not cordoned(api), "rebalance (taint only) during a rehearsal: the node is left cordoned"
-    finally:
-        agent.stop(signal.SIGKILL)
-        await imds.stop()
+    async with node_with_agent(api, tmp_path) as imds, controller_parts(api, tmp_path, ack_timeout=0.3) as rig:
+        deadline = await rehearse(rig, 10, "r-rebalance")
+        await eventually(lambda: cordoned(api) and "SpotdTakeoverComplete" in node_events(api), timeout=30)
+        imds.set_rebalance(datetime.now(UTC))
+        await eventually(
+            lambda: any(t.get("value") == "rebalance" for t in api.get("Node", NODE)["spec"].get("taints") or []),
+            timeout=30,
+        )
+        await eventually(lambda: "SpotdRehearsalReleased" in node_events(api), timeout=60)
+        await past(deadline, 0.5)
+        assert not cordoned(api), "rebalance (taint only) during a rehearsal: the node is left cordoned"
 
 
 async def test_an_api_timeout_at_a_rehearsals_start_does_not_end_the_leaders_work(

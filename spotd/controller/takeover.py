@@ -171,13 +171,12 @@ def real_notice_since(annotations: Mapping[str, str], record: RehearsalRecord, n
     return None
 
 
-STALE_RECORD = timedelta(hours=1)
+STALE_RECORD = timedelta(hours=1)  # a rehearsal's record this long past its deadline is never acted on
 
 
-def _tainted(spec: Mapping[str, Any]) -> bool:
-    return any(
-        t.get("key") == INTERRUPTION_TAINT_KEY for t in spec.get("taints") or []
-    )  # a rehearsal's record this long past its deadline is never acted on
+def has_interruption_taint(spec: Mapping[str, Any]) -> bool:
+    """Any spotd.io/interruption taint, whatever its kind (the agent's and the takeover's share the key)."""
+    return any(t.get("key") == INTERRUPTION_TAINT_KEY for t in spec.get("taints") or [])
 
 
 def without_our_taint(spec: Mapping[str, Any], kind: str) -> list[dict[str, Any]]:
@@ -201,7 +200,7 @@ def release_hold(
         return "the agent acts on a real notice and cordons", True
     if now - record.deadline > STALE_RECORD:
         return f"the record is stale (deadline {format_time(record.deadline)})", False
-    if record.tainted and not any(t.get("key") == INTERRUPTION_TAINT_KEY for t in spec.get("taints") or []):
+    if record.tainted and not has_interruption_taint(spec):
         # (any value: the agent acting on a real notice since puts its own kind under the same key)
         return f"the {INTERRUPTION_TAINT_KEY} taint is gone: the node was given back by hand", False
     return None
@@ -392,12 +391,10 @@ class Takeovers:
                 reason = f"rehearsal {held.rehearsal} still holds the node until {held.deadline:%H:%M:%S}Z"
                 break
             spec = body.get("spec") or {}
-            taints = list(spec.get("taints") or [])
             if held is not None:
                 prior, tainted = held.prior_cordon, held.tainted
             else:
-                prior = bool(spec.get("unschedulable"))
-                tainted = not any(t.get("key") == INTERRUPTION_TAINT_KEY for t in taints)
+                prior, tainted = bool(spec.get("unschedulable")), not has_interruption_taint(spec)
             record = RehearsalRecord(event.rehearsal, event.kind, deadline, received, prior, tainted)
             # the rehearsal's whole footprint in one write, conditional on what was read: the record says
             # exactly what this patch changed (no moment with the record and no cordon or taint)
@@ -408,9 +405,9 @@ class Takeovers:
                 },
                 "spec": {"unschedulable": True},
             }
-            if tainted and not any(t.get("key") == INTERRUPTION_TAINT_KEY for t in taints):
+            if tainted and not has_interruption_taint(spec):
                 taint = {"key": INTERRUPTION_TAINT_KEY, "value": event.kind, "effect": "NoSchedule"}
-                patch["spec"]["taints"] = [*taints, taint]
+                patch["spec"]["taints"] = [*(spec.get("taints") or []), taint]
             status = await merge_patch_node(self.client, node, patch)
             if status != 409:
                 if patched(status):
@@ -504,7 +501,11 @@ class Takeovers:
                 reason, real = held
                 log.warning("rehearsal_not_released", reason=reason)
                 message = f"rehearsal {record.rehearsal} over; the node is left as it is: {reason}"
-                left = [w for w, on in (("cordoned", spec.get("unschedulable")), ("tainted", _tainted(spec))) if on]
+                left = [
+                    w
+                    for w, on in (("cordoned", spec.get("unschedulable")), ("tainted", has_interruption_taint(spec)))
+                    if on
+                ]
                 if real or not left:
                     self.events.record(node, "SpotdRehearsalHeld", message)
                 else:  # what stays may be the rehearsal's own: someone must look
